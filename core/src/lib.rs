@@ -1,0 +1,30 @@
+//! What every ipevent binary shares: the wire format ([`wire`]), the store layout and its
+//! reader and writer ([`store`], [`block`]), the report ([`report`]), the receiver's control
+//! channel ([`control`]) and counters ([`stats`]), and the batch socket calls ([`sys`]).
+//!
+//! There is one decoder, one classifier and one store reader; every binary uses these.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod block;
+pub mod control;
+pub mod report;
+pub mod stats;
+pub mod store;
+pub mod sys;
+pub mod wire;
+
+pub use report::{classify, Report};
+pub use store::{AddrStats, DataDir};
+pub use wire::{decode, AppSha, IpEvent, Reject};
+
+/// The version all binaries report.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default UDP listen address of the receiver (dual stack).
+pub const DEFAULT_UDP_LISTEN: &str = "[::]:4002";
+/// Default HTTP listen address of the API.
+pub const DEFAULT_HTTP_LISTEN: &str = "[::]:4003";
+/// Default data dir of every binary.
+pub const DEFAULT_DATA_DIR: &str = "./ipevent-data";

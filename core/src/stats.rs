@@ -1,0 +1,87 @@
+//! The receiver's counters as written to `<data-dir>/receivers/<writer-id>/stats.json`, for
+//! operators, the API's `/metrics`, tests and benchmarks.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{self, DataDir};
+
+/// A snapshot of one receiver's counters. Counters count from the receiver's start or its
+/// last reset, whichever is later.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReceiverStats {
+    /// The receiver's writer id.
+    pub writer_id: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+    /// When it started, unix seconds.
+    pub started_unix: u64,
+    /// When this snapshot was taken, unix seconds.
+    pub updated_unix: u64,
+    /// The previous run of this writer stopped cleanly (or there was none).
+    pub last_stop_clean: bool,
+    /// Addresses it listens on.
+    pub listen: Vec<String>,
+    /// Receive buffer the kernel granted, per socket, in bytes.
+    pub rcvbuf_bytes: Vec<u64>,
+    /// Datagrams read from the sockets.
+    pub datagrams_received: u64,
+    /// Datagrams that decoded into a valid event.
+    pub events_accepted: u64,
+    /// Datagrams refused, all reasons together.
+    pub rejected_total: u64,
+    /// Datagrams refused, per reason (`empty`, `oversize`, `truncated`, ...).
+    pub rejected: BTreeMap<String, u64>,
+    /// Datagrams the kernel dropped before we could read them (SO_RXQ_OVFL).
+    pub kernel_drops: u64,
+    /// Events written to the store.
+    pub events_flushed: u64,
+    /// Events accepted but not yet written.
+    pub events_pending: u64,
+    /// Completed flushes.
+    pub flushes: u64,
+    /// Flushes that failed to write some app (their events stay pending and are retried).
+    pub flush_errors: u64,
+    /// Duration of the last flush, milliseconds.
+    pub flush_last_ms: f64,
+    /// Longest flush, milliseconds.
+    pub flush_max_ms: f64,
+    /// All flushes together, milliseconds.
+    pub flush_total_ms: f64,
+    /// Current flush epoch.
+    pub epoch: u64,
+    /// Resets served.
+    pub resets: u64,
+}
+
+impl ReceiverStats {
+    /// Writes the snapshot atomically.
+    pub fn write(&self, data: &DataDir) -> Result<(), store::StoreError> {
+        let json = serde_json::to_vec_pretty(self).expect("stats serialise");
+        store::write_atomic(&data.stats_path(&self.writer_id), &json)
+    }
+
+    /// Reads the last snapshot of `writer_id`.
+    pub fn read(data: &DataDir, writer_id: &str) -> io::Result<ReceiverStats> {
+        let bytes = std::fs::read(data.stats_path(writer_id))?;
+        serde_json::from_slice(&bytes).map_err(io::Error::other)
+    }
+
+    /// Snapshots of every receiver that ever wrote one in `data`.
+    pub fn read_all(data: &DataDir) -> io::Result<Vec<ReceiverStats>> {
+        let mut out = Vec::new();
+        for id in data.writer_ids().map_err(io::Error::other)? {
+            match ReceiverStats::read(data, &id) {
+                Ok(stats) => out.push(stats),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}

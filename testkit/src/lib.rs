@@ -1,0 +1,184 @@
+//! Helpers for end-to-end tests: locate the workspace's real binaries, run a real receiver in a
+//! temporary data dir, and wait on readiness (files that appear, counters that arrive), never
+//! on fixed sleeps.
+
+#![forbid(unsafe_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ipevent_core::stats::ReceiverStats;
+use ipevent_core::DataDir;
+
+/// How long any wait in a test may take before the test fails with what it was waiting for.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// Path of one of the workspace's binaries (`ipevent-receiver`, `ipevent-query`, ...), built
+/// next to the test executable by `cargo test --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or nextest) so every binary is built",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after [`WAIT_LIMIT`].
+/// Between polls it yields briefly; the wait ends as soon as the condition holds.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < WAIT_LIMIT, "timed out after {WAIT_LIMIT:?} waiting for {what}");
+        std::thread::park_timeout(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// A real `ipevent-receiver` child process on 127.0.0.1 with a port chosen by the kernel.
+pub struct Receiver {
+    child: Option<Child>,
+    /// Its data dir.
+    pub data: DataDir,
+    /// Its writer id.
+    pub writer_id: String,
+    /// The UDP address it listens on.
+    pub addr: SocketAddr,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Receiver {
+    /// Starts a receiver in a fresh temporary data dir, with `extra` flags.
+    pub fn start(extra: &[&str]) -> Receiver {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut receiver = Receiver::start_in(tmp.path(), extra);
+        receiver._tmp = Some(tmp);
+        receiver
+    }
+
+    /// Starts a receiver on `data_dir` (which it creates if needed), with `extra` flags.
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Receiver {
+        let writer_id = "test".to_string();
+        let data = DataDir::new(data_dir);
+        // A stats file from an earlier run in the same dir must not pass for readiness.
+        let _ = std::fs::remove_file(data.stats_path(&writer_id));
+        let child = Command::new(bin("ipevent-receiver"))
+            .args(["--listen", "127.0.0.1:0", "--writer-id", &writer_id])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning ipevent-receiver");
+        let mut receiver = Receiver {
+            child: Some(child),
+            data,
+            writer_id,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            _tmp: None,
+        };
+        let pid = receiver.pid();
+        let stats = receiver.wait_stats("the receiver to start", |s| s.pid == pid);
+        receiver.addr = stats.listen[0].parse().expect("listen address in stats");
+        receiver
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The latest stats snapshot, if one is there.
+    pub fn stats(&self) -> Option<ReceiverStats> {
+        ReceiverStats::read(&self.data, &self.writer_id).ok()
+    }
+
+    /// Waits until the stats file satisfies `pred`; fails if the receiver exits first.
+    pub fn wait_stats(&mut self, what: &str, pred: impl Fn(&ReceiverStats) -> bool) -> ReceiverStats {
+        wait_for(what, || {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("the receiver exited ({status}) while waiting for {what}");
+                }
+            }
+            self.stats().filter(|s| pred(s))
+        })
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) and waits for the exit.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill failed");
+        child.wait().expect("waiting for the receiver")
+    }
+
+    /// SIGTERM, then asserts a clean exit.
+    pub fn stop(&mut self) {
+        let status = self.stop_with(libc::SIGTERM);
+        assert!(status.success(), "receiver exited with {status} on SIGTERM");
+    }
+
+    /// Runs `ipevent-query` on this receiver's data dir.
+    pub fn query(&self, args: &[&str]) -> Output {
+        query(self.data.root(), args)
+    }
+
+    /// Keeps the temporary data dir after the receiver is gone (for a restart in it).
+    pub fn take_tmp(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `ipevent-query --data-dir <dir> <args>` and returns its output.
+pub fn query(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("ipevent-query"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .expect("running ipevent-query")
+}
+
+/// A UDP socket for sending test datagrams from 127.0.0.1.
+pub fn sender() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").expect("binding a sender")
+}
+
+/// Parses a command's stdout as JSON, failing with its stderr when it is not.
+pub fn stdout_json(output: &Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}); status {}; stdout {:?}; stderr {:?}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
