@@ -49,9 +49,14 @@ impl Command {
 
     /// Parses a request line (without its newline).
     pub fn parse(line: &str) -> Option<Command> {
-        [Command::Ping, Command::Sync, Command::ResetBegin, Command::ResetEnd]
-            .into_iter()
-            .find(|c| c.word() == line.trim())
+        [
+            Command::Ping,
+            Command::Sync,
+            Command::ResetBegin,
+            Command::ResetEnd,
+        ]
+        .into_iter()
+        .find(|c| c.word() == line.trim())
     }
 }
 
@@ -76,7 +81,12 @@ pub enum ControlError {
 pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<String, ControlError> {
     let stream = match UnixStream::connect(socket) {
         Ok(stream) => stream,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(ControlError::NotRunning);
         }
         Err(e) => return Err(e.into()),
@@ -87,7 +97,12 @@ pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<Str
     let mut line = String::new();
     match BufReader::new(&stream).read_line(&mut line) {
         Ok(_) => {}
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             return Err(ControlError::Timeout(timeout));
         }
         Err(e) => return Err(e.into()),

@@ -194,7 +194,10 @@ mod tests {
     #[test]
     fn empty_app_has_no_block() {
         let report = classify(&[]);
-        assert_eq!(report.to_json(false), r#"{"count":0,"good_ips":[],"bad_ips":[]}"#);
+        assert_eq!(
+            report.to_json(false),
+            r#"{"count":0,"good_ips":[],"bad_ips":[]}"#
+        );
         assert_eq!(report.block, None);
     }
 

@@ -56,7 +56,9 @@ pub enum StoreError {
         source: io::Error,
     },
     /// The data dir was written by a newer or unknown version.
-    #[error("{path}: unsupported store layout {found:?} (this build reads layout {LAYOUT_VERSION})")]
+    #[error(
+        "{path}: unsupported store layout {found:?} (this build reads layout {LAYOUT_VERSION})"
+    )]
     Layout {
         /// The LAYOUT file.
         path: PathBuf,
@@ -64,7 +66,9 @@ pub enum StoreError {
         found: String,
     },
     /// A writer id that is not a plain file name.
-    #[error("writer id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'")]
+    #[error(
+        "writer id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+    )]
     WriterId(String),
 }
 
@@ -225,7 +229,10 @@ impl DataDir {
         let marker = self.root.join(LAYOUT_FILE);
         match self.check_layout() {
             Ok(true) => Ok(()),
-            Ok(false) => write_atomic(&marker, format!("{LAYOUT_PREFIX}{LAYOUT_VERSION}\n").as_bytes()),
+            Ok(false) => write_atomic(
+                &marker,
+                format!("{LAYOUT_PREFIX}{LAYOUT_VERSION}\n").as_bytes(),
+            ),
             Err(e) => Err(e),
         }
     }
@@ -602,7 +609,12 @@ impl StoreWriter {
 }
 
 /// Appends `bytes` to the log at `path`, which must be `expected_len` long.
-fn append_bytes(path: &Path, expected_len: u64, bytes: &[u8], fsync: bool) -> Result<(), StoreError> {
+fn append_bytes(
+    path: &Path,
+    expected_len: u64,
+    bytes: &[u8],
+    fsync: bool,
+) -> Result<(), StoreError> {
     let mut file = OpenOptions::new()
         .append(true)
         .create(true)
@@ -620,7 +632,8 @@ fn append_bytes(path: &Path, expected_len: u64, bytes: &[u8], fsync: bool) -> Re
             )),
         });
     }
-    file.write_all(bytes).map_err(io_err("appending to", path))?;
+    file.write_all(bytes)
+        .map_err(io_err("appending to", path))?;
     if fsync {
         file.sync_data().map_err(io_err("syncing", path))?;
     }
@@ -659,7 +672,13 @@ mod tests {
         let got = read_app(&data, &app(1)).unwrap().unwrap();
         assert_eq!(got.logs, 2);
         assert_eq!(got.count(), 10);
-        assert_eq!(got.addrs.iter().map(|(ip, s)| (*ip, s.count)).collect::<Vec<_>>(), vec![(5, 5), (6, 5)]);
+        assert_eq!(
+            got.addrs
+                .iter()
+                .map(|(ip, s)| (*ip, s.count))
+                .collect::<Vec<_>>(),
+            vec![(5, 5), (6, 5)]
+        );
         assert!(read_app(&data, &app(2)).unwrap().is_none());
     }
 
@@ -670,7 +689,8 @@ mod tests {
         data.create().unwrap();
         let mut w = StoreWriter::new(data.clone(), "w", false).unwrap();
         for epoch in 1..=(COMPACT_AFTER_BLOCKS as u64 * 3) {
-            w.append(&app(3), epoch, &[one(epoch as u32 % 7, 1)]).unwrap();
+            w.append(&app(3), epoch, &[one(epoch as u32 % 7, 1)])
+                .unwrap();
         }
         let got = read_app(&data, &app(3)).unwrap().unwrap();
         assert_eq!(got.count(), COMPACT_AFTER_BLOCKS as u64 * 3);
@@ -707,7 +727,19 @@ mod tests {
         w.append(&app(1), 1, &[one(1, 1)]).unwrap();
         w.append(&app(2), 1, &[one(1, 9)]).unwrap();
         let list = list_apps(&data).unwrap();
-        assert_eq!(list, vec![AppCount { app: app(2), count: 9 }, AppCount { app: app(1), count: 1 }]);
+        assert_eq!(
+            list,
+            vec![
+                AppCount {
+                    app: app(2),
+                    count: 9
+                },
+                AppCount {
+                    app: app(1),
+                    count: 1
+                }
+            ]
+        );
     }
 
     #[test]

@@ -43,7 +43,12 @@ impl AsRef<[u8]> for Mapped {
     }
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` is a live c_int and the length passed is its size.
     let rc = unsafe {
         libc::setsockopt(
@@ -71,7 +76,12 @@ pub fn enable_drop_counter(socket: &impl AsRawFd) -> io::Result<()> {
 /// needs `CAP_NET_ADMIN`.
 pub fn force_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+    setsockopt_int(
+        socket.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        bytes,
+    )
 }
 
 /// Preallocated buffers for receiving up to `capacity` datagrams with one `recvmmsg` call.
@@ -158,7 +168,8 @@ impl RecvBatch {
         assert!(i < self.received);
         let header = &self.headers[i];
         let len = (header.msg_len as usize).min(SLOT_BYTES);
-        let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len > crate::wire::MAX_DATAGRAM_BYTES;
+        let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+            || len > crate::wire::MAX_DATAGRAM_BYTES;
         Datagram {
             bytes: &self.bufs[i][..len],
             truncated,
@@ -176,7 +187,9 @@ impl RecvBatch {
             while !cmsg.is_null() {
                 let c = &*cmsg;
                 if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SO_RXQ_OVFL {
-                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<u32>()));
+                    return Some(std::ptr::read_unaligned(
+                        libc::CMSG_DATA(cmsg).cast::<u32>(),
+                    ));
                 }
                 cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
             }
@@ -207,7 +220,12 @@ impl SendBatch {
 
     /// Sends `datagrams` (at most the capacity) to `to`; returns how many the kernel took,
     /// which may be fewer. Errors are returned as they are (`WouldBlock`, `ENOBUFS`, ...).
-    pub fn send(&mut self, socket: &impl AsRawFd, datagrams: &[&[u8]], to: SocketAddr) -> io::Result<usize> {
+    pub fn send(
+        &mut self,
+        socket: &impl AsRawFd,
+        datagrams: &[&[u8]],
+        to: SocketAddr,
+    ) -> io::Result<usize> {
         let n = datagrams.len().min(self.headers.len());
         if n == 0 {
             return Ok(0);
@@ -231,7 +249,14 @@ impl SendBatch {
         }
         // SAFETY: the first `n` headers point at `addr`, `self.iovecs` and the caller's
         // datagrams, all alive until the call returns; the kernel only reads them.
-        let rc = unsafe { libc::sendmmsg(socket.as_raw_fd(), self.headers.as_mut_ptr(), n as libc::c_uint, 0) };
+        let rc = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                n as libc::c_uint,
+                0,
+            )
+        };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -253,7 +278,10 @@ mod tests {
         let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; usize::from(i) + 1]).collect();
         let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
         let mut send = SendBatch::new(16);
-        assert_eq!(send.send(&tx, &slices, rx.local_addr().unwrap()).unwrap(), 10);
+        assert_eq!(
+            send.send(&tx, &slices, rx.local_addr().unwrap()).unwrap(),
+            10
+        );
         let mut recv = RecvBatch::new(4);
         let mut got = Vec::new();
         while got.len() < 10 {
@@ -271,7 +299,10 @@ mod tests {
             }
         }
         assert_eq!(got, payloads);
-        assert_eq!(recv.recv(&rx).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(
+            recv.recv(&rx).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
     }
 
     #[test]

@@ -36,11 +36,19 @@ fn every_wire_vector_gets_its_verdict() {
         let got = wire::decode(&bytes);
         if v["valid"].as_bool().unwrap() {
             let event = got.unwrap_or_else(|r| panic!("{name}: rejected as {r}"));
-            assert_eq!(event.app.to_hex(), v["app_sha256"].as_str().unwrap(), "{name}");
+            assert_eq!(
+                event.app.to_hex(),
+                v["app_sha256"].as_str().unwrap(),
+                "{name}"
+            );
             assert_eq!(u64::from(event.ip), v["ip_int"].as_u64().unwrap(), "{name}");
             assert_eq!(event.ip, ip(v["ip"].as_str().unwrap()), "{name}");
             // What we would send for it decodes to the same event.
-            assert_eq!(wire::decode(&wire::encode_to_vec(&event)), Ok(event), "{name}");
+            assert_eq!(
+                wire::decode(&wire::encode_to_vec(&event)),
+                Ok(event),
+                "{name}"
+            );
         } else {
             let want = Reject::from_name(v["reason"].as_str().unwrap()).unwrap();
             assert_eq!(got, Err(want), "{name}");

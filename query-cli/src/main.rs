@@ -1,1 +1,177 @@
-fn main(){}
+//! `ipevent-query`: the operator's CLI. Prints the report of one app, lists the known apps.
+//!
+//! Exit codes: 0 success; 1 unknown app; 2 malformed SHA or usage; 3 the store could not be
+//! read.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ipevent_core::control::{self, Command};
+use ipevent_core::store::{self, DataDir};
+use ipevent_core::{AppSha, Report};
+
+/// How long `--sync` waits for each receiver to drain and flush.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Prints which addresses an app talked to were normal (good) and which were not (bad):
+/// `{"count":N,"good_ips":[...],"bad_ips":[...]}`.
+#[derive(Parser, Debug)]
+#[command(name = "ipevent-query", version, about, subcommand_negates_reqs = true)]
+struct Cli {
+    /// Directory of the store.
+    #[arg(long, env = "IPEVENT_DATA_DIR", default_value = ipevent_core::DEFAULT_DATA_DIR, global = true)]
+    data_dir: PathBuf,
+
+    /// Indent the JSON.
+    #[arg(long, global = true)]
+    pretty: bool,
+
+    /// First ask every running receiver on this data dir to drain its sockets and flush, so
+    /// everything that reached them is reported.
+    #[arg(long, global = true)]
+    sync: bool,
+
+    /// Add the chosen /28 and, per address, its count and first and last arrival.
+    #[arg(long)]
+    detail: bool,
+
+    /// The app's SHA-256 (64 hex digits).
+    sha: Option<String>,
+
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// Lists the known apps with their event counts, most events first.
+    List {
+        /// Show at most this many apps (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+/// A failure and the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(output) => {
+            println!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("ipevent-query: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<String, Failure> {
+    let data = DataDir::new(&cli.data_dir);
+    match (&cli.command, &cli.sha) {
+        (Some(Sub::List { limit }), _) => {
+            sync_if_asked(cli, &data);
+            list(&data, *limit, cli.pretty)
+        }
+        (None, Some(sha)) => {
+            let app: AppSha = sha
+                .parse()
+                .map_err(|e| Failure::new(2, format!("{sha:?} is not an app SHA-256: {e}")))?;
+            sync_if_asked(cli, &data);
+            report(&data, &app, cli)
+        }
+        (None, None) => Err(Failure::new(
+            2,
+            "give an app SHA-256, or a command (`list`); see --help",
+        )),
+    }
+}
+
+fn store_failure(e: store::StoreError) -> Failure {
+    Failure::new(3, format!("reading the store: {e}"))
+}
+
+fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
+    let Some(app_data) = store::read_app(data, app).map_err(store_failure)? else {
+        return Err(Failure::new(
+            1,
+            format!("no events for app {app} in {}", data.root().display()),
+        ));
+    };
+    for (path, offset) in &app_data.torn {
+        eprintln!(
+            "ipevent-query: warning: {} has an unverified tail from byte {offset} on; it is not counted",
+            path.display()
+        );
+    }
+    let report = Report::from_app(&app_data);
+    Ok(if cli.detail {
+        report.to_detail_json(&app_data.addrs, cli.pretty)
+    } else {
+        report.to_json(cli.pretty)
+    })
+}
+
+fn list(data: &DataDir, limit: usize, pretty: bool) -> Result<String, Failure> {
+    let apps = store::list_apps(data).map_err(store_failure)?;
+    let shown = if limit == 0 {
+        apps.len()
+    } else {
+        limit.min(apps.len())
+    };
+    let rows: Vec<serde_json::Value> = apps[..shown]
+        .iter()
+        .map(|a| serde_json::json!({"app_sha256": a.app.to_hex(), "count": a.count}))
+        .collect();
+    let value = serde_json::Value::Array(rows);
+    Ok(if pretty {
+        serde_json::to_string_pretty(&value)
+    } else {
+        serde_json::to_string(&value)
+    }
+    .expect("JSON values serialise"))
+}
+
+/// With `--sync`, asks every running receiver to drain and flush. A receiver that cannot is
+/// reported on stderr; the query then shows what is on disk.
+fn sync_if_asked(cli: &Cli, data: &DataDir) {
+    if !cli.sync {
+        return;
+    }
+    match control::request_all(data, Command::Sync, SYNC_TIMEOUT) {
+        Ok(answers) if answers.is_empty() => eprintln!(
+            "ipevent-query: warning: no receiver is running on {}; showing what is on disk",
+            data.root().display()
+        ),
+        Ok(answers) => {
+            for answer in answers {
+                if let Err(e) = answer.result {
+                    eprintln!(
+                        "ipevent-query: warning: receiver {} did not sync ({e}); showing what is on disk",
+                        answer.writer_id
+                    );
+                }
+            }
+        }
+        Err(e) => eprintln!("ipevent-query: warning: looking for receivers: {e}"),
+    }
+}

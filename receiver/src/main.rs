@@ -1,1 +1,237 @@
-fn main(){}
+//! `ipevent-receiver`: receives IpEvent datagrams over UDP and appends them to the store.
+//!
+//! Wiring only: sockets, the store writer thread, the ingest threads and the control socket.
+//! See ARCHITECTURE.md for how they fit together.
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod counters;
+mod ingest;
+mod sockets;
+mod writer;
+
+use std::fs::File;
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ipevent_core::stats::ReceiverStats;
+use ipevent_core::store::{self, DataDir};
+
+use crate::config::Config;
+use crate::counters::Counters;
+use crate::ingest::{Ingest, Lead, Peer};
+use crate::writer::{Writer, WriterSettings, BATCH_RECORDS, POOL_BATCHES};
+
+/// Longest path a Unix socket address holds on Linux (`sun_path` less its NUL).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipevent-receiver: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> Result<()> {
+    let writer_id = config.writer_id();
+    store::validate_writer_id(&writer_id)?;
+    let data = DataDir::new(&config.data_dir);
+    data.create()
+        .with_context(|| format!("preparing data dir {}", config.data_dir.display()))?;
+    let receiver_dir = data.receiver_dir(&writer_id);
+    store::create_dir_all(&receiver_dir)?;
+    let _lock = lock(&data, &writer_id)?;
+
+    let previous = writer::read_state(&data, &writer_id);
+    if !previous.clean {
+        log::warn!(
+            "the previous run of writer {writer_id} did not stop cleanly (crash, kill or power \
+             loss): events it had accepted but not yet flushed are missing from the store"
+        );
+    }
+
+    let threads = usize::from(config.threads);
+    let reuse_port = threads > 1;
+    // Thread t gets one socket per listen address; with port 0 the later threads join the port
+    // the first one got.
+    let mut per_thread: Vec<Vec<std::net::UdpSocket>> = Vec::with_capacity(threads);
+    let mut listen = Vec::new();
+    let mut rcvbuf_bytes = Vec::new();
+    for t in 0..threads {
+        let mut mine = Vec::new();
+        for (i, wanted) in config.listen.iter().enumerate() {
+            let addr = if t == 0 {
+                *wanted
+            } else {
+                listen_addr(&listen, i)
+            };
+            let bound = sockets::bind(addr, config.rcvbuf_bytes, reuse_port)?;
+            if t == 0 {
+                sockets::report_buffer(&bound, config.rcvbuf_bytes);
+                listen.push(bound.local.to_string());
+            }
+            rcvbuf_bytes.push(bound.rcvbuf_bytes as u64);
+            mine.push(bound.socket);
+        }
+        per_thread.push(mine);
+    }
+
+    let control_path = data.control_socket(&writer_id);
+    let control = bind_control(&control_path)?;
+    writer::write_state(&data, &writer_id, previous.epoch, false)?;
+
+    let counters = Arc::new(Counters::default());
+    let (to_writer, from_ingest) = crossbeam_channel::bounded(POOL_BATCHES + 4 * threads);
+    let (free_tx, free_rx) = crossbeam_channel::bounded(POOL_BATCHES);
+    for _ in 0..POOL_BATCHES {
+        free_tx
+            .send(Vec::with_capacity(BATCH_RECORDS))
+            .expect("the pool channel holds POOL_BATCHES");
+    }
+
+    let stats_base = ReceiverStats {
+        writer_id: writer_id.clone(),
+        pid: std::process::id(),
+        version: ipevent_core::VERSION.to_string(),
+        started_unix: writer::unix_now(),
+        last_stop_clean: previous.clean,
+        listen: listen.clone(),
+        rcvbuf_bytes,
+        ..ReceiverStats::default()
+    };
+    let settings = WriterSettings {
+        data: data.clone(),
+        writer_id: writer_id.clone(),
+        flush_interval: Duration::from_millis(config.flush_interval_ms),
+        stats_interval: Duration::from_millis(config.stats_interval_ms),
+        log_interval: (config.log_interval_s > 0)
+            .then(|| Duration::from_secs(config.log_interval_s)),
+        max_pending_entries: usize::try_from(config.max_pending_entries).unwrap_or(usize::MAX),
+        fsync: config.fsync,
+        stats_base,
+    };
+
+    // Ingest threads first (they take their first batch from the pool), then the writer,
+    // whose first act is to publish the stats file that tells the world we are ready.
+    let mut sockets_iter = per_thread.into_iter();
+    let lead_sockets = sockets_iter.next().expect("at least one thread");
+    let mut peers = Vec::new();
+    let mut handles = Vec::new();
+    for (t, socks) in sockets_iter.enumerate() {
+        let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(64);
+        let (ingest, waker) = Ingest::new(
+            socks,
+            to_writer.clone(),
+            free_rx.clone(),
+            counters.clone(),
+            ctl_rx,
+        )?;
+        peers.push(Peer { ctl: ctl_tx, waker });
+        let handle = std::thread::Builder::new()
+            .name(format!("ingest-{}", t + 1))
+            .spawn(move || ingest.run())
+            .context("starting an ingest thread")?;
+        handles.push(handle);
+    }
+    let (_unused_tx, lead_ctl) = crossbeam_channel::bounded(1);
+    let (mut lead, _lead_waker) =
+        Ingest::new(lead_sockets, to_writer, free_rx, counters.clone(), lead_ctl)?;
+    lead.lead(Lead::new(control, peers, writer_id.clone())?)?;
+
+    let writer = Writer::new(settings, counters, from_ingest, free_tx, previous.epoch)?;
+    let writer_handle = std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || writer.run())
+        .context("starting the writer thread")?;
+
+    log::info!(
+        "ipevent-receiver {} listening on {} ({} ingest thread{}); data dir {}; writer id {}; flush every {} ms",
+        ipevent_core::VERSION,
+        listen.join(", "),
+        threads,
+        if threads == 1 { "" } else { "s" },
+        config.data_dir.display(),
+        writer_id,
+        config.flush_interval_ms
+    );
+
+    let lead_result = lead.run();
+    let mut ingest_failed = lead_result.err();
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => ingest_failed = ingest_failed.or(Some(e)),
+            Err(_) => {
+                ingest_failed = ingest_failed.or(Some(anyhow::anyhow!("an ingest thread panicked")))
+            }
+        }
+    }
+    let (epoch, flushed_all) = match writer_handle.join() {
+        Ok(result) => result,
+        Err(_) => bail!("the writer thread panicked"),
+    };
+    let _ = std::fs::remove_file(&control_path);
+    if let Some(e) = ingest_failed {
+        return Err(e);
+    }
+    if !flushed_all {
+        bail!("stopped with events that could not be written to the store (see above)");
+    }
+    writer::write_state(&data, &writer_id, epoch, true)?;
+    log::info!("stopped cleanly at flush epoch {epoch}");
+    Ok(())
+}
+
+fn listen_addr(listen: &[String], i: usize) -> std::net::SocketAddr {
+    listen[i].parse().expect("a bound address parses")
+}
+
+/// Takes the writer's lock: one running receiver per writer id and data dir.
+fn lock(data: &DataDir, writer_id: &str) -> Result<File> {
+    let path = data.lock_path(writer_id);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening lock {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another receiver with writer id {writer_id} is already running on {} (lock {} is held); \
+             give this one another --writer-id or data dir",
+            data.root().display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// Binds the control socket, replacing one a previous run left behind (we hold the lock).
+fn bind_control(path: &std::path::Path) -> Result<UnixListener> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH_BYTES {
+        bail!(
+            "control socket path {} is {len} bytes, over the {MAX_SOCKET_PATH_BYTES}-byte limit of Unix sockets; use a shorter --data-dir",
+            path.display()
+        );
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))
+}

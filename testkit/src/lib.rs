@@ -41,7 +41,10 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         if let Some(value) = check() {
             return value;
         }
-        assert!(start.elapsed() < WAIT_LIMIT, "timed out after {WAIT_LIMIT:?} waiting for {what}");
+        assert!(
+            start.elapsed() < WAIT_LIMIT,
+            "timed out after {WAIT_LIMIT:?} waiting for {what}"
+        );
         std::thread::park_timeout(pause);
         pause = (pause * 2).min(Duration::from_millis(20));
     }
@@ -107,7 +110,11 @@ impl Receiver {
     }
 
     /// Waits until the stats file satisfies `pred`; fails if the receiver exits first.
-    pub fn wait_stats(&mut self, what: &str, pred: impl Fn(&ReceiverStats) -> bool) -> ReceiverStats {
+    pub fn wait_stats(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&ReceiverStats) -> bool,
+    ) -> ReceiverStats {
         wait_for(what, || {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -181,4 +188,36 @@ pub fn stdout_json(output: &Output) -> serde_json::Value {
             String::from_utf8_lossy(&output.stderr)
         )
     })
+}
+
+/// A small deterministic generator (xorshift64*), so a failing test can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (any value).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A value in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A random app SHA.
+    pub fn app(&mut self) -> ipevent_core::AppSha {
+        let mut bytes = [0u8; 32];
+        for chunk in bytes.chunks_exact_mut(8) {
+            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        ipevent_core::AppSha(bytes)
+    }
 }

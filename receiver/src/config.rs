@@ -1,0 +1,92 @@
+//! Command-line flags and environment variables of the receiver.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Receives IpEvent datagrams over UDP, validates them and appends them to the SHA-keyed
+/// store in the data dir. Every setting can also come from the environment variable shown.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ipevent-receiver", version, about, long_about = None)]
+pub struct Config {
+    /// UDP address to listen on; repeat for several. `[::]:PORT` listens on IPv6 and IPv4.
+    #[arg(
+        long = "listen",
+        env = "IPEVENT_LISTEN",
+        value_delimiter = ',',
+        default_value = ipevent_core::DEFAULT_UDP_LISTEN
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Directory of the store (created 0750 if missing).
+    #[arg(long, env = "IPEVENT_DATA_DIR", default_value = ipevent_core::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Name of this receiver's files in the store; receivers sharing a data dir need
+    /// different ids. Defaults to the host name.
+    #[arg(long, env = "IPEVENT_WRITER_ID")]
+    pub writer_id: Option<String>,
+
+    /// How often accepted events are appended to the store, in milliseconds.
+    #[arg(long, env = "IPEVENT_FLUSH_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub flush_interval_ms: u64,
+
+    /// Receive buffer to ask for per socket, in bytes. The kernel caps it at
+    /// net.core.rmem_max unless the process may use SO_RCVBUFFORCE (CAP_NET_ADMIN).
+    #[arg(long, env = "IPEVENT_RCVBUF_BYTES", default_value_t = 32 << 20)]
+    pub rcvbuf_bytes: usize,
+
+    /// Ingest threads. Above 1, each thread gets its own socket per listen address through
+    /// SO_REUSEPORT and the kernel spreads senders over them by flow.
+    #[arg(long, env = "IPEVENT_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+
+    /// How often the stats file is rewritten, in milliseconds.
+    #[arg(long, env = "IPEVENT_STATS_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub stats_interval_ms: u64,
+
+    /// How often counters are logged, in seconds (0: never).
+    #[arg(long, env = "IPEVENT_LOG_INTERVAL_S", default_value_t = 60)]
+    pub log_interval_s: u64,
+
+    /// Accepted (app, address) pairs held in memory before a flush is forced early.
+    #[arg(long, env = "IPEVENT_MAX_PENDING_ENTRIES", default_value_t = 1 << 22,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 28))]
+    pub max_pending_entries: u64,
+
+    /// fdatasync every log after appending to it, so a completed flush survives a power loss
+    /// (costs one disk sync per app per flush).
+    #[arg(long, env = "IPEVENT_FSYNC", default_value_t = false)]
+    pub fsync: bool,
+}
+
+impl Config {
+    /// The writer id: the flag, or the host name reduced to the characters a writer id allows.
+    pub fn writer_id(&self) -> String {
+        if let Some(id) = &self.writer_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let id: String = host
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(64)
+            .collect();
+        if id.is_empty() {
+            "receiver".to_string()
+        } else {
+            id
+        }
+    }
+}

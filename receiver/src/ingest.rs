@@ -1,0 +1,437 @@
+//! The ingest loop: one mio `Poll` per thread; on readiness, `recvmmsg` in batches until the
+//! socket would block, validate in place, and hand full batches to the writer.
+//!
+//! Thread 0 (the lead) also owns the control socket and the signals: on a control request it
+//! asks every other ingest thread to drain (they answer through the writer's queue with a
+//! marker), drains its own sockets, and queues the request behind everything drained, so the
+//! writer serves it only after every datagram that was in a socket is aggregated.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use crossbeam_channel::{Receiver, Sender};
+use ipevent_core::control::{Command, MAX_REQUEST_BYTES};
+use ipevent_core::sys::RecvBatch;
+use ipevent_core::{wire, Reject};
+use mio::net::UdpSocket;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use serde_json::json;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::counters::{Counters, LocalCounts};
+use crate::writer::{unix_now, Record, Request, RequestKind, ToWriter, BATCH_RECORDS};
+
+/// Datagrams per `recvmmsg` call.
+pub const RECV_BATCH: usize = 64;
+
+/// `recvmmsg` calls per socket before the loop looks at its other sources, so a flood on one
+/// socket cannot starve signals and control requests.
+const FAIR_CALLS: usize = 64;
+
+/// `recvmmsg` calls a drain for a control request or shutdown makes per socket at most; bounds
+/// the drain when senders outpace us.
+const DRAIN_CALLS: usize = 1 << 14;
+
+/// Control connections open at once; more are refused.
+const MAX_CONTROL_CONNS: usize = 16;
+
+const WAKER: Token = Token(1 << 20);
+const SIGNALS: Token = Token((1 << 20) + 1);
+const LISTENER: Token = Token((1 << 20) + 2);
+const CONN_BASE: usize = 1 << 21;
+
+/// Messages to a non-lead ingest thread.
+pub enum IngestCtl {
+    /// Drain every socket, hand off, then send the writer a marker for this request.
+    Drain(u64),
+    /// Drain, hand off and exit.
+    Stop,
+}
+
+/// How the lead reaches another ingest thread.
+pub struct Peer {
+    pub ctl: Sender<IngestCtl>,
+    pub waker: Arc<Waker>,
+}
+
+/// One control connection waiting for its request line.
+struct Conn {
+    stream: UnixStream,
+    buf: [u8; MAX_REQUEST_BYTES],
+    len: usize,
+}
+
+/// What only the lead thread has.
+pub struct Lead {
+    pub listener: UnixListener,
+    pub peers: Vec<Peer>,
+    pub writer_id: String,
+    conns: Vec<Option<Conn>>,
+    signals: Signals,
+    next_request: u64,
+}
+
+impl Lead {
+    pub fn new(listener: UnixListener, peers: Vec<Peer>, writer_id: String) -> Result<Lead> {
+        listener.set_nonblocking(true)?;
+        Ok(Lead {
+            listener,
+            peers,
+            writer_id,
+            conns: (0..MAX_CONTROL_CONNS).map(|_| None).collect(),
+            signals: Signals::new([SIGTERM, SIGINT])?,
+            next_request: 0,
+        })
+    }
+}
+
+/// One ingest thread.
+pub struct Ingest {
+    poll: Poll,
+    sockets: Vec<UdpSocket>,
+    /// Sockets that may still hold datagrams (readiness is edge-triggered).
+    readable: Vec<bool>,
+    /// Last SO_RXQ_OVFL value seen per socket.
+    last_drops: Vec<u32>,
+    recv: RecvBatch,
+    batch: Vec<Record>,
+    to_writer: Sender<ToWriter>,
+    free: Receiver<Vec<Record>>,
+    counters: Arc<Counters>,
+    local: LocalCounts,
+    ctl: Receiver<IngestCtl>,
+    lead: Option<Lead>,
+}
+
+impl Ingest {
+    /// Sets up a thread's loop over `sockets`. Returns it and the waker others use to reach it.
+    pub fn new(
+        sockets: Vec<std::net::UdpSocket>,
+        to_writer: Sender<ToWriter>,
+        free: Receiver<Vec<Record>>,
+        counters: Arc<Counters>,
+        ctl: Receiver<IngestCtl>,
+    ) -> Result<(Ingest, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let mut mio_sockets = Vec::with_capacity(sockets.len());
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let mut socket = UdpSocket::from_std(socket);
+            poll.registry()
+                .register(&mut socket, Token(i), Interest::READABLE)?;
+            mio_sockets.push(socket);
+        }
+        let batch = free.recv().map_err(|_| anyhow!("batch pool is empty"))?;
+        let n = mio_sockets.len();
+        Ok((
+            Ingest {
+                poll,
+                sockets: mio_sockets,
+                // Datagrams may have arrived before registration: look once.
+                readable: vec![true; n],
+                last_drops: vec![0; n],
+                recv: RecvBatch::new(RECV_BATCH),
+                batch,
+                to_writer,
+                free,
+                counters,
+                local: LocalCounts::default(),
+                ctl,
+                lead: None,
+            },
+            waker,
+        ))
+    }
+
+    /// Makes this the lead thread.
+    pub fn lead(&mut self, mut lead: Lead) -> Result<()> {
+        let registry = self.poll.registry();
+        registry.register(&mut lead.signals, SIGNALS, Interest::READABLE)?;
+        registry.register(
+            &mut SourceFd(&lead.listener.as_raw_fd()),
+            LISTENER,
+            Interest::READABLE,
+        )?;
+        self.lead = Some(lead);
+        Ok(())
+    }
+
+    /// Runs until told to stop (a signal for the lead, `Stop` for the others), then drains the
+    /// sockets one last time and hands everything to the writer.
+    pub fn run(mut self) -> Result<()> {
+        let mut events = Events::with_capacity(256);
+        let mut stop = false;
+        while !stop {
+            let busy = self.readable.iter().any(|r| *r);
+            let timeout = busy.then_some(std::time::Duration::ZERO);
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(anyhow!("polling: {e}")),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    Token(i) if i < self.sockets.len() => self.readable[i] = true,
+                    WAKER => stop |= self.handle_ctl()?,
+                    SIGNALS => stop |= self.handle_signals(),
+                    LISTENER => self.accept_control(),
+                    Token(t) if t >= CONN_BASE => self.read_control(t - CONN_BASE)?,
+                    Token(_) => {}
+                }
+            }
+            for i in 0..self.sockets.len() {
+                if self.readable[i] {
+                    self.drain_socket(i, FAIR_CALLS)?;
+                }
+            }
+            self.hand_off()?;
+        }
+        if let Some(lead) = &self.lead {
+            for peer in &lead.peers {
+                // A peer that already exited needs no telling.
+                let _ = peer.ctl.send(IngestCtl::Stop);
+                let _ = peer.waker.wake();
+            }
+        }
+        self.drain_all()?;
+        self.hand_off()
+    }
+
+    /// Reads up to `max_calls` batches from socket `i`; clears its readiness once it would block.
+    fn drain_socket(&mut self, i: usize, max_calls: usize) -> Result<()> {
+        for _ in 0..max_calls {
+            match self.recv.recv(&self.sockets[i]) {
+                Ok(n) => self.process(i, n)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable[i] = false;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Pending socket errors (e.g. ICMP reports) do not stop the service.
+                    log::warn!("receiving on {:?}: {e}", self.sockets[i].local_addr());
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drain_all(&mut self) -> Result<()> {
+        for i in 0..self.sockets.len() {
+            self.drain_socket(i, DRAIN_CALLS)?;
+        }
+        Ok(())
+    }
+
+    /// Validates the `n` datagrams just received from socket `sock`.
+    fn process(&mut self, sock: usize, n: usize) -> Result<()> {
+        let now = u32::try_from(unix_now()).unwrap_or(u32::MAX);
+        for i in 0..n {
+            let datagram = self.recv.get(i);
+            if let Some(drops) = datagram.drops {
+                let last = &mut self.last_drops[sock];
+                self.local.kernel_drops += u64::from(drops.wrapping_sub(*last));
+                *last = drops;
+            }
+            let verdict = if datagram.truncated {
+                Err(Reject::Oversize)
+            } else {
+                wire::decode(datagram.bytes)
+            };
+            self.local.datagrams_received += 1;
+            match verdict {
+                Ok(event) => {
+                    self.local.events_accepted += 1;
+                    self.batch.push(Record {
+                        app: event.app,
+                        ip: event.ip,
+                        unix_secs: now,
+                    });
+                    if self.batch.len() >= BATCH_RECORDS {
+                        self.hand_off()?;
+                    }
+                }
+                Err(reason) => self.local.rejected[reason.index()] += 1,
+            }
+        }
+        self.local.publish(&self.counters);
+        Ok(())
+    }
+
+    /// Sends the current batch to the writer and takes an empty one from the pool, waiting
+    /// for one when the writer is behind.
+    fn hand_off(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let empty = self
+            .free
+            .recv()
+            .map_err(|_| anyhow!("the writer has stopped"))?;
+        let full = std::mem::replace(&mut self.batch, empty);
+        self.send(ToWriter::Batch(full))
+    }
+
+    fn send(&self, message: ToWriter) -> Result<()> {
+        self.to_writer
+            .send(message)
+            .map_err(|_| anyhow!("the writer has stopped"))
+    }
+
+    /// Handles messages from the lead; true when told to stop.
+    fn handle_ctl(&mut self) -> Result<bool> {
+        while let Ok(message) = self.ctl.try_recv() {
+            match message {
+                IngestCtl::Drain(request) => {
+                    self.drain_all()?;
+                    self.hand_off()?;
+                    self.send(ToWriter::Marker { request })?;
+                }
+                IngestCtl::Stop => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    fn handle_signals(&mut self) -> bool {
+        let Some(lead) = self.lead.as_mut() else {
+            return false;
+        };
+        let mut stop = false;
+        for signal in lead.signals.pending() {
+            let name = if signal == SIGTERM {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            };
+            log::info!("{name}: draining the sockets and flushing before exit");
+            stop = true;
+        }
+        stop
+    }
+
+    fn accept_control(&mut self) {
+        let Some(lead) = self.lead.as_mut() else {
+            return;
+        };
+        loop {
+            let stream = match lead.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("accepting a control connection: {e}");
+                    return;
+                }
+            };
+            let Some(slot) = lead.conns.iter().position(Option::is_none) else {
+                let _ = (&stream).write_all(b"err too many control connections\n");
+                continue;
+            };
+            let token = Token(CONN_BASE + slot);
+            let registered = stream.set_nonblocking(true).and_then(|()| {
+                self.poll.registry().register(
+                    &mut SourceFd(&stream.as_raw_fd()),
+                    token,
+                    Interest::READABLE,
+                )
+            });
+            match registered {
+                Ok(()) => {
+                    lead.conns[slot] = Some(Conn {
+                        stream,
+                        buf: [0; MAX_REQUEST_BYTES],
+                        len: 0,
+                    })
+                }
+                Err(e) => log::warn!("registering a control connection: {e}"),
+            }
+        }
+    }
+
+    /// Reads what connection `slot` sent; once a whole line is there, serves it.
+    fn read_control(&mut self, slot: usize) -> Result<()> {
+        let Some(lead) = self.lead.as_mut() else {
+            return Ok(());
+        };
+        let Some(conn) = lead.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let line = loop {
+            match conn.stream.read(&mut conn.buf[conn.len..]) {
+                Ok(0) => break None,
+                Ok(n) => {
+                    conn.len += n;
+                    if let Some(end) = conn.buf[..conn.len].iter().position(|b| *b == b'\n') {
+                        break Some(String::from_utf8_lossy(&conn.buf[..end]).into_owned());
+                    }
+                    if conn.len == conn.buf.len() {
+                        let _ = (&conn.stream).write_all(b"err request line too long\n");
+                        break None;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break None,
+            }
+        };
+        let conn = lead.conns[slot].take().expect("slot checked above");
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
+        match line {
+            Some(line) => self.serve_control(&line, conn.stream),
+            None => Ok(()),
+        }
+    }
+
+    fn serve_control(&mut self, line: &str, stream: UnixStream) -> Result<()> {
+        let kind = match Command::parse(line) {
+            Some(Command::Ping) => {
+                let lead = self.lead.as_ref().expect("only the lead serves control");
+                let body = json!({
+                    "writer_id": lead.writer_id,
+                    "pid": std::process::id(),
+                    "version": ipevent_core::VERSION,
+                });
+                let _ = (&stream).write_all(format!("ok {body}\n").as_bytes());
+                return Ok(());
+            }
+            Some(Command::Sync) => RequestKind::Sync,
+            Some(Command::ResetBegin) => RequestKind::ResetBegin,
+            Some(Command::ResetEnd) => RequestKind::ResetEnd,
+            None => {
+                let _ = (&stream).write_all(format!("err unknown request {line:?}\n").as_bytes());
+                return Ok(());
+            }
+        };
+        // The writer answers with a blocking write (bounded by a timeout).
+        if let Err(e) = stream.set_nonblocking(false) {
+            log::warn!("control connection: {e}");
+            return Ok(());
+        }
+        let lead = self.lead.as_mut().expect("only the lead serves control");
+        lead.next_request += 1;
+        let id = lead.next_request;
+        let mut markers = 0;
+        for peer in &lead.peers {
+            if peer.ctl.send(IngestCtl::Drain(id)).is_ok() && peer.waker.wake().is_ok() {
+                markers += 1;
+            }
+        }
+        self.drain_all()?;
+        self.hand_off()?;
+        self.send(ToWriter::Request(Request {
+            id,
+            kind,
+            reply: stream,
+            markers,
+        }))
+    }
+}

@@ -1,0 +1,438 @@
+//! The store writer: folds accepted records into a per-app, per-address map and appends one
+//! checksummed block per dirty app to the store every flush interval, on request, and at exit.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use ipevent_core::stats::ReceiverStats;
+use ipevent_core::store::{self, StoreWriter};
+use ipevent_core::{AddrStats, AppSha, DataDir, Reject};
+use rustc_hash::FxHashMap;
+use serde_json::json;
+
+use crate::counters::Counters;
+
+/// Records per batch handed from an ingest thread to the writer.
+pub const BATCH_RECORDS: usize = 1024;
+
+/// Batches in circulation. When all are full and queued, ingest waits and the kernel buffer
+/// absorbs the burst, so every loss shows up as a kernel drop.
+pub const POOL_BATCHES: usize = 256;
+
+/// How long a reset may hold flushes before the writer resumes on its own (the resetting
+/// client died).
+pub const RESET_HOLD: Duration = Duration::from_secs(30);
+
+/// A validated event, ready to aggregate.
+#[derive(Clone, Copy, Debug)]
+pub struct Record {
+    pub app: AppSha,
+    pub ip: u32,
+    pub unix_secs: u32,
+}
+
+/// What ingest threads send to the writer, in order.
+pub enum ToWriter {
+    /// Accepted records (the empty vector goes back to the pool).
+    Batch(Vec<Record>),
+    /// Ingest thread `from` drained its sockets for request `request`.
+    Marker { request: u64 },
+    /// A control request; it runs once `markers` ingest threads have sent their marker for it.
+    Request(Request),
+}
+
+/// The control requests that need the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Sync,
+    ResetBegin,
+    ResetEnd,
+}
+
+/// A control request and the connection to answer on.
+pub struct Request {
+    pub id: u64,
+    pub kind: RequestKind,
+    pub reply: UnixStream,
+    pub markers: usize,
+}
+
+/// Fixed settings of the writer.
+pub struct WriterSettings {
+    pub data: DataDir,
+    pub writer_id: String,
+    pub flush_interval: Duration,
+    pub stats_interval: Duration,
+    pub log_interval: Option<Duration>,
+    pub max_pending_entries: usize,
+    pub fsync: bool,
+    /// The stats fields fixed at start (listen addresses, buffers, pid, ...).
+    pub stats_base: ReceiverStats,
+}
+
+/// Events waiting for the next flush.
+#[derive(Default)]
+struct Pending {
+    apps: FxHashMap<AppSha, FxHashMap<u32, AddrStats>>,
+    entries: usize,
+    events: u64,
+}
+
+/// The writer thread's state.
+pub struct Writer {
+    settings: WriterSettings,
+    store: StoreWriter,
+    counters: Arc<Counters>,
+    from_ingest: Receiver<ToWriter>,
+    free: Sender<Vec<Record>>,
+    pending: Pending,
+    /// Requests waiting for markers: id -> (markers seen, request once it arrived).
+    waiting: HashMap<u64, (usize, Option<Request>)>,
+    epoch: u64,
+    stats: ReceiverStats,
+    held_until: Option<Instant>,
+    /// Reusable buffer for one app's sorted records.
+    sorted: Vec<(u32, AddrStats)>,
+    last_error_log: Option<Instant>,
+}
+
+impl Writer {
+    pub fn new(
+        settings: WriterSettings,
+        counters: Arc<Counters>,
+        from_ingest: Receiver<ToWriter>,
+        free: Sender<Vec<Record>>,
+        epoch: u64,
+    ) -> anyhow::Result<Writer> {
+        let store = StoreWriter::new(settings.data.clone(), &settings.writer_id, settings.fsync)?;
+        let stats = settings.stats_base.clone();
+        Ok(Writer {
+            settings,
+            store,
+            counters,
+            from_ingest,
+            free,
+            pending: Pending::default(),
+            waiting: HashMap::new(),
+            epoch,
+            stats,
+            held_until: None,
+            sorted: Vec::new(),
+            last_error_log: None,
+        })
+    }
+
+    /// Runs until every ingest thread has hung up, then flushes everything and returns the
+    /// last epoch. Only a flush that failed to write leaves events behind (logged).
+    pub fn run(mut self) -> (u64, bool) {
+        let mut next_flush = Instant::now() + self.settings.flush_interval;
+        let mut next_stats = Instant::now();
+        let mut next_log = self.settings.log_interval.map(|i| Instant::now() + i);
+        let mut logged = ReceiverStats::default();
+        loop {
+            let now = Instant::now();
+            if now >= next_stats {
+                self.write_stats();
+                next_stats = now + self.settings.stats_interval;
+            }
+            if let Some(at) = next_log.filter(|at| now >= *at) {
+                self.log_counters(&mut logged);
+                next_log = self.settings.log_interval.map(|i| at + i);
+            }
+            if now >= next_flush {
+                self.flush();
+                next_flush = now + self.settings.flush_interval;
+            }
+            let deadline = next_flush.min(next_stats);
+            match self.from_ingest.recv_deadline(deadline) {
+                Ok(ToWriter::Batch(records)) => {
+                    self.aggregate(&records);
+                    self.recycle(records);
+                    if self.pending.entries >= self.settings.max_pending_entries {
+                        self.flush();
+                        next_flush = Instant::now() + self.settings.flush_interval;
+                    }
+                }
+                Ok(ToWriter::Marker { request }) => {
+                    self.waiting.entry(request).or_insert((0, None)).0 += 1;
+                    self.run_ready_requests();
+                }
+                Ok(ToWriter::Request(request)) => {
+                    let id = request.id;
+                    self.waiting.entry(id).or_insert((0, None)).1 = Some(request);
+                    self.run_ready_requests();
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.held_until = None;
+        self.flush();
+        self.write_stats();
+        let clean = self.pending.events == 0;
+        if !clean {
+            log::error!(
+                "{} accepted events could not be written to the store before exit",
+                self.pending.events
+            );
+        }
+        (self.epoch, clean)
+    }
+
+    fn recycle(&self, mut records: Vec<Record>) {
+        records.clear();
+        // The pool only shrinks if ingest has gone, and then nobody needs it.
+        let _ = self.free.send(records);
+    }
+
+    fn aggregate(&mut self, records: &[Record]) {
+        let pending = &mut self.pending;
+        for r in records {
+            let addrs = pending.apps.entry(r.app).or_default();
+            match addrs.get_mut(&r.ip) {
+                Some(stats) => {
+                    stats.count += 1;
+                    stats.last_seen = stats.last_seen.max(r.unix_secs);
+                    stats.first_seen = stats.first_seen.min(r.unix_secs);
+                }
+                None => {
+                    addrs.insert(r.ip, AddrStats::one(r.unix_secs));
+                    pending.entries += 1;
+                }
+            }
+        }
+        pending.events += records.len() as u64;
+    }
+
+    fn run_ready_requests(&mut self) {
+        let ready: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, (seen, req))| req.as_ref().is_some_and(|r| *seen >= r.markers))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let Some((_, Some(request))) = self.waiting.remove(&id) else {
+                continue;
+            };
+            self.serve(request);
+        }
+    }
+
+    fn serve(&mut self, request: Request) {
+        let reply = match request.kind {
+            RequestKind::Sync => {
+                let failed = self.flush();
+                if failed == 0 {
+                    Ok(json!({"epoch": self.epoch, "held": self.held_until.is_some()}))
+                } else {
+                    Err(format!(
+                        "{failed} apps could not be written; see the receiver's log"
+                    ))
+                }
+            }
+            RequestKind::ResetBegin => {
+                let dropped = self.pending.events;
+                self.pending = Pending::default();
+                self.counters.zero();
+                let resets = self.stats.resets + 1;
+                self.stats = self.settings.stats_base.clone();
+                self.stats.resets = resets;
+                self.held_until = Some(Instant::now() + RESET_HOLD);
+                log::info!("reset: dropped {dropped} pending events; flushes held");
+                Ok(json!({"dropped_pending": dropped}))
+            }
+            RequestKind::ResetEnd => {
+                // The tree was moved away: what we knew of our logs no longer holds.
+                self.store.forget_logs();
+                self.held_until = None;
+                log::info!("reset complete; flushes resumed");
+                Ok(json!({"epoch": self.epoch}))
+            }
+        };
+        self.write_stats();
+        let line = match reply {
+            Ok(body) => format!("ok {body}\n"),
+            Err(message) => format!("err {message}\n"),
+        };
+        let mut stream = request.reply;
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        if let Err(e) = stream.write_all(line.as_bytes()) {
+            log::debug!("control client went away before its answer: {e}");
+        }
+    }
+
+    /// Appends one block per dirty app. Apps that fail stay pending for the next flush.
+    /// Returns how many apps failed.
+    fn flush(&mut self) -> usize {
+        if let Some(until) = self.held_until {
+            if Instant::now() < until {
+                return 0;
+            }
+            log::warn!("a reset held flushes for {RESET_HOLD:?} without finishing; resuming");
+            self.held_until = None;
+            self.store.forget_logs();
+        }
+        if self.pending.apps.is_empty() {
+            return 0;
+        }
+        let started = Instant::now();
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let mut failed: Vec<(AppSha, FxHashMap<u32, AddrStats>)> = Vec::new();
+        let mut first_error = None;
+        let mut written_events = 0u64;
+        let apps = std::mem::take(&mut self.pending.apps);
+        let app_count = apps.len();
+        for (app, addrs) in apps {
+            self.sorted.clear();
+            self.sorted.extend(addrs.iter().map(|(ip, s)| (*ip, *s)));
+            self.sorted.sort_unstable_by_key(|(ip, _)| *ip);
+            match self.store.append(&app, epoch, &self.sorted) {
+                Ok(()) => written_events += self.sorted.iter().map(|(_, s)| s.count).sum::<u64>(),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    failed.push((app, addrs));
+                }
+            }
+        }
+        let failed_apps = failed.len();
+        self.pending = Pending::default();
+        for (app, addrs) in failed {
+            self.pending.entries += addrs.len();
+            self.pending.events += addrs.values().map(|s| s.count).sum::<u64>();
+            self.pending.apps.insert(app, addrs);
+        }
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        self.stats.flushes += 1;
+        self.stats.events_flushed += written_events;
+        self.stats.flush_last_ms = elapsed_ms;
+        self.stats.flush_total_ms += elapsed_ms;
+        self.stats.flush_max_ms = self.stats.flush_max_ms.max(elapsed_ms);
+        if let Some(e) = first_error {
+            self.stats.flush_errors += 1;
+            // One line per stats interval at most, however many apps fail.
+            let quiet = self
+                .last_error_log
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(10));
+            if !quiet {
+                log::error!(
+                    "flush {epoch}: {failed_apps} of {app_count} apps not written, kept for the next flush: {e}"
+                );
+                self.last_error_log = Some(Instant::now());
+            }
+        }
+        if let Err(e) = self.write_state(false) {
+            log::warn!("{e}");
+        }
+        failed_apps
+    }
+
+    fn snapshot(&mut self) -> ReceiverStats {
+        let c = &self.counters;
+        let s = &mut self.stats;
+        s.updated_unix = unix_now();
+        s.datagrams_received = c.datagrams_received.load(Relaxed);
+        s.events_accepted = c.events_accepted.load(Relaxed);
+        s.kernel_drops = c.kernel_drops.load(Relaxed);
+        s.rejected = Reject::ALL
+            .iter()
+            .map(|r| (r.name().to_string(), c.rejected[r.index()].load(Relaxed)))
+            .collect();
+        s.rejected_total = s.rejected.values().sum();
+        s.events_pending = self.pending.events;
+        s.epoch = self.epoch;
+        s.clone()
+    }
+
+    fn write_stats(&mut self) {
+        let stats = self.snapshot();
+        if let Err(e) = stats.write(&self.settings.data) {
+            let quiet = self
+                .last_error_log
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(10));
+            if !quiet {
+                log::warn!("writing stats: {e}");
+                self.last_error_log = Some(Instant::now());
+            }
+        }
+    }
+
+    fn log_counters(&mut self, last: &mut ReceiverStats) {
+        let now = self.snapshot();
+        log::info!(
+            "received {} accepted {} rejected {} kernel_drops {} flushed {} pending {} flushes {} (last {:.1} ms)",
+            now.datagrams_received.saturating_sub(last.datagrams_received),
+            now.events_accepted.saturating_sub(last.events_accepted),
+            now.rejected_total.saturating_sub(last.rejected_total),
+            now.kernel_drops.saturating_sub(last.kernel_drops),
+            now.events_flushed.saturating_sub(last.events_flushed),
+            now.events_pending,
+            now.flushes.saturating_sub(last.flushes),
+            now.flush_last_ms,
+        );
+        *last = now;
+    }
+
+    fn write_state(&self, clean: bool) -> Result<(), store::StoreError> {
+        write_state(
+            &self.settings.data,
+            &self.settings.writer_id,
+            self.epoch,
+            clean,
+        )
+    }
+}
+
+/// Seconds since the epoch, saturating into `u32` for record timestamps.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What a receiver leaves behind about its run: the last flush epoch and whether it stopped
+/// cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunState {
+    pub epoch: u64,
+    pub clean: bool,
+}
+
+/// Reads the state a previous run of `writer_id` left (none: a first start, counted clean).
+pub fn read_state(data: &DataDir, writer_id: &str) -> RunState {
+    let fresh = RunState {
+        epoch: 0,
+        clean: true,
+    };
+    let Ok(bytes) = std::fs::read(data.state_path(writer_id)) else {
+        return fresh;
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return RunState {
+            clean: false,
+            ..fresh
+        };
+    };
+    RunState {
+        epoch: value["epoch"].as_u64().unwrap_or(0),
+        clean: value["clean"].as_bool().unwrap_or(false),
+    }
+}
+
+/// Records the epoch and whether this run has stopped cleanly.
+pub fn write_state(
+    data: &DataDir,
+    writer_id: &str,
+    epoch: u64,
+    clean: bool,
+) -> Result<(), store::StoreError> {
+    let body = json!({"epoch": epoch, "clean": clean, "pid": std::process::id(), "updated_unix": unix_now()});
+    store::write_atomic(&data.state_path(writer_id), body.to_string().as_bytes())
+}
