@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aggregate;
 pub mod block;
 pub mod control;
 pub mod report;

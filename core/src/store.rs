@@ -4,8 +4,9 @@
 //! <data-dir>/
 //!   LAYOUT                                  "ipevent-store 1": the layout version
 //!   events/<sha[0..2]>/<sha>/<writer-id>.log   one log of blocks per app and writer
-//!   receivers/<writer-id>/                  one directory per running or past receiver
-//!     lock  control.sock  stats.json  state.json
+//!   receivers/<writer-id>/                  one directory per writer (receiver or API)
+//!     lock                                  held while it runs
+//!     control.sock  stats.json  state.json  a receiver's control socket, counters, run state
 //!   trash/                                  trees being deleted after a reset
 //! ```
 //!

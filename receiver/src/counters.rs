@@ -4,12 +4,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use ipevent_core::Reject;
 
-/// Shared ingest counters. Ingest threads count locally and add here once per syscall, so the
+/// Shared ingest counters. Accepted events are counted by the writer as it aggregates them, so
+/// that count and the stored data always agree, even across a reset. Ingest threads count locally and add here once per syscall, so the
 /// hot path touches no shared cache line per datagram.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub datagrams_received: AtomicU64,
-    pub events_accepted: AtomicU64,
     pub rejected: [AtomicU64; Reject::COUNT],
     pub kernel_drops: AtomicU64,
 }
@@ -18,7 +18,6 @@ pub struct Counters {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalCounts {
     pub datagrams_received: u64,
-    pub events_accepted: u64,
     pub rejected: [u64; Reject::COUNT],
     pub kernel_drops: u64,
 }
@@ -32,9 +31,6 @@ impl LocalCounts {
         shared
             .datagrams_received
             .fetch_add(self.datagrams_received, Relaxed);
-        shared
-            .events_accepted
-            .fetch_add(self.events_accepted, Relaxed);
         for (total, local) in shared.rejected.iter().zip(self.rejected) {
             if local > 0 {
                 total.fetch_add(local, Relaxed);
@@ -49,7 +45,6 @@ impl Counters {
     /// Zeroes every counter (after a reset).
     pub fn zero(&self) {
         self.datagrams_received.store(0, Relaxed);
-        self.events_accepted.store(0, Relaxed);
         for r in &self.rejected {
             r.store(0, Relaxed);
         }

@@ -105,6 +105,9 @@ pub struct Ingest {
     counters: Arc<Counters>,
     local: LocalCounts,
     ctl: Receiver<IngestCtl>,
+    /// Our own waker: it must outlive every wake sent to us, or the event can be lost when
+    /// the waker's last owner drops it.
+    _waker: Arc<Waker>,
     lead: Option<Lead>,
 }
 
@@ -142,6 +145,7 @@ impl Ingest {
                 counters,
                 local: LocalCounts::default(),
                 ctl,
+                _waker: waker.clone(),
                 lead: None,
             },
             waker,
@@ -247,7 +251,6 @@ impl Ingest {
             self.local.datagrams_received += 1;
             match verdict {
                 Ok(event) => {
-                    self.local.events_accepted += 1;
                     self.batch.push(Record {
                         app: event.app,
                         ip: event.ip,

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+pub use ipevent_core::aggregate::Record;
+use ipevent_core::aggregate::{AddrMap, Pending};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, StoreWriter};
 use ipevent_core::{AddrStats, AppSha, DataDir, Reject};
-use rustc_hash::FxHashMap;
 use serde_json::json;
 
 use crate::counters::Counters;
@@ -27,14 +28,6 @@ pub const POOL_BATCHES: usize = 256;
 /// How long a reset may hold flushes before the writer resumes on its own (the resetting
 /// client died).
 pub const RESET_HOLD: Duration = Duration::from_secs(30);
-
-/// A validated event, ready to aggregate.
-#[derive(Clone, Copy, Debug)]
-pub struct Record {
-    pub app: AppSha,
-    pub ip: u32,
-    pub unix_secs: u32,
-}
 
 /// What ingest threads send to the writer, in order.
 pub enum ToWriter {
@@ -73,14 +66,6 @@ pub struct WriterSettings {
     pub fsync: bool,
     /// The stats fields fixed at start (listen addresses, buffers, pid, ...).
     pub stats_base: ReceiverStats,
-}
-
-/// Events waiting for the next flush.
-#[derive(Default)]
-struct Pending {
-    apps: FxHashMap<AppSha, FxHashMap<u32, AddrStats>>,
-    entries: usize,
-    events: u64,
 }
 
 /// The writer thread's state.
@@ -151,9 +136,10 @@ impl Writer {
             let deadline = next_flush.min(next_stats);
             match self.from_ingest.recv_deadline(deadline) {
                 Ok(ToWriter::Batch(records)) => {
-                    self.aggregate(&records);
+                    self.pending.add(&records);
+                    self.stats.events_accepted += records.len() as u64;
                     self.recycle(records);
-                    if self.pending.entries >= self.settings.max_pending_entries {
+                    if self.pending.entries() >= self.settings.max_pending_entries {
                         self.flush();
                         next_flush = Instant::now() + self.settings.flush_interval;
                     }
@@ -174,11 +160,11 @@ impl Writer {
         self.held_until = None;
         self.flush();
         self.write_stats();
-        let clean = self.pending.events == 0;
+        let clean = self.pending.is_empty();
         if !clean {
             log::error!(
                 "{} accepted events could not be written to the store before exit",
-                self.pending.events
+                self.pending.events()
             );
         }
         (self.epoch, clean)
@@ -188,25 +174,6 @@ impl Writer {
         records.clear();
         // The pool only shrinks if ingest has gone, and then nobody needs it.
         let _ = self.free.send(records);
-    }
-
-    fn aggregate(&mut self, records: &[Record]) {
-        let pending = &mut self.pending;
-        for r in records {
-            let addrs = pending.apps.entry(r.app).or_default();
-            match addrs.get_mut(&r.ip) {
-                Some(stats) => {
-                    stats.count += 1;
-                    stats.last_seen = stats.last_seen.max(r.unix_secs);
-                    stats.first_seen = stats.first_seen.min(r.unix_secs);
-                }
-                None => {
-                    addrs.insert(r.ip, AddrStats::one(r.unix_secs));
-                    pending.entries += 1;
-                }
-            }
-        }
-        pending.events += records.len() as u64;
     }
 
     fn run_ready_requests(&mut self) {
@@ -237,7 +204,7 @@ impl Writer {
                 }
             }
             RequestKind::ResetBegin => {
-                let dropped = self.pending.events;
+                let dropped = self.pending.events();
                 self.pending = Pending::default();
                 self.counters.zero();
                 let resets = self.stats.resets + 1;
@@ -278,16 +245,16 @@ impl Writer {
             self.held_until = None;
             self.store.forget_logs();
         }
-        if self.pending.apps.is_empty() {
+        if self.pending.is_empty() {
             return 0;
         }
         let started = Instant::now();
         self.epoch += 1;
         let epoch = self.epoch;
-        let mut failed: Vec<(AppSha, FxHashMap<u32, AddrStats>)> = Vec::new();
+        let mut failed: Vec<(AppSha, AddrMap)> = Vec::new();
         let mut first_error = None;
         let mut written_events = 0u64;
-        let apps = std::mem::take(&mut self.pending.apps);
+        let apps = self.pending.take();
         let app_count = apps.len();
         for (app, addrs) in apps {
             self.sorted.clear();
@@ -302,11 +269,8 @@ impl Writer {
             }
         }
         let failed_apps = failed.len();
-        self.pending = Pending::default();
         for (app, addrs) in failed {
-            self.pending.entries += addrs.len();
-            self.pending.events += addrs.values().map(|s| s.count).sum::<u64>();
-            self.pending.apps.insert(app, addrs);
+            self.pending.put_back(app, addrs);
         }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         self.stats.flushes += 1;
@@ -338,14 +302,13 @@ impl Writer {
         let s = &mut self.stats;
         s.updated_unix = unix_now();
         s.datagrams_received = c.datagrams_received.load(Relaxed);
-        s.events_accepted = c.events_accepted.load(Relaxed);
         s.kernel_drops = c.kernel_drops.load(Relaxed);
         s.rejected = Reject::ALL
             .iter()
             .map(|r| (r.name().to_string(), c.rejected[r.index()].load(Relaxed)))
             .collect();
         s.rejected_total = s.rejected.values().sum();
-        s.events_pending = self.pending.events;
+        s.events_pending = self.pending.events();
         s.epoch = self.epoch;
         s.clone()
     }

@@ -134,7 +134,18 @@ impl Receiver {
             .status()
             .expect("running kill");
         assert!(status.success(), "kill failed");
-        child.wait().expect("waiting for the receiver")
+        let start = Instant::now();
+        loop {
+            if let Some(exit) = child.try_wait().expect("waiting for the receiver") {
+                return exit;
+            }
+            if start.elapsed() > WAIT_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the receiver did not exit within {WAIT_LIMIT:?} of signal {signal}");
+            }
+            std::thread::park_timeout(Duration::from_millis(2));
+        }
     }
 
     /// SIGTERM, then asserts a clean exit.
