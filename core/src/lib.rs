@@ -10,6 +10,7 @@
 pub mod aggregate;
 pub mod block;
 pub mod control;
+pub mod journal;
 pub mod report;
 pub mod stats;
 pub mod store;

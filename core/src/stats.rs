@@ -8,6 +8,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{self, DataDir};
 
+/// The stats file is padded to a multiple of this, so that it can be rewritten in place.
+const STATS_PAGE_BYTES: usize = 4096;
+
+fn overwrite_in_place(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    if file.metadata()?.len() != bytes.len() as u64 {
+        return Err(io::Error::other("the stats file has another size"));
+    }
+    file.write_all_at(bytes, 0)
+}
+
 /// A snapshot of one receiver's counters. Counters count from the receiver's start or its
 /// last reset, whichever is later.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -55,15 +67,34 @@ pub struct ReceiverStats {
     pub flush_total_ms: f64,
     /// Current flush epoch.
     pub epoch: u64,
+    /// Accepted events the previous run had not flushed, recovered from the journal at start.
+    pub events_replayed: u64,
+    /// Bytes of the journal in use (accepted events not yet in the store).
+    pub journal_used_bytes: u64,
+    /// Bytes the journal can hold: the bound on accepted events waiting for the store.
+    pub journal_capacity_bytes: u64,
+    /// The journal is full and the store cannot be written: ingest waits, and the kernel drops
+    /// what its buffer cannot hold (counted in `kernel_drops`).
+    pub stalled: bool,
     /// Resets served.
     pub resets: u64,
 }
 
 impl ReceiverStats {
-    /// Writes the snapshot atomically.
+    /// Writes the snapshot atomically (a new file renamed over the old). When the disk is
+    /// full, which is when operators most need the counters, it overwrites the old file in
+    /// place instead: the JSON is padded to whole pages, so the file keeps its size and
+    /// needs no new blocks. A reader may then catch a half-written file and should read again.
     pub fn write(&self, data: &DataDir) -> Result<(), store::StoreError> {
-        let json = serde_json::to_vec_pretty(self).expect("stats serialise");
-        store::write_atomic(&data.stats_path(&self.writer_id), &json)
+        let mut json = serde_json::to_vec_pretty(self).expect("stats serialise");
+        let padded = json.len().div_ceil(STATS_PAGE_BYTES) * STATS_PAGE_BYTES;
+        json.resize(padded - 1, b' ');
+        json.push(b'\n');
+        let path = data.stats_path(&self.writer_id);
+        match store::write_atomic(&path, &json) {
+            Err(e) if e.is_out_of_space() => overwrite_in_place(&path, &json).map_err(|_| e),
+            other => other,
+        }
     }
 
     /// Reads the last snapshot of `writer_id`.

@@ -7,6 +7,7 @@
 //!   receivers/<writer-id>/                  one directory per writer (receiver or API)
 //!     lock                                  held while it runs
 //!     control.sock  stats.json  state.json  a receiver's control socket, counters, run state
+//!     journal                               a receiver's accepted records not yet flushed
 //!   trash/                                  trees being deleted after a reset
 //! ```
 //!
@@ -73,7 +74,25 @@ pub enum StoreError {
     WriterId(String),
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+impl StoreError {
+    /// True when the error is a full disk or an exhausted quota.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         action,
         path: path.to_path_buf(),
@@ -193,6 +212,11 @@ impl DataDir {
     /// The receiver's lock file (one running receiver per writer id and data dir).
     pub fn lock_path(&self, writer_id: &str) -> PathBuf {
         self.receiver_dir(writer_id).join("lock")
+    }
+
+    /// The receiver's journal of accepted records not yet flushed.
+    pub fn journal_path(&self, writer_id: &str) -> PathBuf {
+        self.receiver_dir(writer_id).join("journal")
     }
 
     /// The receiver's state file (last epoch, clean shutdown).
@@ -431,6 +455,8 @@ struct LogState {
     good_len: u64,
     /// Blocks in it, for compaction.
     blocks: u32,
+    /// Highest epoch of its blocks: which journaled records it already holds.
+    max_epoch: u64,
     /// The tail holds bytes that are no verified block (a failed or torn write): the next
     /// append rewrites the log instead.
     needs_rewrite: bool,
@@ -468,6 +494,18 @@ impl StoreWriter {
         self.logs.clear();
     }
 
+    /// The highest epoch among the verified blocks of `app`'s log (0 when it has none):
+    /// journaled records of that epoch or earlier are already in it.
+    pub fn log_max_epoch(&mut self, app: &AppSha) -> Result<u64, StoreError> {
+        if let Some(state) = self.logs.get(app) {
+            return Ok(state.max_epoch);
+        }
+        let path = self.data.log_path(app, &self.writer_id);
+        let state = self.inspect(app, &path)?;
+        self.remember(app, state);
+        Ok(state.max_epoch)
+    }
+
     /// Appends one block holding `records` (sorted by address, non-empty) to `app`'s log.
     /// On error nothing counts twice: the caller keeps the records and retries later.
     pub fn append(
@@ -501,6 +539,7 @@ impl StoreWriter {
                     LogState {
                         good_len: state.good_len + written,
                         blocks: state.blocks + 1,
+                        max_epoch: state.max_epoch.max(epoch),
                         needs_rewrite: false,
                     },
                 );
@@ -534,11 +573,13 @@ impl StoreWriter {
             None => LogState {
                 good_len: 0,
                 blocks: 0,
+                max_epoch: 0,
                 needs_rewrite: false,
             },
             Some(summary) => LogState {
                 good_len: summary.good_bytes,
                 blocks: summary.blocks as u32,
+                max_epoch: summary.max_epoch,
                 needs_rewrite: summary.tail != Tail::Clean,
             },
         };
@@ -593,6 +634,7 @@ impl StoreWriter {
             Ok(LogState {
                 good_len: len,
                 blocks,
+                max_epoch,
                 needs_rewrite: false,
             })
         })();

@@ -43,6 +43,29 @@ impl AsRef<[u8]> for Mapped {
     }
 }
 
+/// Reserves `len` bytes of disk for `file` (`posix_fallocate`), so that writing through a
+/// mapping of it can never fail for lack of space (which would be a SIGBUS, not an error).
+pub fn reserve(file: &File, len: u64) -> io::Result<()> {
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain syscall on a valid, open descriptor; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Maps `file` read-write and shared: stores reach the page cache at once and survive the
+/// death of the process. The file must have been [`reserve`]d to its full length.
+pub fn map_read_write(file: &File) -> io::Result<memmap2::MmapMut> {
+    // SAFETY: the only files mapped this way are journals, each private to the writer that
+    // holds its writer lock; nothing else truncates or writes them while mapped, and their
+    // blocks are reserved, so no store through the mapping can fault.
+    unsafe { memmap2::MmapMut::map_mut(file) }
+}
+
 fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,

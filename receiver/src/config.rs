@@ -58,6 +58,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1 << 28))]
     pub max_pending_entries: u64,
 
+    /// Size of the journal, in bytes: accepted events wait there (and in memory) until they
+    /// are in the store, so it bounds how much a stalled store (disk full) can hold back.
+    #[arg(long, env = "IPEVENT_JOURNAL_BYTES", default_value_t = 256 << 20)]
+    pub journal_bytes: u64,
+
+    /// Test hook: abort after writing this many apps in a flush (simulates a crash mid-flush).
+    #[arg(long, hide = true)]
+    pub test_crash_after_apps: Option<usize>,
+
     /// fdatasync every log after appending to it, so a completed flush survives a power loss
     /// (costs one disk sync per app per flush).
     #[arg(long, env = "IPEVENT_FSYNC", default_value_t = false)]

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use ipevent_core::journal::Journal;
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, DataDir};
 
@@ -58,7 +59,7 @@ fn run(config: Config) -> Result<()> {
     if !previous.clean {
         log::warn!(
             "the previous run of writer {writer_id} did not stop cleanly (crash, kill or power \
-             loss): events it had accepted but not yet flushed are missing from the store"
+             loss); what it had accepted is recovered from its journal"
         );
     }
 
@@ -88,6 +89,7 @@ fn run(config: Config) -> Result<()> {
         per_thread.push(mine);
     }
 
+    let (journal, replay) = Journal::open(&data.journal_path(&writer_id), config.journal_bytes)?;
     let control_path = data.control_socket(&writer_id);
     let control = bind_control(&control_path)?;
     writer::write_state(&data, &writer_id, previous.epoch, false)?;
@@ -120,6 +122,7 @@ fn run(config: Config) -> Result<()> {
             .then(|| Duration::from_secs(config.log_interval_s)),
         max_pending_entries: usize::try_from(config.max_pending_entries).unwrap_or(usize::MAX),
         fsync: config.fsync,
+        crash_after_apps: config.test_crash_after_apps,
         stats_base,
     };
 
@@ -150,10 +153,17 @@ fn run(config: Config) -> Result<()> {
         Ingest::new(lead_sockets, to_writer, free_rx, counters.clone(), lead_ctl)?;
     lead.lead(Lead::new(control, peers, writer_id.clone())?)?;
 
-    let writer = Writer::new(settings, counters, from_ingest, free_tx, previous.epoch)?;
+    let writer = Writer::new(
+        settings,
+        counters,
+        from_ingest,
+        free_tx,
+        journal,
+        previous.epoch,
+    )?;
     let writer_handle = std::thread::Builder::new()
         .name("writer".into())
-        .spawn(move || writer.run())
+        .spawn(move || writer.run(replay))
         .context("starting the writer thread")?;
 
     log::info!(

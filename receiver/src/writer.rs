@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 pub use ipevent_core::aggregate::Record;
 use ipevent_core::aggregate::{AddrMap, Pending};
+use ipevent_core::journal::{Journal, ReplayBatch};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, StoreWriter};
 use ipevent_core::{AddrStats, AppSha, DataDir, Reject};
@@ -28,6 +29,9 @@ pub const POOL_BATCHES: usize = 256;
 /// How long a reset may hold flushes before the writer resumes on its own (the resetting
 /// client died).
 pub const RESET_HOLD: Duration = Duration::from_secs(30);
+
+/// Failures (a full disk, a read-only data dir) are logged at most this often.
+pub const COMPLAINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What ingest threads send to the writer, in order.
 pub enum ToWriter {
@@ -64,6 +68,9 @@ pub struct WriterSettings {
     pub log_interval: Option<Duration>,
     pub max_pending_entries: usize,
     pub fsync: bool,
+    /// Test hook: abort the process after this many apps of a flush are written, to simulate
+    /// a crash in the middle of a flush.
+    pub crash_after_apps: Option<usize>,
     /// The stats fields fixed at start (listen addresses, buffers, pid, ...).
     pub stats_base: ReceiverStats,
 }
@@ -72,6 +79,10 @@ pub struct WriterSettings {
 pub struct Writer {
     settings: WriterSettings,
     store: StoreWriter,
+    journal: Journal,
+    /// A batch the journal could not take (full, and the store not writable): ingest waits
+    /// until it is in.
+    stalled: Option<Vec<Record>>,
     counters: Arc<Counters>,
     from_ingest: Receiver<ToWriter>,
     free: Sender<Vec<Record>>,
@@ -84,6 +95,7 @@ pub struct Writer {
     /// Reusable buffer for one app's sorted records.
     sorted: Vec<(u32, AddrStats)>,
     last_error_log: Option<Instant>,
+    complaints_quiet: u64,
 }
 
 impl Writer {
@@ -92,6 +104,7 @@ impl Writer {
         counters: Arc<Counters>,
         from_ingest: Receiver<ToWriter>,
         free: Sender<Vec<Record>>,
+        journal: Journal,
         epoch: u64,
     ) -> anyhow::Result<Writer> {
         let store = StoreWriter::new(settings.data.clone(), &settings.writer_id, settings.fsync)?;
@@ -99,6 +112,8 @@ impl Writer {
         Ok(Writer {
             settings,
             store,
+            journal,
+            stalled: None,
             counters,
             from_ingest,
             free,
@@ -109,12 +124,14 @@ impl Writer {
             held_until: None,
             sorted: Vec::new(),
             last_error_log: None,
+            complaints_quiet: 0,
         })
     }
 
     /// Runs until every ingest thread has hung up, then flushes everything and returns the
     /// last epoch. Only a flush that failed to write leaves events behind (logged).
-    pub fn run(mut self) -> (u64, bool) {
+    pub fn run(mut self, replay: Vec<ReplayBatch>) -> (u64, bool) {
+        self.replay(replay);
         let mut next_flush = Instant::now() + self.settings.flush_interval;
         let mut next_stats = Instant::now();
         let mut next_log = self.settings.log_interval.map(|i| Instant::now() + i);
@@ -134,11 +151,17 @@ impl Writer {
                 next_flush = now + self.settings.flush_interval;
             }
             let deadline = next_flush.min(next_stats);
+            if let Some(records) = self.stalled.take() {
+                self.accept(records);
+                if self.stalled.is_some() {
+                    // Nothing more is taken in until the store can be written again.
+                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                    continue;
+                }
+            }
             match self.from_ingest.recv_deadline(deadline) {
                 Ok(ToWriter::Batch(records)) => {
-                    self.pending.add(&records);
-                    self.stats.events_accepted += records.len() as u64;
-                    self.recycle(records);
+                    self.accept(records);
                     if self.pending.entries() >= self.settings.max_pending_entries {
                         self.flush();
                         next_flush = Instant::now() + self.settings.flush_interval;
@@ -158,9 +181,12 @@ impl Writer {
             }
         }
         self.held_until = None;
+        if let Some(records) = self.stalled.take() {
+            self.accept(records);
+        }
         self.flush();
         self.write_stats();
-        let clean = self.pending.is_empty();
+        let clean = self.pending.is_empty() && self.stalled.is_none();
         if !clean {
             log::error!(
                 "{} accepted events could not be written to the store before exit",
@@ -168,6 +194,67 @@ impl Writer {
             );
         }
         (self.epoch, clean)
+    }
+
+    /// Journals a batch, then aggregates it: from here on it is accepted and survives a crash.
+    /// When the journal is full it flushes to make room; if that cannot free it either (the
+    /// store is not writable), the batch waits in `stalled`.
+    fn accept(&mut self, records: Vec<Record>) {
+        if !self.journal.append(self.epoch + 1, &records) {
+            self.flush();
+            if !self.journal.append(self.epoch + 1, &records) {
+                if !self.stats.stalled {
+                    log::error!(
+                        "journal full ({} bytes) and the store cannot be written: ingest waits; \
+                         the kernel drops what its buffer cannot hold",
+                        self.journal.capacity_bytes()
+                    );
+                }
+                self.stats.stalled = true;
+                self.stalled = Some(records);
+                return;
+            }
+        }
+        if self.stats.stalled {
+            log::info!("the store is writable again; ingest resumed");
+            self.stats.stalled = false;
+        }
+        self.pending.add(&records);
+        self.stats.events_accepted += records.len() as u64;
+        self.recycle(records);
+    }
+
+    /// Puts back what the previous run had accepted but not flushed: every journaled record
+    /// whose app's log does not yet hold its epoch.
+    fn replay(&mut self, batches: Vec<ReplayBatch>) {
+        if batches.is_empty() {
+            return;
+        }
+        let (mut replayed, mut skipped) = (0u64, 0u64);
+        for batch in &batches {
+            self.epoch = self.epoch.max(batch.epoch);
+            for record in &batch.records {
+                let in_store = match self.store.log_max_epoch(&record.app) {
+                    Ok(max_epoch) => max_epoch >= batch.epoch,
+                    Err(e) => {
+                        log::warn!("journal replay: {e}");
+                        false
+                    }
+                };
+                if in_store {
+                    skipped += 1;
+                } else {
+                    self.pending.add(std::slice::from_ref(record));
+                    replayed += 1;
+                }
+            }
+        }
+        log::info!(
+            "journal: recovered {replayed} accepted events the previous run had not flushed \
+             ({skipped} were already in the store)"
+        );
+        self.stats.events_replayed = replayed;
+        self.flush();
     }
 
     fn recycle(&self, mut records: Vec<Record>) {
@@ -206,6 +293,7 @@ impl Writer {
             RequestKind::ResetBegin => {
                 let dropped = self.pending.events();
                 self.pending = Pending::default();
+                self.journal.rewind();
                 self.counters.zero();
                 let resets = self.stats.resets + 1;
                 self.stats = self.settings.stats_base.clone();
@@ -246,6 +334,8 @@ impl Writer {
             self.store.forget_logs();
         }
         if self.pending.is_empty() {
+            // Everything journaled is in the store (or was discarded by a reset).
+            self.journal.rewind();
             return 0;
         }
         let started = Instant::now();
@@ -256,10 +346,18 @@ impl Writer {
         let mut written_events = 0u64;
         let apps = self.pending.take();
         let app_count = apps.len();
+        let mut apps_left = app_count;
         for (app, addrs) in apps {
             self.sorted.clear();
             self.sorted.extend(addrs.iter().map(|(ip, s)| (*ip, *s)));
             self.sorted.sort_unstable_by_key(|(ip, _)| *ip);
+            if self.settings.crash_after_apps == Some(app_count - apps_left) {
+                log::error!(
+                    "crashing in the middle of flush {epoch} as asked (--test-crash-after-apps)"
+                );
+                std::process::abort();
+            }
+            apps_left -= 1;
             match self.store.append(&app, epoch, &self.sorted) {
                 Ok(()) => written_events += self.sorted.iter().map(|(_, s)| s.count).sum::<u64>(),
                 Err(e) => {
@@ -272,6 +370,9 @@ impl Writer {
         for (app, addrs) in failed {
             self.pending.put_back(app, addrs);
         }
+        if self.pending.is_empty() {
+            self.journal.rewind();
+        }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         self.stats.flushes += 1;
         self.stats.events_flushed += written_events;
@@ -280,19 +381,12 @@ impl Writer {
         self.stats.flush_max_ms = self.stats.flush_max_ms.max(elapsed_ms);
         if let Some(e) = first_error {
             self.stats.flush_errors += 1;
-            // One line per stats interval at most, however many apps fail.
-            let quiet = self
-                .last_error_log
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(10));
-            if !quiet {
-                log::error!(
-                    "flush {epoch}: {failed_apps} of {app_count} apps not written, kept for the next flush: {e}"
-                );
-                self.last_error_log = Some(Instant::now());
-            }
+            self.complain(&format!(
+                "flush {epoch}: {failed_apps} of {app_count} apps not written, kept for the next flush: {e}"
+            ));
         }
         if let Err(e) = self.write_state(false) {
-            log::warn!("{e}");
+            self.complain(&format!("{e}"));
         }
         failed_apps
     }
@@ -310,20 +404,38 @@ impl Writer {
         s.rejected_total = s.rejected.values().sum();
         s.events_pending = self.pending.events();
         s.epoch = self.epoch;
+        s.journal_used_bytes = self.journal.used_bytes();
+        s.journal_capacity_bytes = self.journal.capacity_bytes();
         s.clone()
     }
 
     fn write_stats(&mut self) {
         let stats = self.snapshot();
         if let Err(e) = stats.write(&self.settings.data) {
-            let quiet = self
-                .last_error_log
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(10));
-            if !quiet {
-                log::warn!("writing stats: {e}");
-                self.last_error_log = Some(Instant::now());
-            }
+            self.complain(&format!("writing stats: {e}"));
         }
+    }
+
+    /// Logs a failure at most once per [`COMPLAINT_INTERVAL`], with how many were not logged,
+    /// so a full disk cannot flood the log.
+    fn complain(&mut self, message: &str) {
+        let quiet = self
+            .last_error_log
+            .is_some_and(|at| at.elapsed() < COMPLAINT_INTERVAL);
+        if quiet {
+            self.complaints_quiet += 1;
+            return;
+        }
+        if self.complaints_quiet > 0 {
+            log::error!(
+                "{message} ({} more failures since the last report)",
+                self.complaints_quiet
+            );
+        } else {
+            log::error!("{message}");
+        }
+        self.complaints_quiet = 0;
+        self.last_error_log = Some(Instant::now());
     }
 
     fn log_counters(&mut self, last: &mut ReceiverStats) {

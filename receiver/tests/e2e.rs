@@ -222,7 +222,7 @@ fn allowed(relative: &Path) -> bool {
     match parts.as_slice() {
         ["LAYOUT"] | ["events"] | ["receivers"] | ["receivers", "test"] => true,
         ["receivers", "test", file] => {
-            ["lock", "control.sock", "stats.json", "state.json"].contains(file)
+            ["lock", "control.sock", "stats.json", "state.json", "journal"].contains(file)
         }
         ["events", fan] => hex(fan, 2),
         ["events", fan, app] => hex(fan, 2) && hex(app, 64) && app.starts_with(fan),

@@ -148,6 +148,14 @@ impl Receiver {
         }
     }
 
+    /// Waits for the receiver to exit by itself (a crash hook, a fatal error).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_for("the receiver to exit", || {
+            child.try_wait().expect("waiting for the receiver")
+        })
+    }
+
     /// SIGTERM, then asserts a clean exit.
     pub fn stop(&mut self) {
         let status = self.stop_with(libc::SIGTERM);
@@ -172,6 +180,19 @@ impl Drop for Receiver {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs a receiver on `data_dir` with `extra` flags until it exits by itself (a crash hook or
+/// a fatal error) and returns how it ended.
+pub fn run_receiver_to_exit(data_dir: &Path, extra: &[&str]) -> Output {
+    Command::new(bin("ipevent-receiver"))
+        .args(["--listen", "127.0.0.1:0", "--writer-id", "test"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ipevent-receiver")
 }
 
 /// Runs `ipevent-query --data-dir <dir> <args>` and returns its output.
