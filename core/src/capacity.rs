@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::aggregate::AddrMap;
 use crate::block::{HEADER_BYTES, MAX_RECORDS_PER_BLOCK, RECORD_BYTES};
+use crate::journal;
 use crate::store::{AddrStats, COMPACT_AFTER_BLOCKS};
 use crate::wire::{AppSha, ENCODED_MAX_BYTES};
 
@@ -183,6 +184,11 @@ pub struct CapacityEstimate {
     /// compaction (the merged log in a map, sorted, and as blocks). The receiver's fixed
     /// buffers (batch pool, socket buffers in the kernel) come on top.
     pub memory_bytes_per_writer: u64,
+    /// Journal bytes one flush interval fills per writer: [`journal::HEADER_BYTES`] and
+    /// [`journal::RECORD_BYTES`] per event received in the interval (plus 16 bytes per ingest
+    /// batch). The receiver's `--journal-bytes` must exceed it, or the full journal forces
+    /// flushes early; these pages of the mapped journal are also resident memory.
+    pub journal_bytes_per_flush_per_writer: u64,
     /// Datagrams per second each writer receives: `events_per_sec / writers`.
     pub packets_per_sec_per_writer: f64,
     /// IP traffic into each writer, bits per second: datagrams of at most
@@ -204,6 +210,10 @@ pub struct CapacityEstimate {
     /// Bytes written to the data dir per second, all writers together: appended blocks and
     /// rewritten logs.
     pub disk_write_bytes_per_sec: f64,
+    /// Journal bytes written per second, all writers together, at most: every event's
+    /// [`journal::RECORD_BYTES`]. The kernel writes the mapped pages back in the background,
+    /// and a page rewritten before its write-back is written once.
+    pub journal_write_bytes_per_sec: f64,
     /// Compactions one flush of one writer may have to do: every log it writes in that
     /// flush, when their apps reached the threshold together (apps that started sending
     /// together, e.g. after a reset, stay in step). Each compaction ends with an
@@ -416,6 +426,9 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
         .saturating_add(records_buffers_bytes(merged_records, addr_slot_bytes));
     let memory = pending_bytes.saturating_add(flush_bytes.max(compaction_bytes));
 
+    let journal_per_flush =
+        journal::HEADER_BYTES as f64 + events_per_flush * journal::RECORD_BYTES as f64;
+
     // Network.
     let packets = input.events_per_sec / writers;
     let ip_packet_bits = ((ENCODED_MAX_BYTES as u64 + IPV4_UDP_HEADER_BYTES) * 8) as f64;
@@ -450,6 +463,7 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
         pending_apps_per_writer: pending_apps_count,
         pending_entries_per_writer: pending_entries.ceil() as u64,
         memory_bytes_per_writer: memory,
+        journal_bytes_per_flush_per_writer: journal_per_flush.ceil() as u64,
         packets_per_sec_per_writer: packets,
         ip_bits_per_sec_per_writer: packets * ip_packet_bits,
         wire_bits_per_sec_per_writer: packets * wire_packet_bits,
@@ -458,6 +472,7 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
         appends_per_sec,
         compactions_per_sec,
         disk_write_bytes_per_sec,
+        journal_write_bytes_per_sec: input.events_per_sec * journal::RECORD_BYTES as f64,
         compactions_per_flush_worst: if compactions_per_sec > 0.0 {
             pending_apps_count
         } else {
@@ -602,6 +617,12 @@ impl fmt::Display for CapacityEstimate {
         )?;
         row(
             f,
+            "journal filled per flush",
+            &[bytes(self.journal_bytes_per_flush_per_writer)],
+            "--journal-bytes must be larger; also resident memory",
+        )?;
+        row(
+            f,
             "datagrams in",
             &[human_count(self.packets_per_sec_per_writer)],
             "per second",
@@ -644,6 +665,12 @@ impl fmt::Display for CapacityEstimate {
                 human_count(self.appends_per_sec),
                 human_count(self.compactions_per_sec)
             ),
+        )?;
+        row(
+            f,
+            "journal writes",
+            &[human_bytes(self.journal_write_bytes_per_sec)],
+            "per second at most",
         )
     }
 }
@@ -722,6 +749,12 @@ mod tests {
         assert_eq!(e.ip_bits_per_sec_per_writer, 80_000_000.0);
         assert_eq!(e.wire_bits_per_sec_per_writer, 100_000.0 * (138.0 * 8.0));
         assert_eq!(e.ip_bits_per_sec_total, 320_000_000.0);
+        // Each of the 100,000 events a writer gets per one-second flush takes 40 journal bytes.
+        assert_eq!(
+            e.journal_bytes_per_flush_per_writer,
+            (journal::HEADER_BYTES + 100_000 * journal::RECORD_BYTES) as u64
+        );
+        assert_eq!(e.journal_write_bytes_per_sec, 400_000.0 * 40.0);
     }
 
     #[test]
@@ -870,6 +903,8 @@ mod tests {
             "disk space",
             "inodes",
             "memory for pending events",
+            "journal filled per flush",
+            "journal writes",
             "network in",
             "appends per flush",
             "compactions/s",

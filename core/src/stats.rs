@@ -51,6 +51,9 @@ pub struct ReceiverStats {
     pub rejected: BTreeMap<String, u64>,
     /// Datagrams the kernel dropped before we could read them (SO_RXQ_OVFL).
     pub kernel_drops: u64,
+    /// Accepted events dropped because their app was new and `--max-apps` or the free-space
+    /// threshold stopped new app directories.
+    pub events_refused: u64,
     /// Events written to the store.
     pub events_flushed: u64,
     /// Events accepted but not yet written.

@@ -67,6 +67,17 @@ pub enum StoreError {
         /// What it said.
         found: String,
     },
+    /// The writer will not create a directory for a new app.
+    #[error("not storing new app {app}: {reason}")]
+    Refused {
+        /// The app.
+        app: AppSha,
+        /// Which limit: [`REFUSED_APP_LIMIT`] or [`REFUSED_LOW_DISK`].
+        reason: &'static str,
+    },
+    /// A path in the tree is not the directory it should be (a planted symlink, say).
+    #[error("{0}: not a plain directory; refusing to write through it")]
+    NotADirectory(PathBuf),
     /// A writer id that is not a plain file name.
     #[error(
         "writer id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'"
@@ -74,7 +85,39 @@ pub enum StoreError {
     WriterId(String),
 }
 
+/// [`StoreError::Refused`] reason: `--max-apps` reached.
+pub const REFUSED_APP_LIMIT: &str = "app_limit";
+/// [`StoreError::Refused`] reason: free space or inodes below the threshold.
+pub const REFUSED_LOW_DISK: &str = "low_disk";
+
+/// [`StoreError::refused_reason`] of [`StoreError::NotADirectory`]: something planted in the
+/// tree where an app's directory belongs.
+pub const REFUSED_NOT_A_DIRECTORY: &str = "not_a_directory";
+
+/// How often the writer looks at free space while it creates app directories.
+const FREE_SPACE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Limits on creating directories for new apps, so a flood of new SHAs cannot fill the disk.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreLimits {
+    /// Most apps the store may hold (all writers); `None`: no limit.
+    pub max_apps: Option<u64>,
+    /// No new app below this many free bytes.
+    pub min_free_bytes: u64,
+    /// No new app below this many free inodes.
+    pub min_free_inodes: u64,
+}
+
 impl StoreError {
+    /// The limit that refused a new app, if that is what this is.
+    pub fn refused_reason(&self) -> Option<&'static str> {
+        match self {
+            StoreError::Refused { reason, .. } => Some(reason),
+            StoreError::NotADirectory(_) => Some(REFUSED_NOT_A_DIRECTORY),
+            _ => None,
+        }
+    }
+
     /// True when the error is a full disk or an exhausted quota.
     pub fn is_out_of_space(&self) -> bool {
         match self {
@@ -249,8 +292,13 @@ impl DataDir {
     /// unknown layout.
     pub fn create(&self) -> Result<(), StoreError> {
         create_dir_all(&self.root)?;
-        create_dir_all(&self.events_dir())?;
-        create_dir_all(&self.receivers_dir())?;
+        for dir in [self.events_dir(), self.receivers_dir()] {
+            create_dir_all(&dir)?;
+            let meta = fs::symlink_metadata(&dir).map_err(io_err("inspecting", &dir))?;
+            if !meta.is_dir() {
+                return Err(StoreError::NotADirectory(dir));
+            }
+        }
         let marker = self.root.join(LAYOUT_FILE);
         match self.check_layout() {
             Ok(true) => Ok(()),
@@ -448,6 +496,22 @@ pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
     Ok(out)
 }
 
+/// Counts the app directories under `events/`.
+fn count_app_dirs(data: &DataDir) -> Result<u64, StoreError> {
+    let events = data.events_dir();
+    let mut count = 0;
+    let fans = match fs::read_dir(&events) {
+        Ok(fans) => fans,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err("listing", &events)(e)),
+    };
+    for fan in fans {
+        let fan = fan.map_err(io_err("listing", &events))?.path();
+        count += fs::read_dir(&fan).map_err(io_err("listing", &fan))?.count() as u64;
+    }
+    Ok(count)
+}
+
 /// What the writer knows of one of its logs.
 #[derive(Debug, Clone, Copy)]
 struct LogState {
@@ -473,6 +537,11 @@ pub struct StoreWriter {
     logs: HashMap<AppSha, LogState>,
     block: BlockBuilder,
     fsync: bool,
+    limits: StoreLimits,
+    /// Apps in the store, counted when a `max_apps` limit is set.
+    apps: u64,
+    /// When free space was last looked at, and whether it was below the thresholds.
+    free_checked: Option<(std::time::Instant, bool)>,
 }
 
 impl StoreWriter {
@@ -486,7 +555,77 @@ impl StoreWriter {
             logs: HashMap::new(),
             block: BlockBuilder::default(),
             fsync,
+            limits: StoreLimits::default(),
+            apps: 0,
+            free_checked: None,
         })
+    }
+
+    /// Sets the limits on new apps; with a `max_apps` limit, counts the apps already stored.
+    pub fn set_limits(&mut self, limits: StoreLimits) -> Result<(), StoreError> {
+        self.limits = limits;
+        if limits.max_apps.is_some() {
+            self.apps = count_app_dirs(&self.data)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure `app`'s directory exists as a plain directory, creating it (within the
+    /// limits) when it does not.
+    fn ensure_app_dir(&mut self, app: &AppSha) -> Result<(), StoreError> {
+        let dir = self.data.app_dir(app);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(_) => return Err(StoreError::NotADirectory(dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("inspecting", &dir)(e)),
+        }
+        self.check_limits(app)?;
+        let fan = dir.parent().expect("an app dir has a parent");
+        for path in [fan, dir.as_path()] {
+            match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err("creating directory", path)(e)),
+            }
+            // `mkdir` never follows a link, but one planted before it could be passed through.
+            let meta = fs::symlink_metadata(path).map_err(io_err("inspecting", path))?;
+            if !meta.is_dir() {
+                return Err(StoreError::NotADirectory(path.to_path_buf()));
+            }
+        }
+        self.apps += 1;
+        Ok(())
+    }
+
+    fn check_limits(&mut self, app: &AppSha) -> Result<(), StoreError> {
+        if self.limits.max_apps.is_some_and(|max| self.apps >= max) {
+            return Err(StoreError::Refused {
+                app: *app,
+                reason: REFUSED_APP_LIMIT,
+            });
+        }
+        if self.limits.min_free_bytes == 0 && self.limits.min_free_inodes == 0 {
+            return Ok(());
+        }
+        let low = match self.free_checked {
+            Some((at, low)) if at.elapsed() < FREE_SPACE_CHECK_INTERVAL => low,
+            _ => {
+                let events = self.data.events_dir();
+                let (bytes, inodes) =
+                    crate::sys::free_space(&events).map_err(io_err("measuring free space of", &events))?;
+                let low = bytes < self.limits.min_free_bytes || inodes < self.limits.min_free_inodes;
+                self.free_checked = Some((std::time::Instant::now(), low));
+                low
+            }
+        };
+        if low {
+            return Err(StoreError::Refused {
+                app: *app,
+                reason: REFUSED_LOW_DISK,
+            });
+        }
+        Ok(())
     }
 
     /// Forgets everything known of the logs (after a reset moved the tree away).
@@ -521,6 +660,9 @@ impl StoreWriter {
             Some(state) => *state,
             None => self.inspect(app, &path)?,
         };
+        if state.good_len == 0 {
+            self.ensure_app_dir(app)?;
+        }
         let fits_one_block = records.len() < block::MAX_RECORDS_PER_BLOCK / 2;
         if state.needs_rewrite || state.blocks + 1 >= COMPACT_AFTER_BLOCKS || !fits_one_block {
             return self.rewrite(app, &path, epoch, records);
@@ -567,8 +709,7 @@ impl StoreWriter {
     }
 
     /// Learns the state of a log this writer has not touched yet in this process.
-    fn inspect(&mut self, app: &AppSha, path: &Path) -> Result<LogState, StoreError> {
-        create_dir_all(&self.data.app_dir(app))?;
+    fn inspect(&mut self, _app: &AppSha, path: &Path) -> Result<LogState, StoreError> {
         let state = match scan_log_file(path, |_, _| {})? {
             None => LogState {
                 good_len: 0,

@@ -43,6 +43,24 @@ impl AsRef<[u8]> for Mapped {
     }
 }
 
+/// Space left for an unprivileged writer on the file system holding `path`: (bytes, inodes).
+pub fn free_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: zero is a valid statvfs; `c_path` is NUL-terminated and outlives the call,
+    // which only writes into `stats`.
+    let mut stats: libc::statvfs = unsafe { mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)),
+        u64::from(stats.f_favail),
+    ))
+}
+
 /// Reserves `len` bytes of disk for `file` (`posix_fallocate`), so that writing through a
 /// mapping of it can never fail for lack of space (which would be a SIGBUS, not an error).
 pub fn reserve(file: &File, len: u64) -> io::Result<()> {

@@ -63,6 +63,25 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_JOURNAL_BYTES", default_value_t = 256 << 20)]
     pub journal_bytes: u64,
 
+    /// Most apps the store may hold; events of further new apps are counted (events_refused)
+    /// and dropped. 0: no limit.
+    #[arg(long, env = "IPEVENT_MAX_APPS", default_value_t = 0)]
+    pub max_apps: u64,
+
+    /// No directory for a new app is created while the data dir's file system has less free
+    /// space than this, in bytes; such events are counted (events_refused) and dropped.
+    #[arg(long, env = "IPEVENT_MIN_FREE_BYTES", default_value_t = 100 << 20)]
+    pub min_free_bytes: u64,
+
+    /// Likewise for free inodes.
+    #[arg(long, env = "IPEVENT_MIN_FREE_INODES", default_value_t = 10_000)]
+    pub min_free_inodes: u64,
+
+    /// Run even as root (the packaged service runs as its own user; root is refused so that a
+    /// mistake cannot turn the data dir into a way to write anywhere).
+    #[arg(long, env = "IPEVENT_ALLOW_ROOT", default_value_t = false)]
+    pub allow_root: bool,
+
     /// Test hook: abort after writing this many apps in a flush (simulates a crash mid-flush).
     #[arg(long, hide = true)]
     pub test_crash_after_apps: Option<usize>,

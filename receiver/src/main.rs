@@ -46,6 +46,12 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> Result<()> {
+    if !config.allow_root && nix_is_root() {
+        bail!(
+            "refusing to run as root: run as an unprivileged user (the RPM's service runs as \
+             `ipevent`), or pass --allow-root (IPEVENT_ALLOW_ROOT=true) if you mean it"
+        );
+    }
     let writer_id = config.writer_id();
     store::validate_writer_id(&writer_id)?;
     let data = DataDir::new(&config.data_dir);
@@ -123,6 +129,11 @@ fn run(config: Config) -> Result<()> {
         max_pending_entries: usize::try_from(config.max_pending_entries).unwrap_or(usize::MAX),
         fsync: config.fsync,
         crash_after_apps: config.test_crash_after_apps,
+        limits: store::StoreLimits {
+            max_apps: (config.max_apps > 0).then_some(config.max_apps),
+            min_free_bytes: config.min_free_bytes,
+            min_free_inodes: config.min_free_inodes,
+        },
         stats_base,
     };
 
@@ -202,6 +213,19 @@ fn run(config: Config) -> Result<()> {
     writer::write_state(&data, &writer_id, epoch, true)?;
     log::info!("stopped cleanly at flush epoch {epoch}");
     Ok(())
+}
+
+/// True when the process runs with user id 0.
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
 }
 
 fn listen_addr(listen: &[String], i: usize) -> std::net::SocketAddr {

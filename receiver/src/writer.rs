@@ -71,6 +71,8 @@ pub struct WriterSettings {
     /// Test hook: abort the process after this many apps of a flush are written, to simulate
     /// a crash in the middle of a flush.
     pub crash_after_apps: Option<usize>,
+    /// Limits on new app directories.
+    pub limits: store::StoreLimits,
     /// The stats fields fixed at start (listen addresses, buffers, pid, ...).
     pub stats_base: ReceiverStats,
 }
@@ -107,7 +109,9 @@ impl Writer {
         journal: Journal,
         epoch: u64,
     ) -> anyhow::Result<Writer> {
-        let store = StoreWriter::new(settings.data.clone(), &settings.writer_id, settings.fsync)?;
+        let mut store =
+            StoreWriter::new(settings.data.clone(), &settings.writer_id, settings.fsync)?;
+        store.set_limits(settings.limits)?;
         let stats = settings.stats_base.clone();
         Ok(Writer {
             settings,
@@ -360,6 +364,13 @@ impl Writer {
             apps_left -= 1;
             match self.store.append(&app, epoch, &self.sorted) {
                 Ok(()) => written_events += self.sorted.iter().map(|(_, s)| s.count).sum::<u64>(),
+                Err(e) if e.refused_reason().is_some() => {
+                    let events: u64 = self.sorted.iter().map(|(_, s)| s.count).sum();
+                    self.stats.events_refused += events;
+                    self.complain(&format!(
+                        "{e}; dropping its {events} events (counted as events_refused)"
+                    ));
+                }
                 Err(e) => {
                     first_error.get_or_insert(e);
                     failed.push((app, addrs));

@@ -290,7 +290,16 @@ fn a_full_disk_holds_events_back_and_they_arrive_when_space_returns() {
     let data = fs.path.join("data");
     let mut rx = Receiver::start_in(
         &data,
-        &["--flush-interval-ms", "20", "--journal-bytes", "2000000"],
+        &[
+            "--flush-interval-ms",
+            "20",
+            "--journal-bytes",
+            "2000000",
+            "--min-free-bytes",
+            "0",
+            "--min-free-inodes",
+            "0",
+        ],
     );
     let filler = fill(&fs.path);
     let mut rng = Rng::new(5);

@@ -221,9 +221,14 @@ fn allowed(relative: &Path) -> bool {
     };
     match parts.as_slice() {
         ["LAYOUT"] | ["events"] | ["receivers"] | ["receivers", "test"] => true,
-        ["receivers", "test", file] => {
-            ["lock", "control.sock", "stats.json", "state.json", "journal"].contains(file)
-        }
+        ["receivers", "test", file] => [
+            "lock",
+            "control.sock",
+            "stats.json",
+            "state.json",
+            "journal",
+        ]
+        .contains(file),
         ["events", fan] => hex(fan, 2),
         ["events", fan, app] => hex(fan, 2) && hex(app, 64) && app.starts_with(fan),
         ["events", fan, app, "test.log"] => hex(fan, 2) && hex(app, 64) && app.starts_with(fan),
@@ -273,6 +278,12 @@ fn hostile_names_never_reach_the_file_system() {
     query_ok(&rx, &["--sync", &good.to_hex()]);
     rx.stop();
 
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o750,
+        "the data dir is private to the service's user and group"
+    );
     let mut paths = Vec::new();
     walk(outer.path(), &mut paths);
     for path in &paths {
@@ -425,6 +436,7 @@ fn control_channel_answers_ping_and_refuses_nonsense() {
 /// Runs the receiver with `args` and returns its exit code and stderr.
 fn run_failing(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(bin("ipevent-receiver"))
+        .arg("--allow-root")
         .args(args)
         .output()
         .unwrap();
@@ -544,5 +556,99 @@ fn every_reject_reason_is_counted() {
     for (reason, n) in want {
         assert_eq!(stats.rejected[&reason], n, "reason {reason}");
     }
+    rx.stop();
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
+#[test]
+fn root_is_refused_unless_allowed() {
+    if !running_as_root() {
+        eprintln!("skipped: the tests do not run as root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("ipevent-receiver"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        last_line(&stderr).contains("refusing to run as root"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("events").exists(), "nothing was created");
+}
+
+#[test]
+fn the_data_dir_is_private_and_planted_links_are_not_followed() {
+    let outer = tempfile::tempdir().unwrap();
+    let data_dir = outer.path().join("data");
+    let target = outer.path().join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    // A link planted where an app's fan-out directory would go.
+    let app = AppSha([0xcd; 32]);
+    let other = AppSha([0xce; 32]);
+    std::fs::create_dir_all(data_dir.join("events")).unwrap();
+    std::os::unix::fs::symlink(&target, data_dir.join("events").join("cd")).unwrap();
+
+    let mut rx = Receiver::start_in(&data_dir, &[]);
+    let tx = sender();
+    send(&tx, rx.addr, &event(app, 1));
+    send(&tx, rx.addr, &event(other, 1));
+    let out = rx.query(&["--sync", &other.to_hex()]);
+    assert!(out.status.success());
+    rx.stop();
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "nothing was written through the link"
+    );
+    let stats = rx.stats().unwrap();
+    assert_eq!(stats.events_flushed, 1);
+    assert_eq!(stats.events_refused, 1, "the app behind the link is refused, and counted");
+}
+
+#[test]
+fn max_apps_and_low_disk_stop_new_apps_and_count_their_events() {
+    let mut rx = Receiver::start(&["--max-apps", "3", "--flush-interval-ms", "60000"]);
+    let tx = sender();
+    let apps: Vec<AppSha> = (1..=5u8).map(|i| AppSha([i; 32])).collect();
+    for app in &apps {
+        send(&tx, rx.addr, &event(*app, 1));
+        send(&tx, rx.addr, &event(*app, 2));
+    }
+    wait_received(&mut rx, 10);
+    query_ok(&rx, &["--sync", "list"]);
+    let stats = rx.stats().unwrap();
+    assert_eq!(stats.events_flushed, 6);
+    assert_eq!(stats.events_refused, 4);
+    // Known apps keep receiving.
+    send(&tx, rx.addr, &event(apps[0], 3));
+    let stored: Vec<serde_json::Value> =
+        serde_json::from_str(&query_ok(&rx, &["--sync", "list"])).unwrap();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(
+        stored
+            .iter()
+            .map(|a| a["count"].as_u64().unwrap())
+            .sum::<u64>(),
+        7
+    );
+    rx.stop();
+
+    // No free space is enough for a threshold of u64::MAX: no new app at all.
+    let mut rx = Receiver::start(&["--min-free-bytes", &u64::MAX.to_string()]);
+    send(&tx, rx.addr, &event(apps[0], 1));
+    wait_received(&mut rx, 1);
+    query_ok(&rx, &["--sync", "list"]);
+    assert_eq!(rx.stats().unwrap().events_refused, 1);
     rx.stop();
 }
