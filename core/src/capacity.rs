@@ -55,8 +55,8 @@ const DIR_FILL_RATIO: f64 = 0.75;
 const FIXED_INODES: u64 = 5;
 
 /// Inodes under `receivers/<writer-id>/` per writer: the directory, `lock`,
-/// `control.sock`, `stats.json` and `state.json`.
-const INODES_PER_WRITER: u64 = 5;
+/// `control.sock`, `stats.json`, `state.json` and `journal`.
+const INODES_PER_WRITER: u64 = 6;
 
 /// IPv4 header (20 bytes) and UDP header (8 bytes) around each datagram; IPv6 adds 20.
 pub const IPV4_UDP_HEADER_BYTES: u64 = 28;
@@ -161,7 +161,8 @@ pub struct CapacityEstimate {
     pub data_bytes_worst: u64,
     /// Disk space of the data dir, every log average: each log rounded up to
     /// [`FS_BLOCK_BYTES`], plus the directories (fan-out dirs sized by their 64-character
-    /// entries at three quarters full, one block per app dir) and the receivers' files.
+    /// entries at three quarters full, one block per app dir) and the receivers' small files.
+    /// Each receiver's journal comes on top: it reserves its `--journal-bytes` in full.
     pub disk_bytes_steady: u64,
     /// Disk space with every log just before compaction, and each writer's compaction
     /// writing a merged copy beside one log.
@@ -181,8 +182,9 @@ pub struct CapacityEstimate {
     /// Peak memory of a writer's pending aggregation: a hash map of apps, each with a hash map
     /// of addresses (table slots as `hashbrown` sizes them for that many entries, plus
     /// allocator overhead), plus the buffers of a flush (sorted records, one block) and of a
-    /// compaction (the merged log in a map, sorted, and as blocks). The receiver's fixed
-    /// buffers (batch pool, socket buffers in the kernel) come on top.
+    /// compaction (the merged log in a map, sorted, and as blocks). The journal pages one
+    /// flush fills ([`CapacityEstimate::journal_bytes_per_flush_per_writer`]) and the
+    /// receiver's fixed buffers (batch pool, socket buffers in the kernel) come on top.
     pub memory_bytes_per_writer: u64,
     /// Journal bytes one flush interval fills per writer: [`journal::HEADER_BYTES`] and
     /// [`journal::RECORD_BYTES`] per event received in the interval (plus 16 bytes per ingest
@@ -572,7 +574,7 @@ impl fmt::Display for CapacityEstimate {
             f,
             "disk space",
             &both(self.disk_bytes_steady, self.disk_bytes_worst, &bytes),
-            "",
+            "and each receiver's --journal-bytes",
         )?;
         row(
             f,

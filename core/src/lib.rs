@@ -9,6 +9,7 @@
 
 pub mod aggregate;
 pub mod block;
+pub mod capacity;
 pub mod control;
 pub mod journal;
 pub mod report;

@@ -496,6 +496,14 @@ pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
     Ok(out)
 }
 
+/// Blocks after which `app`'s log is compacted: between half of [`COMPACT_AFTER_BLOCKS`] and
+/// all of it, spread by the SHA, so that apps which started together do not all compact in the
+/// same flush.
+fn compact_limit(app: &AppSha) -> u32 {
+    let half = COMPACT_AFTER_BLOCKS / 2;
+    half + u32::from(app.0[31]) % half
+}
+
 /// Counts the app directories under `events/`.
 fn count_app_dirs(data: &DataDir) -> Result<u64, StoreError> {
     let events = data.events_dir();
@@ -612,9 +620,10 @@ impl StoreWriter {
             Some((at, low)) if at.elapsed() < FREE_SPACE_CHECK_INTERVAL => low,
             _ => {
                 let events = self.data.events_dir();
-                let (bytes, inodes) =
-                    crate::sys::free_space(&events).map_err(io_err("measuring free space of", &events))?;
-                let low = bytes < self.limits.min_free_bytes || inodes < self.limits.min_free_inodes;
+                let (bytes, inodes) = crate::sys::free_space(&events)
+                    .map_err(io_err("measuring free space of", &events))?;
+                let low =
+                    bytes < self.limits.min_free_bytes || inodes < self.limits.min_free_inodes;
                 self.free_checked = Some((std::time::Instant::now(), low));
                 low
             }
@@ -664,7 +673,7 @@ impl StoreWriter {
             self.ensure_app_dir(app)?;
         }
         let fits_one_block = records.len() < block::MAX_RECORDS_PER_BLOCK / 2;
-        if state.needs_rewrite || state.blocks + 1 >= COMPACT_AFTER_BLOCKS || !fits_one_block {
+        if state.needs_rewrite || state.blocks + 1 >= compact_limit(app) || !fits_one_block {
             return self.rewrite(app, &path, epoch, records);
         }
         self.block.begin(epoch);

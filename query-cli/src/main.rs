@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, Command};
 use ipevent_core::store::{self, DataDir};
 use ipevent_core::{AppSha, Report};
@@ -54,6 +55,31 @@ enum Sub {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Estimates disk, inodes, memory and network for a given traffic, from the real record
+    /// sizes of the store.
+    Capacity {
+        /// Distinct apps sending events.
+        #[arg(long)]
+        apps: u64,
+        /// Distinct addresses per app (an app on one /28 has up to 14).
+        #[arg(long)]
+        addresses_per_app: u64,
+        /// Events per second, all apps and receivers together.
+        #[arg(long)]
+        events_per_sec: f64,
+        /// How long the traffic runs, in days.
+        #[arg(long)]
+        days: f64,
+        /// The receivers' flush interval.
+        #[arg(long, default_value_t = 1000)]
+        flush_interval_ms: u64,
+        /// Receivers writing to the data dir.
+        #[arg(long, default_value_t = 1)]
+        writers: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A failure and the exit code it maps to.
@@ -91,6 +117,36 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         (Some(Sub::List { limit }), _) => {
             sync_if_asked(cli, &data);
             list(&data, *limit, cli.pretty)
+        }
+        (
+            Some(Sub::Capacity {
+                apps,
+                addresses_per_app,
+                events_per_sec,
+                days,
+                flush_interval_ms,
+                writers,
+                json,
+            }),
+            _,
+        ) => {
+            let input = CapacityInput {
+                apps: *apps,
+                addresses_per_app: *addresses_per_app,
+                events_per_sec: *events_per_sec,
+                days: *days,
+                flush_interval_ms: *flush_interval_ms,
+                writers: *writers,
+            };
+            input
+                .validate()
+                .map_err(|e| Failure::new(2, e.to_string()))?;
+            let estimate = capacity::estimate(&input);
+            Ok(if *json {
+                serde_json::to_string_pretty(&estimate).expect("estimates serialise")
+            } else {
+                estimate.to_string()
+            })
         }
         (None, Some(sha)) => {
             let app: AppSha = sha

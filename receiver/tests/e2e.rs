@@ -613,7 +613,10 @@ fn the_data_dir_is_private_and_planted_links_are_not_followed() {
     );
     let stats = rx.stats().unwrap();
     assert_eq!(stats.events_flushed, 1);
-    assert_eq!(stats.events_refused, 1, "the app behind the link is refused, and counted");
+    assert_eq!(
+        stats.events_refused, 1,
+        "the app behind the link is refused, and counted"
+    );
 }
 
 #[test]

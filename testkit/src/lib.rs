@@ -78,7 +78,13 @@ impl Receiver {
         // A stats file from an earlier run in the same dir must not pass for readiness.
         let _ = std::fs::remove_file(data.stats_path(&writer_id));
         let child = Command::new(bin("ipevent-receiver"))
-            .args(["--listen", "127.0.0.1:0", "--writer-id", &writer_id, "--allow-root"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--writer-id",
+                &writer_id,
+                "--allow-root",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -186,7 +192,13 @@ impl Drop for Receiver {
 /// a fatal error) and returns how it ended.
 pub fn run_receiver_to_exit(data_dir: &Path, extra: &[&str]) -> Output {
     Command::new(bin("ipevent-receiver"))
-        .args(["--listen", "127.0.0.1:0", "--writer-id", "test", "--allow-root"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--writer-id",
+            "test",
+            "--allow-root",
+        ])
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
