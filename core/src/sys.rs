@@ -55,9 +55,10 @@ pub fn free_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // The statvfs fields are u64 on Linux' 64-bit targets.
     Ok((
-        u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)),
-        u64::from(stats.f_favail),
+        stats.f_bavail.saturating_mul(stats.f_frsize),
+        stats.f_favail,
     ))
 }
 

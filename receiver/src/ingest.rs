@@ -24,7 +24,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::counters::{Counters, LocalCounts};
-use crate::writer::{unix_now, Record, Request, RequestKind, ToWriter, BATCH_RECORDS};
+use crate::writer::{unix_now, BatchPool, Record, Request, RequestKind, ToWriter, BATCH_RECORDS};
 
 /// Datagrams per `recvmmsg` call.
 pub const RECV_BATCH: usize = 64;
@@ -101,7 +101,7 @@ pub struct Ingest {
     recv: RecvBatch,
     batch: Vec<Record>,
     to_writer: Sender<ToWriter>,
-    free: Receiver<Vec<Record>>,
+    free: BatchPool,
     counters: Arc<Counters>,
     local: LocalCounts,
     ctl: Receiver<IngestCtl>,
@@ -116,7 +116,7 @@ impl Ingest {
     pub fn new(
         sockets: Vec<std::net::UdpSocket>,
         to_writer: Sender<ToWriter>,
-        free: Receiver<Vec<Record>>,
+        free: BatchPool,
         counters: Arc<Counters>,
         ctl: Receiver<IngestCtl>,
     ) -> Result<(Ingest, Arc<Waker>)> {
@@ -129,7 +129,9 @@ impl Ingest {
                 .register(&mut socket, Token(i), Interest::READABLE)?;
             mio_sockets.push(socket);
         }
-        let batch = free.recv().map_err(|_| anyhow!("batch pool is empty"))?;
+        let batch = free
+            .take()
+            .ok_or_else(|| anyhow!("the writer has stopped"))?;
         let n = mio_sockets.len();
         Ok((
             Ingest {
@@ -275,8 +277,8 @@ impl Ingest {
         }
         let empty = self
             .free
-            .recv()
-            .map_err(|_| anyhow!("the writer has stopped"))?;
+            .take()
+            .ok_or_else(|| anyhow!("the writer has stopped"))?;
         let full = std::mem::replace(&mut self.batch, empty);
         self.send(ToWriter::Batch(full))
     }

@@ -26,7 +26,7 @@ use ipevent_core::store::{self, DataDir};
 use crate::config::Config;
 use crate::counters::Counters;
 use crate::ingest::{Ingest, Lead, Peer};
-use crate::writer::{Writer, WriterSettings, BATCH_RECORDS, POOL_BATCHES};
+use crate::writer::{BatchPool, Writer, WriterSettings, MAX_POOL_BATCHES};
 
 /// Longest path a Unix socket address holds on Linux (`sun_path` less its NUL).
 const MAX_SOCKET_PATH_BYTES: usize = 107;
@@ -101,13 +101,9 @@ fn run(config: Config) -> Result<()> {
     writer::write_state(&data, &writer_id, previous.epoch, false)?;
 
     let counters = Arc::new(Counters::default());
-    let (to_writer, from_ingest) = crossbeam_channel::bounded(POOL_BATCHES + 4 * threads);
-    let (free_tx, free_rx) = crossbeam_channel::bounded(POOL_BATCHES);
-    for _ in 0..POOL_BATCHES {
-        free_tx
-            .send(Vec::with_capacity(BATCH_RECORDS))
-            .expect("the pool channel holds POOL_BATCHES");
-    }
+    // Room for every batch that can exist plus each thread's markers.
+    let (to_writer, from_ingest) = crossbeam_channel::bounded(MAX_POOL_BATCHES + 4 * threads);
+    let (free_rx, free_tx) = BatchPool::new();
 
     let stats_base = ReceiverStats {
         writer_id: writer_id.clone(),

@@ -22,9 +22,53 @@ use crate::counters::Counters;
 /// Records per batch handed from an ingest thread to the writer.
 pub const BATCH_RECORDS: usize = 1024;
 
-/// Batches in circulation. When all are full and queued, ingest waits and the kernel buffer
-/// absorbs the burst, so every loss shows up as a kernel drop.
-pub const POOL_BATCHES: usize = 256;
+/// Batches allocated at start: enough for steady state, where the writer keeps up.
+pub const POOL_BATCHES: usize = 64;
+
+/// Most batches in circulation (4M events, 160 MiB). When the writer falls behind (a long
+/// flush of many new apps), ingest allocates more batches up to this bound rather than stop
+/// reading; beyond it ingest waits and the kernel buffer absorbs the burst, so every loss
+/// shows up as a kernel drop.
+pub const MAX_POOL_BATCHES: usize = 4096;
+
+/// Where ingest threads get empty batches: the ones the writer returned, or new ones while
+/// fewer than [`MAX_POOL_BATCHES`] exist.
+#[derive(Clone)]
+pub struct BatchPool {
+    free: Receiver<Vec<Record>>,
+    allocated: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl BatchPool {
+    /// A pool with [`POOL_BATCHES`] batches, and the sender the writer returns them through.
+    pub fn new() -> (BatchPool, Sender<Vec<Record>>) {
+        let (tx, rx) = crossbeam_channel::bounded(MAX_POOL_BATCHES);
+        for _ in 0..POOL_BATCHES {
+            tx.send(Vec::with_capacity(BATCH_RECORDS))
+                .expect("the pool channel has room");
+        }
+        let pool = BatchPool {
+            free: rx,
+            allocated: Arc::new(std::sync::atomic::AtomicUsize::new(POOL_BATCHES)),
+        };
+        (pool, tx)
+    }
+
+    /// An empty batch; waits only when [`MAX_POOL_BATCHES`] are all full and queued. `None`
+    /// when the writer has gone.
+    pub fn take(&self) -> Option<Vec<Record>> {
+        if let Ok(batch) = self.free.try_recv() {
+            return Some(batch);
+        }
+        let grown = self.allocated.fetch_update(Relaxed, Relaxed, |n| {
+            (n < MAX_POOL_BATCHES).then_some(n + 1)
+        });
+        if grown.is_ok() {
+            return Some(Vec::with_capacity(BATCH_RECORDS));
+        }
+        self.free.recv().ok()
+    }
+}
 
 /// How long a reset may hold flushes before the writer resumes on its own (the resetting
 /// client died).
