@@ -1,4 +1,8 @@
 //! Folding accepted events into per-app, per-address counts between flushes.
+//!
+//! One flat table keyed by (app index, address) holds the counts, and a second maps each app
+//! to its index: 24 bytes per (app, address) pair and 36 per app, whatever the number of apps,
+//! where a map per app would cost a table header and allocation each.
 
 use rustc_hash::FxHashMap;
 
@@ -16,14 +20,23 @@ pub struct Record {
     pub unix_secs: u32,
 }
 
-/// One app's pending addresses.
-pub type AddrMap = FxHashMap<u32, AddrStats>;
+/// Bytes of one app slot in the app table.
+pub const APP_SLOT_BYTES: usize = std::mem::size_of::<(AppSha, u32)>();
+/// Bytes of one (app, address) slot in the address table.
+pub const ENTRY_SLOT_BYTES: usize = std::mem::size_of::<(u64, AddrStats)>();
+
+/// The key of an (app, address) pair: app index above, address below.
+#[inline]
+fn key(app_index: u32, ip: u32) -> u64 {
+    (u64::from(app_index) << 32) | u64::from(ip)
+}
 
 /// Events waiting for the next flush: app -> address -> (count, first, last).
 #[derive(Default, Debug)]
 pub struct Pending {
-    apps: FxHashMap<AppSha, AddrMap>,
-    entries: usize,
+    index: FxHashMap<AppSha, u32>,
+    apps: Vec<AppSha>,
+    addrs: FxHashMap<u64, AddrStats>,
     events: u64,
 }
 
@@ -31,25 +44,25 @@ impl Pending {
     /// Folds `records` in.
     pub fn add(&mut self, records: &[Record]) {
         for r in records {
-            let addrs = self.apps.entry(r.app).or_default();
-            match addrs.get_mut(&r.ip) {
-                Some(stats) => {
-                    stats.count += 1;
-                    stats.first_seen = stats.first_seen.min(r.unix_secs);
-                    stats.last_seen = stats.last_seen.max(r.unix_secs);
-                }
-                None => {
-                    addrs.insert(r.ip, AddrStats::one(r.unix_secs));
-                    self.entries += 1;
-                }
-            }
+            self.add_stats(&r.app, r.ip, &AddrStats::one(r.unix_secs));
         }
-        self.events += records.len() as u64;
+    }
+
+    /// Folds in `stats` for one address of `app`.
+    #[inline]
+    pub fn add_stats(&mut self, app: &AppSha, ip: u32, stats: &AddrStats) {
+        let next = self.apps.len() as u32;
+        let index = *self.index.entry(*app).or_insert(next);
+        if index == next {
+            self.apps.push(*app);
+        }
+        self.addrs.entry(key(index, ip)).or_default().merge(stats);
+        self.events += stats.count;
     }
 
     /// Distinct (app, address) pairs held: what bounds memory.
     pub fn entries(&self) -> usize {
-        self.entries
+        self.addrs.len()
     }
 
     /// Events held.
@@ -67,19 +80,44 @@ impl Pending {
         self.apps.is_empty()
     }
 
-    /// Takes everything out, leaving this empty.
-    pub fn take(&mut self) -> FxHashMap<AppSha, AddrMap> {
-        self.entries = 0;
+    /// Takes everything out, grouped by app and sorted by address, leaving this empty.
+    pub fn take(&mut self) -> Drained {
+        let mut entries: Vec<(u64, AddrStats)> =
+            std::mem::take(&mut self.addrs).into_iter().collect();
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        self.index = FxHashMap::default();
         self.events = 0;
-        std::mem::take(&mut self.apps)
+        Drained {
+            apps: std::mem::take(&mut self.apps),
+            entries,
+        }
+    }
+}
+
+/// What [`Pending::take`] took: every app's addresses, sorted.
+#[derive(Debug, Default)]
+pub struct Drained {
+    apps: Vec<AppSha>,
+    entries: Vec<(u64, AddrStats)>,
+}
+
+impl Drained {
+    /// Apps in it.
+    pub fn apps(&self) -> usize {
+        self.apps.len()
     }
 
-    /// Puts one app's addresses back (a flush that failed for it). The app must not be held.
-    pub fn put_back(&mut self, app: AppSha, addrs: AddrMap) {
-        self.entries += addrs.len();
-        self.events += addrs.values().map(|s| s.count).sum::<u64>();
-        let previous = self.apps.insert(app, addrs);
-        assert!(previous.is_none(), "put_back of an app still held");
+    /// Each app with its addresses, ascending; `out` is cleared and filled for each call of `f`.
+    pub fn for_each_app(
+        &self,
+        out: &mut Vec<(u32, AddrStats)>,
+        mut f: impl FnMut(&AppSha, &[(u32, AddrStats)]),
+    ) {
+        for group in self.entries.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
+            out.clear();
+            out.extend(group.iter().map(|(k, s)| (*k as u32, *s)));
+            f(&self.apps[(group[0].0 >> 32) as usize], out);
+        }
     }
 }
 
@@ -88,42 +126,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn folds_counts_and_times() {
-        let app = AppSha([1; 32]);
+    fn folds_counts_and_times_and_groups_by_app() {
+        let a = AppSha([1; 32]);
+        let b = AppSha([2; 32]);
         let mut pending = Pending::default();
         pending.add(&[
             Record {
-                app,
+                app: a,
                 ip: 5,
                 unix_secs: 20,
             },
             Record {
-                app,
+                app: b,
+                ip: 9,
+                unix_secs: 1,
+            },
+            Record {
+                app: a,
                 ip: 5,
                 unix_secs: 10,
             },
             Record {
-                app,
-                ip: 6,
+                app: a,
+                ip: 3,
                 unix_secs: 30,
             },
         ]);
         assert_eq!(
             (pending.entries(), pending.events(), pending.apps()),
-            (2, 3, 1)
+            (3, 4, 2)
         );
-        let mut apps = pending.take();
+        let drained = pending.take();
         assert!(pending.is_empty());
-        let addrs = apps.remove(&app).unwrap();
-        assert_eq!(
-            addrs[&5],
-            AddrStats {
-                count: 2,
-                first_seen: 10,
-                last_seen: 20
-            }
-        );
-        pending.put_back(app, addrs);
-        assert_eq!((pending.entries(), pending.events()), (2, 3));
+        assert_eq!(drained.apps(), 2);
+        let mut seen = Vec::new();
+        drained.for_each_app(&mut Vec::new(), |app, addrs| {
+            seen.push((*app, addrs.to_vec()))
+        });
+        let five = AddrStats {
+            count: 2,
+            first_seen: 10,
+            last_seen: 20,
+        };
+        assert_eq!(seen[0], (a, vec![(3, AddrStats::one(30)), (5, five)]));
+        assert_eq!(seen[1], (b, vec![(9, AddrStats::one(1))]));
+        pending.add_stats(&a, 5, &five);
+        assert_eq!((pending.entries(), pending.events()), (1, 2));
     }
 }

@@ -26,7 +26,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::aggregate::AddrMap;
+use crate::aggregate;
 use crate::block::{HEADER_BYTES, MAX_RECORDS_PER_BLOCK, RECORD_BYTES};
 use crate::journal;
 use crate::store::{AddrStats, COMPACT_AFTER_BLOCKS};
@@ -408,17 +408,16 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
 
     // Memory: the pending maps, and the larger of a flush's and a compaction's buffers.
     // The sizes of the receiver's own map entries (crate::aggregate).
-    let app_slot_bytes = std::mem::size_of::<(AppSha, AddrMap)>() as u64;
+    let app_slot_bytes = aggregate::APP_SLOT_BYTES as u64;
+    let entry_slot_bytes = aggregate::ENTRY_SLOT_BYTES as u64;
     let addr_slot_bytes = std::mem::size_of::<(u32, AddrStats)>() as u64;
-    let entries_per_app = if pending_apps > 0.0 {
-        (pending_entries / pending_apps).ceil() as u64
-    } else {
-        0
-    };
     let pending_apps_count = pending_apps.ceil() as u64;
-    let pending_bytes = table_heap_bytes(pending_apps_count, app_slot_bytes).saturating_add(
-        pending_apps_count.saturating_mul(table_heap_bytes(entries_per_app, addr_slot_bytes)),
-    );
+    let pending_entries_count = pending_entries.ceil() as u64;
+    // The app table, the app list, the entry table; a flush sorts the entries into a vector.
+    let pending_bytes = table_heap_bytes(pending_apps_count, app_slot_bytes)
+        .saturating_add(pending_apps_count.saturating_mul(std::mem::size_of::<AppSha>() as u64))
+        .saturating_add(table_heap_bytes(pending_entries_count, entry_slot_bytes))
+        .saturating_add(pending_entries_count.saturating_mul(entry_slot_bytes));
     // A flush sorts one app's records into a vector and builds its block.
     let flush_records = records_per_append.ceil() as u64;
     let flush_bytes = records_buffers_bytes(flush_records, addr_slot_bytes);

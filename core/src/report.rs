@@ -6,7 +6,7 @@
 //! arrival order. Every other seen address, including a block's network (.0) and broadcast
 //! (.15) address, is bad. [`classify`] is the only classifier in the project.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::Ipv4Addr;
 
 use serde::Serialize;
@@ -39,7 +39,7 @@ pub struct Report {
 /// address.
 pub fn classify(addrs: &[(u32, AddrStats)]) -> Report {
     // Per /28: (distinct seen hosts, events on them).
-    let mut blocks: HashMap<u32, (u32, u64)> = HashMap::new();
+    let mut blocks: FxHashMap<u32, (u32, u64)> = FxHashMap::default();
     let mut count = 0u64;
     for (ip, stats) in addrs {
         count += stats.count;

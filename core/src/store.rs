@@ -16,7 +16,7 @@
 //! verification and is not counted ([`crate::block`]), and a mapping never loses its pages.
 //! Several writers (receivers or hosts) share one tree without ever writing the same file.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -36,7 +36,7 @@ pub const COMPACT_AFTER_BLOCKS: u32 = 64;
 
 /// The writer forgets what it knows of logs beyond this many apps (and re-verifies a log the
 /// next time it appends to it), so its bookkeeping stays bounded under a flood of new apps.
-pub const MAX_TRACKED_LOGS: usize = 1 << 21;
+pub const MAX_TRACKED_LOGS: usize = 1 << 18;
 
 /// Mode of directories the store creates.
 pub const DIR_MODE: u32 = 0o750;
@@ -417,7 +417,7 @@ pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreEr
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("listing", &dir)(e)),
     };
-    let mut merged: HashMap<u32, AddrStats> = HashMap::new();
+    let mut merged: FxHashMap<u32, AddrStats> = FxHashMap::default();
     let mut out = AppData::default();
     for entry in entries {
         let entry = entry.map_err(io_err("listing", &dir))?;
@@ -532,6 +532,19 @@ struct LogState {
     /// The tail holds bytes that are no verified block (a failed or torn write): the next
     /// append rewrites the log instead.
     needs_rewrite: bool,
+    /// The app's directory is known to exist as a plain directory.
+    dir_ready: bool,
+}
+
+impl LogState {
+    /// A log that does not exist yet.
+    const EMPTY: LogState = LogState {
+        good_len: 0,
+        blocks: 0,
+        max_epoch: 0,
+        needs_rewrite: false,
+        dir_ready: false,
+    };
 }
 
 /// Appends blocks to one writer's logs, repairing and compacting them as it goes.
@@ -542,7 +555,9 @@ struct LogState {
 pub struct StoreWriter {
     data: DataDir,
     writer_id: String,
-    logs: HashMap<AppSha, LogState>,
+    logs: FxHashMap<AppSha, LogState>,
+    /// Fan-out directories (by first SHA byte) known to be plain directories.
+    fans_ready: [bool; 256],
     block: BlockBuilder,
     fsync: bool,
     limits: StoreLimits,
@@ -560,7 +575,8 @@ impl StoreWriter {
         Ok(StoreWriter {
             data,
             writer_id: writer_id.to_string(),
-            logs: HashMap::new(),
+            logs: FxHashMap::default(),
+            fans_ready: [false; 256],
             block: BlockBuilder::default(),
             fsync,
             limits: StoreLimits::default(),
@@ -579,30 +595,55 @@ impl StoreWriter {
     }
 
     /// Makes sure `app`'s directory exists as a plain directory, creating it (within the
-    /// limits) when it does not.
-    fn ensure_app_dir(&mut self, app: &AppSha) -> Result<(), StoreError> {
+    /// limits) when it does not. True when it was created now: the app is new to the store.
+    ///
+    /// A new app costs one `mkdir`: the fan-out directory is checked once per process, and a
+    /// directory `mkdir` just made is a plain one.
+    fn ensure_app_dir(&mut self, app: &AppSha) -> Result<bool, StoreError> {
         let dir = self.data.app_dir(app);
-        match fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => return Ok(()),
-            Ok(_) => return Err(StoreError::NotADirectory(dir)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("inspecting", &dir)(e)),
-        }
-        self.check_limits(app)?;
-        let fan = dir.parent().expect("an app dir has a parent");
-        for path in [fan, dir.as_path()] {
-            match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
-                Ok(()) => {}
+        let allowed = self.check_limits(app);
+        if allowed.is_ok() {
+            self.ensure_fan(app, &dir)?;
+            match fs::DirBuilder::new().mode(DIR_MODE).create(&dir) {
+                Ok(()) => {
+                    self.apps += 1;
+                    return Ok(true);
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err("creating directory", path)(e)),
-            }
-            // `mkdir` never follows a link, but one planted before it could be passed through.
-            let meta = fs::symlink_metadata(path).map_err(io_err("inspecting", path))?;
-            if !meta.is_dir() {
-                return Err(StoreError::NotADirectory(path.to_path_buf()));
+                Err(e) => return Err(io_err("creating directory", &dir)(e)),
             }
         }
-        self.apps += 1;
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {
+                self.ensure_fan(app, &dir)?;
+                Ok(false)
+            }
+            Ok(_) => Err(StoreError::NotADirectory(dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                allowed.and(Err(io_err("inspecting", &dir)(e)))
+            }
+            Err(e) => Err(io_err("inspecting", &dir)(e)),
+        }
+    }
+
+    /// Makes sure the fan-out directory above `dir` is a plain directory.
+    fn ensure_fan(&mut self, app: &AppSha, dir: &Path) -> Result<(), StoreError> {
+        let slot = usize::from(app.0[0]);
+        if self.fans_ready[slot] {
+            return Ok(());
+        }
+        let fan = dir.parent().expect("an app dir has a parent");
+        match fs::DirBuilder::new().mode(DIR_MODE).create(fan) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("creating directory", fan)(e)),
+        }
+        // `mkdir` never follows a link, but a link planted there would be passed through.
+        let meta = fs::symlink_metadata(fan).map_err(io_err("inspecting", fan))?;
+        if !meta.is_dir() {
+            return Err(StoreError::NotADirectory(fan.to_path_buf()));
+        }
+        self.fans_ready[slot] = true;
         Ok(())
     }
 
@@ -640,6 +681,7 @@ impl StoreWriter {
     /// Forgets everything known of the logs (after a reset moved the tree away).
     pub fn forget_logs(&mut self) {
         self.logs.clear();
+        self.fans_ready = [false; 256];
     }
 
     /// The highest epoch among the verified blocks of `app`'s log (0 when it has none):
@@ -665,12 +707,18 @@ impl StoreWriter {
         assert!(!records.is_empty(), "empty append");
         debug_assert!(records.windows(2).all(|w| w[0].0 < w[1].0));
         let path = self.data.log_path(app, &self.writer_id);
-        let state = match self.logs.get(app) {
-            Some(state) => *state,
+        let known = self.logs.get(app).copied();
+        let mut state = match known {
+            Some(state) => state,
+            None if self.ensure_app_dir(app)? => LogState {
+                dir_ready: true,
+                ..LogState::EMPTY
+            },
             None => self.inspect(app, &path)?,
         };
-        if state.good_len == 0 {
+        if !state.dir_ready {
             self.ensure_app_dir(app)?;
+            state.dir_ready = true;
         }
         let fits_one_block = records.len() < block::MAX_RECORDS_PER_BLOCK / 2;
         if state.needs_rewrite || state.blocks + 1 >= compact_limit(app) || !fits_one_block {
@@ -692,6 +740,7 @@ impl StoreWriter {
                         blocks: state.blocks + 1,
                         max_epoch: state.max_epoch.max(epoch),
                         needs_rewrite: false,
+                        dir_ready: true,
                     },
                 );
                 Ok(())
@@ -720,17 +769,13 @@ impl StoreWriter {
     /// Learns the state of a log this writer has not touched yet in this process.
     fn inspect(&mut self, _app: &AppSha, path: &Path) -> Result<LogState, StoreError> {
         let state = match scan_log_file(path, |_, _| {})? {
-            None => LogState {
-                good_len: 0,
-                blocks: 0,
-                max_epoch: 0,
-                needs_rewrite: false,
-            },
+            None => LogState::EMPTY,
             Some(summary) => LogState {
                 good_len: summary.good_bytes,
                 blocks: summary.blocks as u32,
                 max_epoch: summary.max_epoch,
                 needs_rewrite: summary.tail != Tail::Clean,
+                dir_ready: true,
             },
         };
         if state.needs_rewrite {
@@ -752,7 +797,7 @@ impl StoreWriter {
         epoch: u64,
         records: &[(u32, AddrStats)],
     ) -> Result<(), StoreError> {
-        let mut merged: HashMap<u32, AddrStats> = records.iter().copied().collect();
+        let mut merged: FxHashMap<u32, AddrStats> = records.iter().copied().collect();
         let mut max_epoch = epoch;
         if let Some(summary) = scan_log_file(path, |ip, stats| {
             merged.entry(ip).or_default().merge(&stats);
@@ -786,6 +831,7 @@ impl StoreWriter {
                 blocks,
                 max_epoch,
                 needs_rewrite: false,
+                dir_ready: true,
             })
         })();
         match result {

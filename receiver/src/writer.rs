@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use ipevent_core::aggregate::Pending;
 pub use ipevent_core::aggregate::Record;
-use ipevent_core::aggregate::{AddrMap, Pending};
 use ipevent_core::journal::{Journal, ReplayBatch};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, StoreWriter};
@@ -389,27 +389,25 @@ impl Writer {
         let started = Instant::now();
         self.epoch += 1;
         let epoch = self.epoch;
-        let mut failed: Vec<(AppSha, AddrMap)> = Vec::new();
+        let mut failed: Vec<(AppSha, Vec<(u32, AddrStats)>)> = Vec::new();
         let mut first_error = None;
         let mut written_events = 0u64;
-        let apps = self.pending.take();
-        let app_count = apps.len();
-        let mut apps_left = app_count;
-        for (app, addrs) in apps {
-            self.sorted.clear();
-            self.sorted.extend(addrs.iter().map(|(ip, s)| (*ip, *s)));
-            self.sorted.sort_unstable_by_key(|(ip, _)| *ip);
-            if self.settings.crash_after_apps == Some(app_count - apps_left) {
+        let drained = self.pending.take();
+        let app_count = drained.apps();
+        let mut apps_done = 0;
+        let mut sorted = std::mem::take(&mut self.sorted);
+        drained.for_each_app(&mut sorted, |app, addrs| {
+            if self.settings.crash_after_apps == Some(apps_done) {
                 log::error!(
                     "crashing in the middle of flush {epoch} as asked (--test-crash-after-apps)"
                 );
                 std::process::abort();
             }
-            apps_left -= 1;
-            match self.store.append(&app, epoch, &self.sorted) {
-                Ok(()) => written_events += self.sorted.iter().map(|(_, s)| s.count).sum::<u64>(),
+            apps_done += 1;
+            let events: u64 = addrs.iter().map(|(_, s)| s.count).sum();
+            match self.store.append(app, epoch, addrs) {
+                Ok(()) => written_events += events,
                 Err(e) if e.refused_reason().is_some() => {
-                    let events: u64 = self.sorted.iter().map(|(_, s)| s.count).sum();
                     self.stats.events_refused += events;
                     self.complain(&format!(
                         "{e}; dropping its {events} events (counted as events_refused)"
@@ -417,13 +415,17 @@ impl Writer {
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
-                    failed.push((app, addrs));
+                    failed.push((*app, addrs.to_vec()));
                 }
             }
-        }
+        });
+        self.sorted = sorted;
+        drop(drained);
         let failed_apps = failed.len();
         for (app, addrs) in failed {
-            self.pending.put_back(app, addrs);
+            for (ip, stats) in addrs {
+                self.pending.add_stats(&app, ip, &stats);
+            }
         }
         if self.pending.is_empty() {
             self.journal.rewind();
