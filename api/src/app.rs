@@ -1,0 +1,586 @@
+//! The routes and their handlers.
+//!
+//! Every store read, control call and store write blocks, so each runs on the blocking pool
+//! (`spawn_blocking`); the async workers only parse, negotiate and wait.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use ipevent_core::stats::ReceiverStats;
+use ipevent_core::store::{self, StoreError};
+use ipevent_core::wire::{self, AppSha, Reject, MAX_DATAGRAM_BYTES};
+use ipevent_core::{DataDir, Report};
+use serde::Deserialize;
+use tokio::sync::RwLock;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::metrics::{Metrics, UNMATCHED_ROUTE};
+use crate::reset::{self, Ingest, ResetError};
+use crate::sync::Syncer;
+
+/// Response header saying whether the receivers flushed before the read: `ok`, `none` (no
+/// receiver running: the store on disk was served) or `failed` (a receiver did not answer).
+pub static SYNC_HEADER: HeaderName = HeaderName::from_static("x-ipevent-sync");
+
+/// Content types `POST /events` takes: the contract's, and the usual protobuf ones.
+const PROTOBUF_CONTENT_TYPES: [&str; 3] = [
+    "application/octet-stream",
+    "application/x-protobuf",
+    "application/protobuf",
+];
+
+/// Routes, as metrics label them.
+const ROUTES: [&str; 5] = ["/", "/healthz", "/metrics", "/events", "/events/{sha}"];
+
+/// Who may reset.
+#[derive(Clone, Debug)]
+pub struct AdminPolicy {
+    /// The bearer token that allows a reset from anywhere.
+    pub token: Option<String>,
+    /// Loopback peers may reset without the token.
+    pub allow_loopback: bool,
+}
+
+/// Why a reset was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Denied {
+    /// No credentials: 401 with `WWW-Authenticate: Bearer`.
+    NoToken,
+    /// Credentials that do not allow it: 403.
+    Forbidden(&'static str),
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denied::NoToken => f.write_str("no admin token presented"),
+            Denied::Forbidden(why) => f.write_str(why),
+        }
+    }
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::NoToken => {
+                let mut response = error(
+                    StatusCode::UNAUTHORIZED,
+                    "a reset needs Authorization: Bearer <admin token>",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            }
+            Denied::Forbidden(why) => error(StatusCode::FORBIDDEN, why),
+        }
+    }
+}
+
+impl AdminPolicy {
+    /// `Ok` when `peer` presenting `headers` may reset.
+    fn authorize(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Denied> {
+        if self.allow_loopback && peer.ip().to_canonical().is_loopback() {
+            return Ok(());
+        }
+        let Some(token) = &self.token else {
+            return Err(Denied::Forbidden(
+                "resets are only allowed from loopback (no admin token is configured)",
+            ));
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            None => Err(Denied::NoToken),
+            Some(presented) if constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) => {
+                Ok(())
+            }
+            Some(_) => Err(Denied::Forbidden("wrong admin token")),
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken does not reveal how
+/// much of the token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What every handler shares.
+pub struct AppState {
+    /// The store.
+    pub data: DataDir,
+    /// Syncs with the receivers before reads.
+    pub syncer: Syncer,
+    /// The API's counters.
+    pub metrics: Arc<Metrics>,
+    /// Reads and posts share it; a reset takes it alone, so that nothing reads or writes
+    /// the tree while it moves.
+    pub gate: Arc<RwLock<()>>,
+    /// The API's own store writer.
+    pub ingest: Arc<Mutex<Ingest>>,
+    /// Who may reset.
+    pub admin: AdminPolicy,
+    /// Per-receiver timeout for control requests.
+    pub control_timeout: Duration,
+}
+
+type Shared = Arc<AppState>;
+
+/// The application: every route, the request timeout and the request metrics.
+pub fn router(state: Shared, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/events",
+            axum::routing::post(post_event)
+                .delete(delete_events)
+                .layer(DefaultBodyLimit::max(MAX_DATAGRAM_BYTES)),
+        )
+        .route("/events/{sha}", get(get_events))
+        .fallback(not_found)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts every answered request by route, method and status, with its latency.
+async fn track(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|path| ROUTES.iter().find(|r| **r == path.as_str()))
+        .copied()
+        .unwrap_or(UNMATCHED_ROUTE);
+    let method = method_label(request.method());
+    let response = next.run(request).await;
+    state
+        .metrics
+        .request(route, method, response.status().as_u16(), start.elapsed());
+    response
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// A JSON error body `{"error":"..."}` with `status`.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": message.into() }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn internal_error(what: &str, e: impl std::fmt::Display) -> Response {
+    log::error!("{what}: {e}");
+    error(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}"))
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route")
+}
+
+/// `GET /`: name and version.
+async fn root() -> Response {
+    let body = serde_json::json!({ "name": "ipevent-api", "version": ipevent_core::VERSION });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /healthz`: `ok` when the store can be read.
+async fn healthz(State(state): State<Shared>) -> Response {
+    let data = state.data.clone();
+    let checked = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        data.check_layout().map_err(|e| e.to_string())?;
+        let events = data.events_dir();
+        std::fs::read_dir(&events)
+            .map(drop)
+            .map_err(|e| format!("data dir unreadable: listing {}: {e}", events.display()))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    match checked {
+        Ok(()) => (StatusCode::OK, text, "ok\n".to_string()).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, text, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `GET /metrics`: the receivers' stats files and the API's counters.
+async fn metrics(State(state): State<Shared>) -> Response {
+    let data = state.data.clone();
+    let receivers = tokio::task::spawn_blocking(move || read_receiver_stats(&data))
+        .await
+        .unwrap_or_default();
+    let body = state.metrics.render(&receivers, ipevent_core::VERSION);
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Every receiver's last stats snapshot; one unreadable file is logged and left out rather
+/// than hiding the others.
+fn read_receiver_stats(data: &DataDir) -> Vec<ReceiverStats> {
+    let ids = match data.writer_ids() {
+        Ok(ids) => ids,
+        Err(e) => {
+            log::warn!("metrics: {e}");
+            return Vec::new();
+        }
+    };
+    ids.iter()
+        .filter_map(|id| match ReceiverStats::read(data, id) {
+            Ok(stats) => Some(stats),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                log::warn!("metrics: reading {}: {e}", data.stats_path(id).display());
+                None
+            }
+        })
+        .collect()
+}
+
+/// Query string of `GET /events/{sha}`.
+#[derive(Deserialize)]
+struct ReportQuery {
+    /// `1` for the detailed view.
+    detail: Option<String>,
+}
+
+/// `GET /events/{sha}`: the report, after the receivers flushed.
+async fn get_events(
+    State(state): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ReportQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if !accepts_json(&headers) {
+        return error(
+            StatusCode::NOT_ACCEPTABLE,
+            "the report is only available as application/json",
+        );
+    }
+    let app: AppSha = match path {
+        Ok(Path(sha)) => match sha.parse() {
+            Ok(app) => app,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        },
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let detail = match query {
+        Ok(Query(q)) => match q.detail.as_deref() {
+            None | Some("0") | Some("false") => false,
+            Some("1") | Some("true") => true,
+            Some(other) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("detail is 0 or 1, not {other:?}"),
+                )
+            }
+        },
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+
+    // Held until the read is done, so that a reset never moves the tree under it.
+    let _gate = state.gate.read().await;
+    let synced = state.syncer.sync().await;
+    let data = state.data.clone();
+    let read = tokio::task::spawn_blocking(move || read_report(&data, &app, detail)).await;
+    let mut response = match read {
+        Ok(Ok(Some(json))) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json,
+        )
+            .into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("unknown app {app}")),
+        Ok(Err(e)) => internal_error("reading the store", e),
+        Err(e) => internal_error("reading the store", e),
+    };
+    let headers = response.headers_mut();
+    headers.insert(&SYNC_HEADER, HeaderValue::from_static(synced.name()));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The report JSON of `app`, `None` for an app the store has never seen.
+fn read_report(data: &DataDir, app: &AppSha, detail: bool) -> Result<Option<String>, StoreError> {
+    let Some(app_data) = store::read_app(data, app)? else {
+        return Ok(None);
+    };
+    // Not a warning: reads are frequent, and the log's writer warns once when it repairs it.
+    for (path, offset) in &app_data.torn {
+        log::debug!(
+            "{}: ignoring the tail after byte {offset}, which does not verify",
+            path.display()
+        );
+    }
+    let report = Report::from_app(&app_data);
+    Ok(Some(if detail {
+        report.to_detail_json(&app_data.addrs, false)
+    } else {
+        report.to_json(false)
+    }))
+}
+
+/// True when the `Accept` headers allow `application/json` (no header allows anything).
+fn accepts_json(headers: &HeaderMap) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::ACCEPT) {
+        let Ok(value) = value.to_str() else { continue };
+        for range in value.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            if media.is_empty() {
+                continue;
+            }
+            any = true;
+            let refused = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=")
+                    .or_else(|| p.strip_prefix("Q="))
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if !refused && matches!(media.as_str(), "application/json" | "application/*" | "*/*") {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
+/// `POST /events`: one protobuf `IpEvent`, stored durably before the 202.
+async fn post_event(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if !is_protobuf(&headers) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "POST /events takes one protobuf IpEvent as application/octet-stream",
+        );
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            state.metrics.post_rejected(Reject::Oversize);
+            return error(StatusCode::PAYLOAD_TOO_LARGE, Reject::Oversize.name());
+        }
+        Err(e) => return error(e.status(), e.body_text()),
+    };
+    let event = match wire::decode(&body) {
+        Ok(event) => event,
+        Err(reason) => {
+            state.metrics.post_rejected(reason);
+            return error(StatusCode::BAD_REQUEST, reason.name());
+        }
+    };
+    let gate = state.gate.clone().read_owned().await;
+    let ingest = state.ingest.clone();
+    let metrics = state.metrics.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        // The gate moves here so that a request cancelled by its timeout still keeps a reset
+        // out until the append is over, and the count lands on the right side of a reset.
+        let _gate = gate;
+        let mut ingest = ingest.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = ingest.append(&event, now_unix_secs());
+        match &result {
+            Ok(()) => metrics.post_accepted(),
+            Err(_) => metrics.post_store_error(),
+        }
+        result
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => StatusCode::ACCEPTED.into_response(),
+        Ok(Err(e)) => internal_error("storing the event", e),
+        Err(e) => internal_error("storing the event", e),
+    }
+}
+
+fn is_protobuf(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|media| PROTOBUF_CONTENT_TYPES.contains(&media.as_str()))
+}
+
+fn now_unix_secs() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
+/// `DELETE /events`: resets all data and counters (contract 5).
+async fn delete_events(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = state.admin.authorize(peer, &headers) {
+        log::warn!("refused a reset from {peer}: {denied}");
+        return denied.into_response();
+    }
+    let gate = state.gate.clone().write_owned().await;
+    let data = state.data.clone();
+    let ingest = state.ingest.clone();
+    let metrics = state.metrics.clone();
+    let timeout = state.control_timeout;
+    let done = tokio::task::spawn_blocking(move || {
+        // Owned by the task, so a cancelled request cannot let reads or posts in mid-reset.
+        let _gate = gate;
+        let mut ingest = ingest.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = reset::reset(&data, &mut ingest, timeout);
+        metrics.reset(result.is_ok());
+        result
+    })
+    .await;
+    match done {
+        Ok(Ok(done)) => {
+            log::info!(
+                "reset by {peer}: store emptied, {} receiver(s) held",
+                done.receivers.len()
+            );
+            let body = serde_json::json!({ "reset": true, "receivers": done.receivers });
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        Ok(Err(e @ ResetError::Receivers(_))) => {
+            log::warn!("reset by {peer} failed: {e}");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Ok(Err(e @ ResetError::Store(_))) => internal_error("resetting the store", e),
+        Err(e) => internal_error("resetting the store", e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(values: &[&str]) -> bool {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+        }
+        accepts_json(&headers)
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        assert!(accept(&[]));
+        assert!(accept(&[""]));
+        assert!(accept(&["application/json"]));
+        assert!(accept(&["*/*"]));
+        assert!(accept(&["Application/JSON; charset=utf-8"]));
+        assert!(accept(&["text/html, application/*;q=0.5"]));
+        assert!(accept(&["text/html", "*/*;q=0.1"]));
+        assert!(!accept(&["text/html"]));
+        assert!(!accept(&["application/json;q=0"]));
+        assert!(!accept(&["text/plain, application/xml"]));
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn admin_policy() {
+        let loopback: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:1".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.7:1".parse().unwrap();
+        let bearer = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+            h
+        };
+        let status = |r: Result<(), Denied>| r.err().map(|d| d.into_response().status());
+        let open = AdminPolicy {
+            token: None,
+            allow_loopback: true,
+        };
+        assert_eq!(status(open.authorize(loopback, &HeaderMap::new())), None);
+        assert_eq!(status(open.authorize(mapped, &HeaderMap::new())), None);
+        assert_eq!(
+            status(open.authorize(remote, &bearer("x"))),
+            Some(StatusCode::FORBIDDEN)
+        );
+        let token = AdminPolicy {
+            token: Some("s3cret".into()),
+            allow_loopback: false,
+        };
+        assert_eq!(
+            status(token.authorize(loopback, &HeaderMap::new())),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            status(token.authorize(remote, &bearer("nope"))),
+            Some(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(status(token.authorize(remote, &bearer("s3cret"))), None);
+        let both = AdminPolicy {
+            token: Some("s3cret".into()),
+            allow_loopback: true,
+        };
+        assert_eq!(
+            status(both.authorize(remote, &HeaderMap::new())),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(status(both.authorize(loopback, &HeaderMap::new())), None);
+    }
+}

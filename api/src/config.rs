@@ -1,0 +1,129 @@
+//! Command-line flags and environment variables of the API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+/// Longest writer id the store accepts (see `ipevent_core::store::validate_writer_id`).
+const MAX_WRITER_ID_CHARS: usize = 64;
+
+/// Serves the ipevent store over HTTP: reports at `GET /events/{sha}`, a reset at
+/// `DELETE /events`, protobuf ingestion at `POST /events`, and `/metrics`. Every setting can
+/// also come from the environment variable shown.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ipevent-api", version = ipevent_core::VERSION, about, long_about = None)]
+pub struct Config {
+    /// HTTP address to listen on. `[::]:PORT` serves IPv6 and IPv4 (dual stack) and falls
+    /// back to `0.0.0.0:PORT` on a host without IPv6.
+    #[arg(long, env = "IPEVENT_API_LISTEN", default_value = ipevent_core::DEFAULT_HTTP_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Directory of the store, shared with the receivers (created 0750 if missing).
+    #[arg(long, env = "IPEVENT_DATA_DIR", default_value = ipevent_core::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Bearer token that allows `DELETE /events` from any peer
+    /// (`Authorization: Bearer <token>`). Without it, only loopback peers may reset.
+    #[arg(long, env = "IPEVENT_ADMIN_TOKEN", hide_env_values = true,
+          value_parser = parse_token)]
+    pub admin_token: Option<String>,
+
+    /// Let loopback peers reset without the token. With `false`, every reset needs the token.
+    #[arg(long, env = "IPEVENT_API_ALLOW_LOOPBACK_ADMIN", default_value_t = true,
+          action = ArgAction::Set, value_name = "BOOL")]
+    pub allow_loopback_admin: bool,
+
+    /// How long to wait for each receiver to drain and flush (or to begin and end a reset),
+    /// in milliseconds.
+    #[arg(long, env = "IPEVENT_API_SYNC_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub sync_timeout_ms: u64,
+
+    /// Longest time one request may take before it is answered 503, in milliseconds.
+    #[arg(long, env = "IPEVENT_API_REQUEST_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub request_timeout_ms: u64,
+
+    /// Name of the API's own log files in the store (events taken by `POST /events`).
+    /// Must differ from every receiver's writer id. Defaults to `api-<host name>`.
+    #[arg(long, env = "IPEVENT_API_WRITER_ID", value_parser = parse_writer_id)]
+    pub writer_id: Option<String>,
+
+    /// Once listening, write the bound address (e.g. `127.0.0.1:40123`) to this file,
+    /// atomically, so scripts and tests learn a port chosen by the kernel.
+    #[arg(long, env = "IPEVENT_API_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The writer id: the flag, or `api-` and the host name reduced to the characters a
+    /// writer id allows.
+    pub fn writer_id(&self) -> String {
+        if let Some(id) = &self.writer_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        default_writer_id(host.trim())
+    }
+
+    /// [`Config::sync_timeout_ms`] as a duration.
+    pub fn sync_timeout(&self) -> Duration {
+        Duration::from_millis(self.sync_timeout_ms)
+    }
+
+    /// [`Config::request_timeout_ms`] as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// `api-<host>` with every character a writer id does not allow replaced by `-`.
+fn default_writer_id(host: &str) -> String {
+    let host = if host.is_empty() { "localhost" } else { host };
+    let mut id = String::from("api-");
+    id.extend(host.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            c
+        } else {
+            '-'
+        }
+    }));
+    id.truncate(MAX_WRITER_ID_CHARS);
+    id
+}
+
+fn parse_writer_id(value: &str) -> Result<String, String> {
+    ipevent_core::store::validate_writer_id(value)
+        .map(|()| value.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_token(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        Err("the admin token must not be empty".to_string())
+    } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        Err("the admin token must be printable ASCII without spaces".to_string())
+    } else {
+        Ok(value.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_writer_id_is_a_valid_writer_id() {
+        for host in ["", "box", "web-1.example.com", "ünïcode", &"h".repeat(200)] {
+            let id = default_writer_id(host);
+            assert!(id.starts_with("api-"), "{id}");
+            ipevent_core::store::validate_writer_id(&id).unwrap();
+        }
+        assert_eq!(
+            default_writer_id("web-1.example.com"),
+            "api-web-1-example-com"
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! `DELETE /events` (contract 5) and the API's own writer for `POST /events`.
+//!
+//! A reset holds every receiver (they drain, drop what is pending, zero their counters and
+//! stop flushing), moves the whole `events` tree into `trash/` with one rename, puts an empty
+//! tree in its place and lets the receivers go. Nothing from before can be reported after
+//! that, and everything that arrives after it lands in the new tree. The old tree is deleted
+//! in the background: the rename is what makes the reset instant, whatever its size.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipevent_core::control::{self, Command, ControlError};
+use ipevent_core::store::{self, AddrStats, StoreError, StoreWriter};
+use ipevent_core::{DataDir, IpEvent};
+
+/// Prefix of the names of moved-away trees in `trash/`.
+const TRASH_PREFIX: &str = "events-";
+
+/// Why a reset did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    /// A receiver could not be held; nothing was moved. Worth retrying.
+    #[error("{0}")]
+    Receivers(String),
+    /// The store could not be moved or recreated.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// What a successful reset did.
+#[derive(Debug)]
+pub struct ResetDone {
+    /// Writer ids of the receivers that were held during the reset.
+    pub receivers: Vec<String>,
+}
+
+/// The API's own writer: one-record blocks for the events `POST /events` takes.
+pub struct Ingest {
+    writer: StoreWriter,
+    /// Epoch of the last block. It starts at the start time in microseconds, so epochs keep
+    /// growing across restarts as long as fewer than a million events a second are posted.
+    epoch: u64,
+}
+
+impl Ingest {
+    /// A writer for `writer_id` in `data`. Every append is synced to disk before it returns,
+    /// because a 202 promises the event will be counted.
+    pub fn new(data: DataDir, writer_id: &str) -> Result<Ingest, StoreError> {
+        let start_micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Ok(Ingest {
+            writer: StoreWriter::new(data, writer_id, true)?,
+            epoch: start_micros,
+        })
+    }
+
+    /// Appends one event that arrived at `unix_secs`.
+    pub fn append(&mut self, event: &IpEvent, unix_secs: u32) -> Result<(), StoreError> {
+        self.epoch += 1;
+        self.writer.append(
+            &event.app,
+            self.epoch,
+            &[(event.ip, AddrStats::one(unix_secs))],
+        )
+    }
+}
+
+/// Resets the store of `data`. The caller must keep `ingest` from appending meanwhile (it
+/// holds the lock `POST /events` takes).
+pub fn reset(
+    data: &DataDir,
+    ingest: &mut Ingest,
+    timeout: Duration,
+) -> Result<ResetDone, ResetError> {
+    let answers = control::request_all(data, Command::ResetBegin, timeout).map_err(|e| {
+        ResetError::Store(format!(
+            "listing the receivers of {}: {e}",
+            data.root().display()
+        ))
+    })?;
+    // Receivers that may be holding: those that said so, and those whose answer was lost.
+    let mut held = Vec::new();
+    let mut refusals = Vec::new();
+    for answer in answers {
+        match answer.result {
+            Ok(_) => held.push(answer.writer_id),
+            Err(e @ ControlError::Refused(_)) => {
+                refusals.push(format!("{}: {e}", answer.writer_id))
+            }
+            Err(e) => {
+                refusals.push(format!("{}: {e}", answer.writer_id));
+                held.push(answer.writer_id);
+            }
+        }
+    }
+    if !refusals.is_empty() {
+        release(data, &held, timeout);
+        return Err(ResetError::Receivers(format!(
+            "not reset: receivers could not be held ({})",
+            refusals.join("; ")
+        )));
+    }
+    let moved = move_tree_away(data);
+    // The writer's knowledge of its logs is stale once the tree has moved.
+    ingest.writer.forget_logs();
+    release(data, &held, timeout);
+    let trash = moved.map_err(|e| ResetError::Store(e.to_string()))?;
+    if let Some(trash) = trash {
+        delete_in_background(trash);
+    }
+    Ok(ResetDone { receivers: held })
+}
+
+/// Sends `ResetEnd` to each receiver in `writer_ids`; failures are logged (a receiver ends
+/// the hold by itself after its timeout).
+fn release(data: &DataDir, writer_ids: &[String], timeout: Duration) {
+    for id in writer_ids {
+        if let Err(e) = control::request(&data.control_socket(id), Command::ResetEnd, timeout) {
+            log::warn!("reset: receiver {id} did not confirm the end of the reset: {e}");
+        }
+    }
+}
+
+/// Renames `events` into `trash/` and creates an empty `events`. Returns the moved tree, if
+/// there was one.
+fn move_tree_away(data: &DataDir) -> Result<Option<PathBuf>, StoreError> {
+    let events = data.events_dir();
+    let trash_dir = data.trash_dir();
+    store::create_dir_all(&trash_dir)?;
+    let target = trash_dir.join(unique_trash_name());
+    let moved = match fs::rename(&events, &target) {
+        Ok(()) => Some(target),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(StoreError::Io {
+                action: "moving the store into the trash",
+                path: events,
+                source,
+            })
+        }
+    };
+    store::create_dir_all(&events)?;
+    Ok(moved)
+}
+
+/// A name no other reset, in this process or another, uses.
+fn unique_trash_name() -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    format!("{TRASH_PREFIX}{nanos}-{}-{seq}", std::process::id())
+}
+
+/// Deletes a moved-away tree on a thread of its own, so neither the reset nor a shutdown
+/// waits for it; what a stop interrupts is deleted at the next start.
+fn delete_in_background(tree: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("trash".into())
+        .spawn(move || remove_tree(&tree));
+    if let Err(e) = spawned {
+        log::warn!("reset: starting the trash deletion: {e}; it is retried at the next start");
+    }
+}
+
+/// Deletes every tree earlier resets left in `trash/` (in the background).
+pub fn empty_trash(data: &DataDir) {
+    let trash_dir = data.trash_dir();
+    let entries = match fs::read_dir(&trash_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            log::warn!("listing {}: {e}", trash_dir.display());
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TRASH_PREFIX)
+        {
+            delete_in_background(entry.path());
+        }
+    }
+}
+
+fn remove_tree(tree: &Path) {
+    match fs::remove_dir_all(tree) {
+        Ok(()) => log::debug!("deleted {}", tree.display()),
+        // Another process emptying the same trash got there first.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("deleting {}: {e}", tree.display()),
+    }
+}

@@ -1,0 +1,159 @@
+//! Read-after-write (contract 4): before a report is read, every running receiver drains its
+//! sockets and flushes. Concurrent reads share these syncs.
+//!
+//! A read may only rely on a sync that *started* after the read arrived: a sync already in
+//! flight may have drained the sockets before the read's events reached them. So a read that
+//! finds no sync running starts one; a read that finds one running waits for the next one,
+//! which starts when the running one ends and serves every read that queued meanwhile. Under
+//! load there is at most one sync running and one queued, whatever the number of readers.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ipevent_core::control::{self, Command};
+use ipevent_core::DataDir;
+use tokio::sync::watch;
+
+/// What a sync achieved; also the value of the `X-Ipevent-Sync` response header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// Every running receiver drained and flushed.
+    Ok,
+    /// No receiver is running: the store on disk is all there is.
+    None,
+    /// At least one receiver did not confirm; what it holds in memory may be missing.
+    Failed,
+}
+
+impl SyncOutcome {
+    /// Every outcome, for metrics.
+    pub const ALL: [SyncOutcome; 3] = [SyncOutcome::Ok, SyncOutcome::None, SyncOutcome::Failed];
+
+    /// The header value and metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncOutcome::Ok => "ok",
+            SyncOutcome::None => "none",
+            SyncOutcome::Failed => "failed",
+        }
+    }
+
+    /// Dense index in `0..ALL.len()`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One sync round's result, `None` until it has run.
+type Round = watch::Sender<Option<SyncOutcome>>;
+
+#[derive(Default)]
+struct State {
+    /// A sync is running.
+    running: bool,
+    /// The round that starts when the running one ends, with its waiters subscribed.
+    queued: Option<Round>,
+}
+
+/// Runs syncs against every receiver of a data dir and shares them among concurrent readers.
+#[derive(Clone)]
+pub struct Syncer {
+    data: DataDir,
+    timeout: Duration,
+    state: Arc<Mutex<State>>,
+    /// Called with each finished round's outcome (metrics).
+    on_round: Arc<dyn Fn(SyncOutcome) + Send + Sync>,
+}
+
+impl Syncer {
+    /// A syncer for `data` that gives each receiver `timeout` to answer.
+    pub fn new(
+        data: DataDir,
+        timeout: Duration,
+        on_round: impl Fn(SyncOutcome) + Send + Sync + 'static,
+    ) -> Syncer {
+        Syncer {
+            data,
+            timeout,
+            state: Arc::default(),
+            on_round: Arc::new(on_round),
+        }
+    }
+
+    /// Waits for a sync that started after this call and returns its outcome.
+    pub async fn sync(&self) -> SyncOutcome {
+        let mut rx = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(round) = &state.queued {
+                round.subscribe()
+            } else {
+                let (tx, rx) = watch::channel(None);
+                if state.running {
+                    state.queued = Some(tx);
+                } else {
+                    state.running = true;
+                    tokio::spawn(self.clone().run_rounds(tx));
+                }
+                rx
+            }
+        };
+        let outcome = match rx.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.unwrap_or(SyncOutcome::Failed),
+            // The round was dropped without an answer; it cannot vouch for anything.
+            Err(_) => SyncOutcome::Failed,
+        };
+        outcome
+    }
+
+    /// Runs the given round, then every round that queued while it ran.
+    async fn run_rounds(self, mut round: Round) {
+        loop {
+            let data = self.data.clone();
+            let timeout = self.timeout;
+            let outcome = tokio::task::spawn_blocking(move || sync_all(&data, timeout))
+                .await
+                .unwrap_or_else(|e| {
+                    log::error!("sync task failed: {e}");
+                    SyncOutcome::Failed
+                });
+            (self.on_round)(outcome);
+            round.send_replace(Some(outcome));
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            match state.queued.take() {
+                Some(next) => round = next,
+                None => {
+                    state.running = false;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Asks every running receiver of `data` to drain and flush, and waits for all answers.
+pub fn sync_all(data: &DataDir, timeout: Duration) -> SyncOutcome {
+    let answers = match control::request_all(data, Command::Sync, timeout) {
+        Ok(answers) => answers,
+        Err(e) => {
+            log::warn!(
+                "sync: listing the receivers of {}: {e}",
+                data.root().display()
+            );
+            return SyncOutcome::Failed;
+        }
+    };
+    if answers.is_empty() {
+        return SyncOutcome::None;
+    }
+    let mut outcome = SyncOutcome::Ok;
+    for answer in answers {
+        if let Err(e) = answer.result {
+            log::warn!(
+                "sync: receiver {} did not flush ({e}); serving what is on disk",
+                answer.writer_id
+            );
+            outcome = SyncOutcome::Failed;
+        }
+    }
+    outcome
+}

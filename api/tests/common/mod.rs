@@ -1,0 +1,319 @@
+//! Shared by the API's end-to-end tests: a real `ipevent-api` child process on 127.0.0.1 with
+//! a port chosen by the kernel, real HTTP through a small blocking client, and helpers to
+//! build and send datagrams.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use ipevent_core::wire::{self, AppSha, IpEvent};
+use ipevent_testkit::{bin, wait_for};
+
+/// Longest any single HTTP exchange in a test may take.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `ipevent-api`.
+pub struct Api {
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    _ready_dir: tempfile::TempDir,
+}
+
+impl Api {
+    /// Starts the API on 127.0.0.1 and `data_dir` with `extra` flags and waits for its
+    /// ready file.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Api {
+        Api::start_on("127.0.0.1:0", data_dir, extra)
+    }
+
+    /// [`Api::start`] listening on `listen`.
+    pub fn start_on(listen: &str, data_dir: &Path, extra: &[&str]) -> Api {
+        let ready_dir = tempfile::tempdir().expect("temp dir");
+        let ready = ready_dir.path().join("ready");
+        let mut command = Command::new(bin("ipevent-api"));
+        command
+            .args(["--listen", listen])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        clear_ipevent_env(&mut command);
+        let mut child = command.spawn().expect("spawning ipevent-api");
+        let addr = wait_for("the API's ready file", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("ipevent-api exited ({status}) before it was ready");
+            }
+            std::fs::read_to_string(&ready)
+                .ok()?
+                .trim()
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        Api {
+            child: Some(child),
+            addr,
+            _ready_dir: ready_dir,
+        }
+    }
+
+    /// `http://ADDR/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `GET path` with `Accept: application/json`.
+    pub fn get(&self, path: &str) -> Reply {
+        http(
+            "GET",
+            &self.url(path),
+            &[("Accept", "application/json")],
+            None,
+        )
+    }
+
+    /// The report of `app` (asserting a 200 with a synced read) as a string.
+    pub fn report(&self, app: &AppSha) -> String {
+        let reply = self.get(&format!("/events/{app}"));
+        assert_eq!(reply.status, 200, "GET /events/{app}: {reply:?}");
+        reply.body
+    }
+
+    /// `DELETE /events` from loopback, asserting success.
+    pub fn reset(&self) -> serde_json::Value {
+        let reply = http("DELETE", &self.url("/events"), &[], None);
+        assert_eq!(reply.status, 200, "DELETE /events: {reply:?}");
+        reply.json()
+    }
+
+    /// `POST /events` with `body` as `application/octet-stream`.
+    pub fn post(&self, body: &[u8]) -> Reply {
+        http(
+            "POST",
+            &self.url("/events"),
+            &[("Content-Type", "application/octet-stream")],
+            Some(body),
+        )
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let reply = http("GET", &self.url("/metrics"), &[], None);
+        assert_eq!(reply.status, 200, "GET /metrics: {reply:?}");
+        reply.body
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, ...) and waits for the exit.
+    pub fn stop_with(&mut self, signal: &str) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill failed");
+        child.wait().expect("waiting for ipevent-api")
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Settings from the environment of whoever runs the tests must not change the API's.
+pub fn clear_ipevent_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IPEVENT_") {
+            command.env_remove(key);
+        }
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// Body as text.
+    pub body: String,
+}
+
+impl Reply {
+    /// The value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON, failing the test when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"))
+    }
+
+    /// The `error` field of a JSON error body.
+    pub fn error(&self) -> String {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{self:?}"
+        );
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {self:?}"))
+            .to_string()
+    }
+}
+
+/// One HTTP exchange; any status is an answer, only a transport failure fails the test.
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+    let agent = ureq::AgentBuilder::new().timeout(HTTP_TIMEOUT).build();
+    let mut request = agent.request(method, url);
+    for (name, value) in headers {
+        request = request.set(name, value);
+    }
+    let result = match body {
+        Some(body) => request.send_bytes(body),
+        None => request.call(),
+    };
+    let response = match result {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = response.status();
+    let headers = response
+        .headers_names()
+        .into_iter()
+        .map(|name| {
+            let value = response.header(&name).unwrap_or_default().to_string();
+            (name.to_ascii_lowercase(), value)
+        })
+        .collect();
+    let body = response.into_string().expect("reading the body");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A request written by hand, for what the client library always adds (an `Accept` header):
+/// returns the status line and the whole answer.
+pub fn raw_request(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).expect("connecting");
+    stream.set_read_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    stream
+        .write_all(request.as_bytes())
+        .expect("writing the request");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("reading the answer");
+    let status_line = answer.lines().next().unwrap_or_default().to_string();
+    (status_line, answer)
+}
+
+/// An app SHA made of one repeated byte.
+pub fn app(byte: u8) -> AppSha {
+    AppSha([byte; 32])
+}
+
+/// The datagram for `(app, ip)`.
+pub fn datagram(app: &AppSha, ip: &str) -> Vec<u8> {
+    let ip: Ipv4Addr = ip.parse().expect("dotted quad");
+    wire::encode_to_vec(&IpEvent {
+        app: *app,
+        ip: u32::from(ip),
+    })
+}
+
+/// Sends one datagram per `(app, ip)` to `to`.
+pub fn send_events(socket: &UdpSocket, to: SocketAddr, events: &[(AppSha, &str)]) {
+    for (app, ip) in events {
+        socket
+            .send_to(&datagram(app, ip), to)
+            .expect("sending a datagram");
+    }
+}
+
+/// The report JSON contract 2 fixes, for comparing as text.
+pub fn report_json(count: u64, good: &[&str], bad: &[&str]) -> String {
+    let list = |ips: &[&str]| serde_json::to_string(ips).unwrap();
+    format!(
+        "{{\"count\":{count},\"good_ips\":{},\"bad_ips\":{}}}",
+        list(good),
+        list(bad)
+    )
+}
+
+/// The value of the sample `line_prefix` (name and labels) in a metrics text.
+pub fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(line_prefix)?
+            .strip_prefix(' ')?
+            .parse()
+            .ok()
+    })
+}
+
+/// One datagram of the shared contract-1 vectors.
+pub struct Vector {
+    /// Its name in the file.
+    pub name: String,
+    /// The datagram.
+    pub bytes: Vec<u8>,
+    /// `Ok((sha, dotted ip))` for a valid one, `Err(reason)` otherwise.
+    pub verdict: Result<(String, String), String>,
+}
+
+/// Every vector of `testdata/ipevent.json`.
+pub fn vectors() -> Vec<Vector> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/ipevent.json");
+    let text = std::fs::read_to_string(&path).expect("reading testdata/ipevent.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("vectors are JSON");
+    json["vectors"]
+        .as_array()
+        .expect("a vectors array")
+        .iter()
+        .map(|v| Vector {
+            name: v["name"].as_str().unwrap().to_string(),
+            bytes: hex(v["hex"].as_str().unwrap()),
+            verdict: if v["valid"].as_bool().unwrap() {
+                Ok((
+                    v["app_sha256"].as_str().unwrap().to_string(),
+                    v["ip"].as_str().unwrap().to_string(),
+                ))
+            } else {
+                Err(v["reason"].as_str().unwrap().to_string())
+            },
+        })
+        .collect()
+}
+
+fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}

@@ -1,0 +1,571 @@
+//! One run: send the stream, tally what the kernel took, ask the service, summarise.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipevent_core::wire::Reject;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::corrupt::CorruptKind;
+use crate::generate::{Batch, Generator, StreamConfig, Tally, BATCH_MAX_DATAGRAMS};
+use crate::scenario::{splitmix64, AddrSet, Apps, Scenario, MAX_ADDRS_PER_APP};
+use crate::send::{Sender, TokenBucket};
+use crate::verify::{self, Expected, Source, Verification};
+
+/// Most apps a run verifies one by one (each costs one query).
+pub const MAX_VERIFY_APPS: usize = 10_000;
+
+/// How often the progress bar is redrawn.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Batches hold about this long a share of a second at a set rate, so that a rate-limited
+/// run sends small bursts often rather than large bursts seldom.
+const RATE_BATCHES_PER_SEC: u64 = 1000;
+
+/// The token bucket holds at least a hundredth of a second of the rate.
+const RATE_CATCH_UP_PER_SEC: u64 = 100;
+
+/// When the run stops sending.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Limit {
+    /// After this many datagrams (valid and corrupted together).
+    Count(u64),
+    /// After this long.
+    Duration(Duration),
+}
+
+/// Everything a run needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Which apps.
+    pub scenario: Scenario,
+    /// The seed everything is derived from.
+    pub seed: u64,
+    /// Where datagrams go (resolved, at least one).
+    pub targets: Vec<SocketAddr>,
+    /// Share of corrupted datagrams, 0 to 100.
+    pub corrupt_pct: f64,
+    /// Share of valid datagrams in a non-canonical valid encoding, 0 to 100.
+    pub valid_variant_pct: f64,
+    /// Datagrams per second; 0 for as fast as possible.
+    pub rate_per_sec: u64,
+    /// When to stop.
+    pub limit: Limit,
+    /// Datagrams per `sendmmsg`; `None` picks one from the rate.
+    pub batch: Option<usize>,
+    /// Apps to verify in a random scenario (all when there are no more).
+    pub verify_apps: usize,
+    /// Where to get reports; `None` skips verification.
+    pub source: Option<Source>,
+    /// Allowed share of dropped events, in percent.
+    pub max_drop_pct: f64,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Set (by a signal) to stop sending early; the run still summarises and verifies.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl RunConfig {
+    /// Datagrams per batch: the configured size, or at most a millisecond of the rate.
+    pub fn batch_size(&self) -> usize {
+        let size = match (self.batch, self.rate_per_sec) {
+            (Some(size), _) => size,
+            (None, 0) => 256,
+            (None, rate) => (rate / RATE_BATCHES_PER_SEC) as usize,
+        };
+        size.clamp(1, BATCH_MAX_DATAGRAMS)
+    }
+}
+
+/// One tracked app in the summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct AppSummary {
+    /// The app's SHA.
+    pub sha: String,
+    /// Its index in the run.
+    pub index: u64,
+    /// Its /28.
+    pub block: String,
+    /// Valid events sent.
+    pub count: u64,
+    /// Hosts that got events.
+    pub good: Vec<String>,
+    /// Outsiders that got events.
+    pub bad: Vec<String>,
+}
+
+/// The result of a run, printed as JSON with `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// `lookout` or `random`.
+    pub scenario: String,
+    /// The seed; the same seed and settings send the same datagrams.
+    pub seed: u64,
+    /// The addresses datagrams went to.
+    pub targets: Vec<String>,
+    /// Apps in the run.
+    pub apps_total: u64,
+    /// Datagrams the kernel took.
+    pub sent: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Valid events among them.
+    pub valid: u64,
+    /// Corrupted datagrams among them.
+    pub corrupted: u64,
+    /// Corrupted datagrams per kind.
+    pub corrupted_by_kind: BTreeMap<&'static str, u64>,
+    /// What the receiver should count as rejected, per reason.
+    pub rejected_by_reason: BTreeMap<&'static str, u64>,
+    /// Time spent sending.
+    pub elapsed_secs: f64,
+    /// Datagrams per second achieved.
+    pub rate_per_sec: f64,
+    /// On-CPU time of the sending thread while sending (Linux schedstat), when known.
+    pub cpu_secs: Option<f64>,
+    /// Time the sending thread was ready but waited for a CPU, when known: high on a busy
+    /// machine, where `rate_per_sec` then understates what one core can do.
+    pub cpu_wait_secs: Option<f64>,
+    /// Datagrams per second of the time the sender was not kept from a CPU
+    /// (`elapsed_secs - cpu_wait_secs`): what one unshared core sustains. It counts interrupt
+    /// work done on the sender's core, which `cpu_secs` may leave out.
+    pub rate_per_sec_unshared: Option<f64>,
+    /// Datagrams per second asked for (0: as fast as possible).
+    pub target_rate_per_sec: u64,
+    /// Datagrams per `sendmmsg` call.
+    pub batch: usize,
+    /// Datagrams given up on.
+    pub send_errors: u64,
+    /// Datagrams given up on, per error.
+    pub send_errors_by_kind: BTreeMap<String, u64>,
+    /// Sends retried after a transient refusal.
+    pub send_retries: u64,
+    /// Sending stopped early on a signal.
+    pub interrupted: bool,
+    /// The tracked apps and what each was sent.
+    pub apps: Vec<AppSummary>,
+    /// The service's answer, when a source was given.
+    pub verification: Option<Verification>,
+    /// Nothing failed to send, and the verification (if any) passed.
+    pub ok: bool,
+}
+
+/// On-CPU and run-queue wait time of this thread so far, in nanoseconds, from
+/// `/proc/thread-self/schedstat` (Linux); `None` where that is not available.
+fn schedstat() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some((fields.next()??, fields.next()??))
+}
+
+/// The app indices a run tracks and verifies: every lookout app; in a random scenario
+/// `verify_apps` of them chosen by the seed, or all when there are no more.
+pub fn tracked_indices(apps: &Apps, verify_apps: usize, seed: u64) -> Vec<u64> {
+    let count = apps.count();
+    if apps.scenario() == Scenario::Lookout || count <= verify_apps as u64 {
+        return (0..count).collect();
+    }
+    // A separate generator, so the sample does not shift the datagram stream.
+    let mut rng = StdRng::seed_from_u64(splitmix64(seed ^ 0x7472_6163_6b65_6421));
+    let mut sample: Vec<u64> = rand::seq::index::sample(&mut rng, count as usize, verify_apps)
+        .into_iter()
+        .map(|i| i as u64)
+        .collect();
+    sample.sort_unstable();
+    sample
+}
+
+/// What a tracked app should show, from what was sent to it.
+fn expected(
+    app: ipevent_core::AppSha,
+    addrs: &AddrSet,
+    sent: &[u64; MAX_ADDRS_PER_APP],
+) -> Expected {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (j, &n) in sent.iter().enumerate().take(addrs.len()) {
+        if n > 0 {
+            if AddrSet::is_host(j) {
+                good.push(addrs.addr(j));
+            } else {
+                bad.push(addrs.addr(j));
+            }
+        }
+    }
+    good.sort_unstable();
+    bad.sort_unstable();
+    Expected {
+        app,
+        count: sent.iter().sum(),
+        good,
+        bad,
+    }
+}
+
+fn progress_bar(limit: Limit) -> indicatif::ProgressBar {
+    let bar = match limit {
+        Limit::Count(n) => indicatif::ProgressBar::new(n).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} datagrams, {msg}, ETA {eta}",
+            )
+            .expect("progress template"),
+        ),
+        Limit::Duration(d) => indicatif::ProgressBar::new(d.as_millis() as u64).with_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {msg}").expect("progress template"),
+        ),
+    };
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar
+}
+
+/// Sends the run's stream, verifies, and summarises.
+pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
+    let apps = Apps::new(config.scenario, config.seed);
+    let tracked = tracked_indices(&apps, config.verify_apps, config.seed);
+    let stream = StreamConfig {
+        seed: config.seed,
+        corrupt_pct: config.corrupt_pct,
+        valid_variant_pct: config.valid_variant_pct,
+    };
+    let mut generator = Generator::new(apps, stream, &tracked);
+    let batch_size = config.batch_size();
+    let mut batch = Batch::new(batch_size);
+    let mut sender = Sender::new(config.targets.clone(), batch_size)?;
+    let mut tally = Tally::new(generator.tracked().len());
+    let mut bucket = (config.rate_per_sec > 0).then(|| {
+        // Room for 10 ms of the rate, so that oversleeping one pause is made up by the
+        // next batches instead of lowering the average.
+        let burst = (2 * batch_size).max((config.rate_per_sec / RATE_CATCH_UP_PER_SEC) as usize);
+        TokenBucket::new(config.rate_per_sec, burst)
+    });
+    let bar = config.progress.then(|| progress_bar(config.limit));
+    let mut next_draw = Instant::now();
+    let mut generated = 0u64;
+    let sched_start = schedstat();
+    let start = Instant::now();
+    loop {
+        if config.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let n = match config.limit {
+            Limit::Count(total) => (total - generated).min(batch_size as u64) as usize,
+            Limit::Duration(d) if start.elapsed() >= d => 0,
+            Limit::Duration(_) => batch_size,
+        };
+        if n == 0 {
+            break;
+        }
+        generator.fill(&mut batch, n);
+        generated += n as u64;
+        if let Some(bucket) = bucket.as_mut() {
+            bucket.take(n);
+        }
+        let mut refs: [&[u8]; BATCH_MAX_DATAGRAMS] = [&[]; BATCH_MAX_DATAGRAMS];
+        let datagrams = batch.refs(&mut refs);
+        sender.send(datagrams, |i| {
+            tally.record(batch.slot(i), datagrams[i].len())
+        });
+        if let Some(bar) = &bar {
+            let now = Instant::now();
+            if now >= next_draw {
+                next_draw = now + PROGRESS_INTERVAL;
+                let secs = start.elapsed().as_secs_f64().max(1e-9);
+                let rate = tally.sent as f64 / secs;
+                match config.limit {
+                    Limit::Count(_) => {
+                        bar.set_position(tally.sent);
+                        bar.set_message(format!("{rate:.0}/s"));
+                    }
+                    Limit::Duration(_) => {
+                        bar.set_position(start.elapsed().as_millis() as u64);
+                        bar.set_message(format!("{} datagrams, {rate:.0}/s", tally.sent));
+                    }
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let sched = match (sched_start, schedstat()) {
+        (Some(a), Some(b)) => Some(((b.0 - a.0) as f64 / 1e9, (b.1 - a.1) as f64 / 1e9)),
+        _ => None,
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let interrupted = config.stop.load(Ordering::Relaxed);
+    if interrupted {
+        log::warn!(
+            "interrupted after {} datagrams; verifying what was sent",
+            tally.sent
+        );
+    }
+
+    let expectations: Vec<Expected> = generator
+        .tracked()
+        .iter()
+        .zip(&tally.tracked_sent)
+        .map(|(t, sent)| expected(t.app, &t.addrs, sent))
+        .collect();
+    let verification = config
+        .source
+        .as_ref()
+        .map(|source| verify::verify(source, &expectations, config.max_drop_pct));
+    let app_summaries = generator
+        .tracked()
+        .iter()
+        .zip(&expectations)
+        .map(|(t, e)| AppSummary {
+            sha: t.app.to_hex(),
+            index: t.index,
+            block: t.addrs.block_cidr(),
+            count: e.count,
+            good: e
+                .good
+                .iter()
+                .map(|&ip| Ipv4Addr::from(ip).to_string())
+                .collect(),
+            bad: e
+                .bad
+                .iter()
+                .map(|&ip| Ipv4Addr::from(ip).to_string())
+                .collect(),
+        })
+        .collect();
+    let secs = elapsed.as_secs_f64();
+    let ok = sender.errors.total == 0 && verification.as_ref().is_none_or(|v| v.ok);
+    Ok(Summary {
+        scenario: config.scenario.to_string(),
+        seed: config.seed,
+        targets: sender.targets().iter().map(SocketAddr::to_string).collect(),
+        apps_total: apps.count(),
+        sent: tally.sent,
+        bytes: tally.bytes,
+        valid: tally.valid,
+        corrupted: tally.corrupted,
+        corrupted_by_kind: CorruptKind::ALL
+            .iter()
+            .map(|k| (k.name(), tally.by_kind[k.index()]))
+            .collect(),
+        rejected_by_reason: Reject::ALL
+            .iter()
+            .map(|r| (r.name(), tally.by_reason[r.index()]))
+            .collect(),
+        elapsed_secs: secs,
+        rate_per_sec: if secs > 0.0 {
+            tally.sent as f64 / secs
+        } else {
+            0.0
+        },
+        cpu_secs: sched.map(|s| s.0),
+        cpu_wait_secs: sched.map(|s| s.1),
+        rate_per_sec_unshared: sched
+            .map(|s| secs - s.1)
+            .filter(|&busy| busy > 0.0)
+            .map(|busy| tally.sent as f64 / busy),
+        target_rate_per_sec: config.rate_per_sec,
+        batch: batch_size,
+        send_errors: sender.errors.total,
+        send_errors_by_kind: sender.errors.by_error.clone(),
+        send_retries: sender.errors.retries,
+        interrupted,
+        apps: app_summaries,
+        verification,
+        ok,
+    })
+}
+
+fn counts(map: &BTreeMap<&'static str, u64>) -> String {
+    let parts: Vec<String> = map
+        .iter()
+        .filter(|(_, &n)| n > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    if parts.is_empty() {
+        "none".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+impl Summary {
+    /// The summary for a person.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "scenario {}, seed {}: {} apps ({} checked), to {}",
+            self.scenario,
+            self.seed,
+            self.apps_total,
+            self.apps.len(),
+            self.targets.join(", ")
+        );
+        let limit = match self.target_rate_per_sec {
+            0 => "as fast as possible".to_string(),
+            rate => format!("limit {rate}/s"),
+        };
+        let _ = writeln!(
+            s,
+            "sent {} datagrams ({} bytes) in {:.2} s: {:.0}/s ({limit}, batches of {}){}",
+            self.sent,
+            self.bytes,
+            self.elapsed_secs,
+            self.rate_per_sec,
+            self.batch,
+            if self.interrupted {
+                ", interrupted"
+            } else {
+                ""
+            }
+        );
+        if let (Some(cpu), Some(wait), Some(unshared)) = (
+            self.cpu_secs,
+            self.cpu_wait_secs,
+            self.rate_per_sec_unshared,
+        ) {
+            let _ = writeln!(
+                s,
+                "  sender: {cpu:.2} s on a CPU, {wait:.2} s waiting for one: {unshared:.0}/s on an unshared core"
+            );
+        }
+        let _ = writeln!(s, "  valid      {}", self.valid);
+        let _ = writeln!(
+            s,
+            "  corrupted  {}: {}",
+            self.corrupted,
+            counts(&self.corrupted_by_kind)
+        );
+        let _ = writeln!(
+            s,
+            "  the receiver should reject: {}",
+            counts(&self.rejected_by_reason)
+        );
+        if self.send_errors == 0 {
+            let _ = writeln!(s, "  send errors: none ({} retries)", self.send_retries);
+        } else {
+            let _ = writeln!(
+                s,
+                "  send errors: {} ({} retries)",
+                self.send_errors, self.send_retries
+            );
+            for (error, n) in &self.send_errors_by_kind {
+                let _ = writeln!(s, "    {n} x {error}");
+            }
+        }
+        let checks = self.verification.as_ref().map(|v| &v.apps);
+        for (i, app) in self.apps.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "app {} {} ({}): {} events sent, {} good, {} bad",
+                app.index,
+                app.sha,
+                app.block,
+                app.count,
+                app.good.len(),
+                app.bad.len()
+            );
+            if let Some(check) = checks.and_then(|c| c.get(i)) {
+                if let Some(error) = &check.error {
+                    let _ = writeln!(s, "  service: error: {error}");
+                    continue;
+                }
+                let _ = writeln!(
+                    s,
+                    "  service: {} counted, {} dropped, {} extra, {:.2}% handled; good {}, bad {}: {}",
+                    check.reported_count,
+                    check.dropped,
+                    check.extra,
+                    check.handled_pct,
+                    if check.good_ok { "ok" } else { "WRONG" },
+                    if check.bad_ok { "ok" } else { "WRONG" },
+                    if check.ok { "ok" } else { "FAILED" }
+                );
+                for (what, list) in [
+                    ("missing good", &check.missing_good),
+                    ("unexpected good", &check.unexpected_good),
+                    ("missing bad", &check.missing_bad),
+                    ("unexpected bad", &check.unexpected_bad),
+                ] {
+                    if !list.is_empty() {
+                        let _ = writeln!(s, "    {what}: {}", list.join(", "));
+                    }
+                }
+            }
+        }
+        match &self.verification {
+            None => {
+                let _ = writeln!(
+                    s,
+                    "not verified: give --data-dir DIR or --api URL to check the service"
+                );
+            }
+            Some(v) => {
+                let _ = writeln!(
+                    s,
+                    "verification via {}: {} sent, {} counted, {} dropped, {:.2}% handled: {}",
+                    v.source,
+                    v.expected,
+                    v.reported,
+                    v.dropped,
+                    v.handled_pct,
+                    if v.ok { "OK" } else { "FAILED" }
+                );
+            }
+        }
+        let _ = writeln!(s, "{}", if self.ok { "OK" } else { "FAILED" });
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracked_sample_is_small_sorted_and_seeded() {
+        let apps = Apps::new(Scenario::Random { apps: 1_000_000 }, 1);
+        let a = tracked_indices(&apps, 5, 1);
+        assert_eq!(a.len(), 5);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(a, tracked_indices(&apps, 5, 1));
+        assert_ne!(a, tracked_indices(&apps, 5, 2));
+        let few = Apps::new(Scenario::Random { apps: 4 }, 1);
+        assert_eq!(tracked_indices(&few, 5, 1), vec![0, 1, 2, 3]);
+        assert_eq!(
+            tracked_indices(&Apps::new(Scenario::Lookout, 9), 1, 9),
+            vec![0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn batch_size_follows_the_rate() {
+        let mut config = RunConfig {
+            scenario: Scenario::Lookout,
+            seed: 0,
+            targets: vec!["127.0.0.1:9".parse().unwrap()],
+            corrupt_pct: 0.0,
+            valid_variant_pct: 0.0,
+            rate_per_sec: 0,
+            limit: Limit::Count(1),
+            batch: None,
+            verify_apps: 3,
+            source: None,
+            max_drop_pct: 0.0,
+            progress: false,
+            stop: Arc::default(),
+        };
+        assert_eq!(config.batch_size(), 256);
+        config.rate_per_sec = 20_000;
+        assert_eq!(config.batch_size(), 20);
+        config.rate_per_sec = 10;
+        assert_eq!(config.batch_size(), 1);
+        config.batch = Some(5000);
+        assert_eq!(config.batch_size(), BATCH_MAX_DATAGRAMS);
+    }
+}
