@@ -14,7 +14,6 @@ mod metrics;
 mod reset;
 mod sync;
 
-use std::fs::{File, TryLockError};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -59,7 +58,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("preparing the data dir {}", config.data_dir.display()))?;
     let writer_id = config.writer_id();
     // Held for the life of the process: no receiver or other API writes this writer's logs.
-    let _lock = lock_writer_id(&data, &writer_id)?;
+    let _lock = data.lock_writer(&writer_id)?;
     let ingest = Ingest::new(data.clone(), &writer_id)?;
     reset::empty_trash(&data);
     if config.admin_token.is_none() && !config.allow_loopback_admin {
@@ -74,31 +73,6 @@ fn run(config: Config) -> anyhow::Result<()> {
     let result = runtime.block_on(serve(config, data, writer_id, ingest));
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     result
-}
-
-/// Takes the lock receivers take for their writer id, so that the API's logs have exactly
-/// one writer whichever kind of process claims the id.
-fn lock_writer_id(data: &DataDir, writer_id: &str) -> anyhow::Result<File> {
-    ipevent_core::store::create_dir_all(&data.receiver_dir(writer_id))?;
-    let path = data.lock_path(writer_id);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening lock {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => anyhow::bail!(
-            "writer id {writer_id} is in use by another process on {} (lock {} is held); \
-             give the API another with --writer-id",
-            data.root().display(),
-            path.display()
-        ),
-        Err(TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
 }
 
 async fn serve(

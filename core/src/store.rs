@@ -78,6 +78,19 @@ pub enum StoreError {
     /// A path in the tree is not the directory it should be (a planted symlink, say).
     #[error("{0}: not a plain directory; refusing to write through it")]
     NotADirectory(PathBuf),
+    /// Another process holds this writer id's lock.
+    #[error(
+        "writer id {writer_id} is in use by another process on {root} (lock {lock} is held); \
+         give this one another --writer-id or data dir"
+    )]
+    WriterBusy {
+        /// The writer id.
+        writer_id: String,
+        /// The data dir.
+        root: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
     /// A writer id that is not a plain file name.
     #[error(
         "writer id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'"
@@ -288,6 +301,31 @@ impl DataDir {
         Ok(ids)
     }
 
+    /// Takes `writer_id`'s lock, so that each log has one writer at a time whichever process
+    /// (receiver or API) claims the id. Held until the returned value is dropped.
+    pub fn lock_writer(&self, writer_id: &str) -> Result<WriterLock, StoreError> {
+        validate_writer_id(writer_id)?;
+        create_dir_all(&self.receiver_dir(writer_id))?;
+        let path = self.lock_path(writer_id);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io_err("opening lock", &path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(WriterLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(StoreError::WriterBusy {
+                writer_id: writer_id.to_string(),
+                root: self.root.clone(),
+                lock: path,
+            }),
+            Err(fs::TryLockError::Error(e)) => Err(io_err("locking", &path)(e)),
+        }
+    }
+
     /// Creates the root and its layout marker if missing, and refuses a root written in an
     /// unknown layout.
     pub fn create(&self) -> Result<(), StoreError> {
@@ -324,6 +362,12 @@ impl DataDir {
             Err(e) => Err(io_err("reading", &marker)(e)),
         }
     }
+}
+
+/// A writer id's lock, released when dropped.
+#[derive(Debug)]
+pub struct WriterLock {
+    _file: File,
 }
 
 /// `mkdir -p` with the store's directory mode.

@@ -11,7 +11,6 @@ mod ingest;
 mod sockets;
 mod writer;
 
-use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -59,7 +58,7 @@ fn run(config: Config) -> Result<()> {
         .with_context(|| format!("preparing data dir {}", config.data_dir.display()))?;
     let receiver_dir = data.receiver_dir(&writer_id);
     store::create_dir_all(&receiver_dir)?;
-    let _lock = lock(&data, &writer_id)?;
+    let _lock = data.lock_writer(&writer_id)?;
 
     let previous = writer::read_state(&data, &writer_id);
     if !previous.clean {
@@ -226,27 +225,6 @@ fn nix_is_root() -> bool {
 
 fn listen_addr(listen: &[String], i: usize) -> std::net::SocketAddr {
     listen[i].parse().expect("a bound address parses")
-}
-
-/// Takes the writer's lock: one running receiver per writer id and data dir.
-fn lock(data: &DataDir, writer_id: &str) -> Result<File> {
-    let path = data.lock_path(writer_id);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening lock {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another receiver with writer id {writer_id} is already running on {} (lock {} is held); \
-             give this one another --writer-id or data dir",
-            data.root().display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
-    }
 }
 
 /// Binds the control socket, replacing one a previous run left behind (we hold the lock).

@@ -497,7 +497,10 @@ fn bad_settings_get_one_clear_line_and_a_non_zero_exit() {
         "test",
     ]);
     assert_eq!(code, Some(1));
-    assert!(last_line(&stderr).contains("already running"), "{stderr}");
+    assert!(
+        last_line(&stderr).contains("is in use by another process"),
+        "{stderr}"
+    );
     drop(running);
 }
 
