@@ -10,6 +10,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use crossbeam_channel::{Receiver, Sender};
@@ -36,6 +37,12 @@ const FAIR_CALLS: usize = 64;
 /// `recvmmsg` calls a drain for a control request or shutdown makes per socket at most; bounds
 /// the drain when senders outpace us.
 const DRAIN_CALLS: usize = 1 << 14;
+
+/// Longest a partly filled batch waits for more records before it goes to the writer. Under
+/// load batches fill long before this, so the pool holds as many events as it can; when
+/// traffic is light, events still reach the writer within this delay. Control requests and
+/// shutdown hand over at once.
+const HANDOFF_DELAY: Duration = Duration::from_millis(5);
 
 /// Control connections open at once; more are refused.
 const MAX_CONTROL_CONNS: usize = 16;
@@ -100,6 +107,8 @@ pub struct Ingest {
     last_drops: Vec<u32>,
     recv: RecvBatch,
     batch: Vec<Record>,
+    /// When the first record of `batch` arrived.
+    batch_since: Option<Instant>,
     to_writer: Sender<ToWriter>,
     free: BatchPool,
     counters: Arc<Counters>,
@@ -142,6 +151,7 @@ impl Ingest {
                 last_drops: vec![0; n],
                 recv: RecvBatch::new(RECV_BATCH),
                 batch,
+                batch_since: None,
                 to_writer,
                 free,
                 counters,
@@ -174,7 +184,13 @@ impl Ingest {
         let mut stop = false;
         while !stop {
             let busy = self.readable.iter().any(|r| *r);
-            let timeout = busy.then_some(std::time::Duration::ZERO);
+            let timeout = if busy {
+                Some(Duration::ZERO)
+            } else {
+                // Wake up in time to hand over a partly filled batch.
+                self.batch_since
+                    .map(|since| HANDOFF_DELAY.saturating_sub(since.elapsed()))
+            };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -195,7 +211,12 @@ impl Ingest {
                     self.drain_socket(i, FAIR_CALLS)?;
                 }
             }
-            self.hand_off()?;
+            if self
+                .batch_since
+                .is_some_and(|since| since.elapsed() >= HANDOFF_DELAY)
+            {
+                self.hand_off()?;
+            }
         }
         if let Some(lead) = &self.lead {
             for peer in &lead.peers {
@@ -253,6 +274,9 @@ impl Ingest {
             self.local.datagrams_received += 1;
             match verdict {
                 Ok(event) => {
+                    if self.batch.is_empty() {
+                        self.batch_since = Some(Instant::now());
+                    }
                     self.batch.push(Record {
                         app: event.app,
                         ip: event.ip,
@@ -280,6 +304,7 @@ impl Ingest {
             .take()
             .ok_or_else(|| anyhow!("the writer has stopped"))?;
         let full = std::mem::replace(&mut self.batch, empty);
+        self.batch_since = None;
         self.send(ToWriter::Batch(full))
     }
 
