@@ -321,3 +321,57 @@ fn a_full_disk_holds_events_back_and_they_arrive_when_space_returns() {
     assert_eq!(stored_total(&rx), 6100);
     rx.stop();
 }
+
+#[test]
+fn a_read_only_data_dir_holds_events_back_until_it_is_writable_again() {
+    let mut rx = Receiver::start(&["--flush-interval-ms", "20"]);
+    let events_dir = rx.data.events_dir();
+    let mut rng = Rng::new(6);
+    let first = random_events(&mut rng, 50, 1000);
+    send_events(&sender(), rx.addr, &first);
+    rx.wait_stats("the first events to be stored", |s| {
+        s.events_flushed == 1000
+    });
+
+    // A read-only bind mount over the tree: writes there fail with EROFS, as on a file
+    // system remounted read-only.
+    let mount = |args: &[&str]| {
+        Command::new("mount")
+            .args(args)
+            .arg(&events_dir)
+            .arg(&events_dir)
+            .output()
+            .map_err(|e| e.to_string())
+            .and_then(|o| {
+                if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+                }
+            })
+    };
+    if let Err(reason) = mount(&["--bind"]).and_then(|()| mount(&["-o", "remount,bind,ro"])) {
+        let _ = Command::new("umount").arg(&events_dir).status();
+        if std::env::var_os("CI").is_some() {
+            panic!("CI must be able to run the read-only test: {reason}");
+        }
+        eprintln!("skipped: needs root for a read-only bind mount ({reason})");
+        return;
+    }
+    let more = random_events(&mut rng, 50, 2000);
+    send_events(&sender(), rx.addr, &more);
+    let stats = rx.wait_stats("flushes to fail", |s| {
+        s.flush_errors > 0 && s.events_accepted == 3000
+    });
+    assert!(stats.events_pending > 0);
+    assert_eq!(stored_total(&rx), 1000, "nothing new could be written");
+
+    let status = Command::new("umount").arg(&events_dir).status().unwrap();
+    assert!(status.success());
+    let stats = rx.wait_stats("the backlog to reach the store", |s| {
+        s.events_pending == 0 && s.events_flushed == 3000
+    });
+    assert_eq!(stats.kernel_drops, 0);
+    assert_eq!(stored_total(&rx), 3000);
+    rx.stop();
+}
