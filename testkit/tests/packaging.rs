@@ -22,7 +22,7 @@ const TOOLS: [&str; 7] = [
     "curl",
 ];
 
-/// Checks `rpm/check.sh` must report as passed: each one that the issue asks for.
+/// Checks `rpm/check.sh` must report as passed: each one the packaging must satisfy.
 const REQUIRED_CHECKS: [&str; 12] = [
     "name is ipevent-<Cargo.toml version>-<git count>.g<hash>.<arch>.rpm",
     "rpm -qlvp: every file, its mode and owner",
