@@ -6,9 +6,6 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
-/// Longest writer id the store accepts (see `ipevent_core::store::validate_writer_id`).
-const MAX_WRITER_ID_CHARS: usize = 64;
-
 /// Serves the ipevent store over HTTP: reports at `GET /events/{sha}`, a reset at
 /// `DELETE /events`, protobuf ingestion at `POST /events`, and `/metrics`. Every setting can
 /// also come from the environment variable shown.
@@ -61,11 +58,9 @@ impl Config {
     /// The writer id: the flag, or `api-` and the host name reduced to the characters a
     /// writer id allows.
     pub fn writer_id(&self) -> String {
-        if let Some(id) = &self.writer_id {
-            return id.clone();
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        default_writer_id(host.trim())
+        self.writer_id
+            .clone()
+            .unwrap_or_else(|| ipevent_core::store::host_writer_id("api-"))
     }
 
     /// [`Config::sync_timeout_ms`] as a duration.
@@ -77,21 +72,6 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
-}
-
-/// `api-<host>` with every character a writer id does not allow replaced by `-`.
-fn default_writer_id(host: &str) -> String {
-    let host = if host.is_empty() { "localhost" } else { host };
-    let mut id = String::from("api-");
-    id.extend(host.chars().map(|c| {
-        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-            c
-        } else {
-            '-'
-        }
-    }));
-    id.truncate(MAX_WRITER_ID_CHARS);
-    id
 }
 
 fn parse_writer_id(value: &str) -> Result<String, String> {
@@ -107,23 +87,5 @@ fn parse_token(value: &str) -> Result<String, String> {
         Err("the admin token must be printable ASCII without spaces".to_string())
     } else {
         Ok(value.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_writer_id_is_a_valid_writer_id() {
-        for host in ["", "box", "web-1.example.com", "ünïcode", &"h".repeat(200)] {
-            let id = default_writer_id(host);
-            assert!(id.starts_with("api-"), "{id}");
-            ipevent_core::store::validate_writer_id(&id).unwrap();
-        }
-        assert_eq!(
-            default_writer_id("web-1.example.com"),
-            "api-web-1-example-com"
-        );
     }
 }

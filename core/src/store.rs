@@ -191,10 +191,13 @@ impl AddrStats {
     }
 }
 
+/// Longest writer id, in bytes: a file name with room for `.log` and `.log.tmp`.
+pub const MAX_WRITER_ID_BYTES: usize = 64;
+
 /// Checks that a writer id is a safe file name.
 pub fn validate_writer_id(id: &str) -> Result<(), StoreError> {
     let ok = !id.is_empty()
-        && id.len() <= 64
+        && id.len() <= MAX_WRITER_ID_BYTES
         && !id.starts_with('.')
         && id
             .bytes()
@@ -204,6 +207,30 @@ pub fn validate_writer_id(id: &str) -> Result<(), StoreError> {
     } else {
         Err(StoreError::WriterId(id.to_string()))
     }
+}
+
+/// A writer id made of `prefix` and `host`, every character a writer id does not allow
+/// replaced by `-`, cut to the 64 characters a writer id may have. An empty host name counts as
+/// `localhost`.
+pub fn writer_id_for_host(prefix: &str, host: &str) -> String {
+    let host = if host.is_empty() { "localhost" } else { host };
+    let mut id = String::from(prefix);
+    id.extend(host.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            c
+        } else {
+            '-'
+        }
+    }));
+    // Every character is ASCII now, so cutting bytes cuts characters.
+    id.truncate(MAX_WRITER_ID_BYTES);
+    id
+}
+
+/// [`writer_id_for_host`] with this machine's host name: the default writer id of a process.
+pub fn host_writer_id(prefix: &str) -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    writer_id_for_host(prefix, host.trim())
 }
 
 /// A data dir: computes every path of the layout. Paths are built only from validated SHAs
@@ -735,7 +762,7 @@ impl StoreWriter {
             return Ok(state.max_epoch);
         }
         let path = self.data.log_path(app, &self.writer_id);
-        let state = self.inspect(app, &path)?;
+        let state = self.inspect(&path)?;
         self.remember(app, state);
         Ok(state.max_epoch)
     }
@@ -758,7 +785,7 @@ impl StoreWriter {
                 dir_ready: true,
                 ..LogState::EMPTY
             },
-            None => self.inspect(app, &path)?,
+            None => self.inspect(&path)?,
         };
         if !state.dir_ready {
             self.ensure_app_dir(app)?;
@@ -811,7 +838,7 @@ impl StoreWriter {
     }
 
     /// Learns the state of a log this writer has not touched yet in this process.
-    fn inspect(&mut self, _app: &AppSha, path: &Path) -> Result<LogState, StoreError> {
+    fn inspect(&mut self, path: &Path) -> Result<LogState, StoreError> {
         let state = match scan_log_file(path, |_, _| {})? {
             None => LogState::EMPTY,
             Some(summary) => LogState {
@@ -1023,6 +1050,22 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn host_writer_ids_are_valid_writer_ids() {
+        for host in ["", "box", "web-1.example.com", "ünïcode", &"h".repeat(200)] {
+            for prefix in ["", "api-"] {
+                let id = writer_id_for_host(prefix, host);
+                assert!(id.starts_with(prefix), "{id}");
+                validate_writer_id(&id).unwrap();
+            }
+        }
+        assert_eq!(
+            writer_id_for_host("api-", "web-1.example.com"),
+            "api-web-1-example-com"
+        );
+        assert_eq!(writer_id_for_host("", ""), "localhost");
     }
 
     #[test]

@@ -95,26 +95,8 @@ pub struct Config {
 impl Config {
     /// The writer id: the flag, or the host name reduced to the characters a writer id allows.
     pub fn writer_id(&self) -> String {
-        if let Some(id) = &self.writer_id {
-            return id.clone();
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let id: String = host
-            .trim()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .take(64)
-            .collect();
-        if id.is_empty() {
-            "receiver".to_string()
-        } else {
-            id
-        }
+        self.writer_id
+            .clone()
+            .unwrap_or_else(|| ipevent_core::store::host_writer_id(""))
     }
 }
