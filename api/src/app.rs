@@ -256,19 +256,18 @@ async fn metrics(State(state): State<Shared>) -> Response {
 /// Every receiver's last stats snapshot; one unreadable file is logged and left out rather
 /// than hiding the others.
 fn read_receiver_stats(data: &DataDir) -> Vec<ReceiverStats> {
-    let ids = match data.writer_ids() {
-        Ok(ids) => ids,
+    let all = match ReceiverStats::read_all(data) {
+        Ok(all) => all,
         Err(e) => {
             log::warn!("metrics: {e}");
             return Vec::new();
         }
     };
-    ids.iter()
-        .filter_map(|id| match ReceiverStats::read(data, id) {
+    all.into_iter()
+        .filter_map(|(id, result)| match result {
             Ok(stats) => Some(stats),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
-                log::warn!("metrics: reading {}: {e}", data.stats_path(id).display());
+                log::warn!("metrics: reading {}: {e}", data.stats_path(&id).display());
                 None
             }
         })

@@ -57,16 +57,6 @@ impl BlockBuilder {
         self.records = 0;
     }
 
-    /// Records pushed since [`BlockBuilder::begin`].
-    pub fn len(&self) -> usize {
-        self.records
-    }
-
-    /// True when no record has been pushed.
-    pub fn is_empty(&self) -> bool {
-        self.records == 0
-    }
-
     /// True when the block cannot take another record.
     pub fn is_full(&self) -> bool {
         self.records >= MAX_RECORDS_PER_BLOCK

@@ -23,7 +23,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 
 use crate::aggregate::Record;
@@ -51,7 +51,6 @@ pub struct ReplayBatch {
 
 /// A journal file mapped for appending.
 pub struct Journal {
-    path: PathBuf,
     map: memmap2::MmapMut,
     committed: usize,
 }
@@ -96,11 +95,7 @@ impl Journal {
         crate::sys::reserve(&file, bytes)
             .map_err(io_err("reserving disk space for journal", path))?;
         let map = crate::sys::map_read_write(&file).map_err(io_err("mapping journal", path))?;
-        let mut journal = Journal {
-            path: path.to_path_buf(),
-            map,
-            committed: 0,
-        };
+        let mut journal = Journal { map, committed: 0 };
         journal.map[0..4].copy_from_slice(&MAGIC);
         journal.map[4..8].copy_from_slice(&VERSION.to_le_bytes());
         // The batches stay in the file until the caller has flushed them and rewinds.
@@ -123,11 +118,6 @@ impl Journal {
             }
         }
         Ok((journal, replay))
-    }
-
-    /// The journal's path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Bytes of batches held.
@@ -172,14 +162,6 @@ impl Journal {
     pub fn rewind(&mut self) {
         self.committed = 0;
         self.map[8..16].copy_from_slice(&0u64.to_le_bytes());
-    }
-
-    /// Writes the journal's dirty pages to disk (for a power loss; a process crash needs no
-    /// sync).
-    pub fn sync(&self) -> Result<(), StoreError> {
-        self.map
-            .flush()
-            .map_err(io_err("syncing journal", &self.path))
     }
 }
 

@@ -106,16 +106,16 @@ impl ReceiverStats {
         serde_json::from_slice(&bytes).map_err(io::Error::other)
     }
 
-    /// Snapshots of every receiver that ever wrote one in `data`.
-    pub fn read_all(data: &DataDir) -> io::Result<Vec<ReceiverStats>> {
-        let mut out = Vec::new();
-        for id in data.writer_ids().map_err(io::Error::other)? {
-            match ReceiverStats::read(data, &id) {
-                Ok(stats) => out.push(stats),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+    /// The snapshot of every writer in `data` that has one, by writer id; one that cannot be
+    /// read is there as its error, so a caller can report it without losing the others.
+    pub fn read_all(data: &DataDir) -> io::Result<Vec<(String, io::Result<ReceiverStats>)>> {
+        let ids = data.writer_ids().map_err(io::Error::other)?;
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| match ReceiverStats::read(data, &id) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                result => Some((id, result)),
+            })
+            .collect())
     }
 }

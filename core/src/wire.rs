@@ -96,15 +96,6 @@ impl AppSha {
         // The digits come from HEX_DIGITS, which is ASCII.
         String::from_utf8_lossy(&out).into_owned()
     }
-
-    /// The first eight bytes: the key is already a cryptographic hash, so they make a
-    /// well-spread 64-bit hash without hashing again.
-    #[inline]
-    pub fn prefix_u64(&self) -> u64 {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        u64::from_le_bytes(first)
-    }
 }
 
 impl fmt::Display for AppSha {
