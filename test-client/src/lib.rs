@@ -16,7 +16,6 @@
 
 pub mod corrupt;
 pub mod generate;
-pub mod http;
 pub mod run;
 pub mod scenario;
 pub mod send;

@@ -10,8 +10,6 @@ use anyhow::{anyhow, bail, Context};
 use ipevent_core::AppSha;
 use serde::{Deserialize, Serialize};
 
-use crate::http;
-
 /// Name of the query CLI's executable.
 pub const QUERY_BIN_NAME: &str = "ipevent-query";
 
@@ -113,16 +111,22 @@ impl Source {
             }
             Source::Api { base } => {
                 let url = format!("{base}/events/{sha}");
-                let response = http::get(&url, API_TIMEOUT)?;
-                match response.status {
-                    200 => serde_json::from_slice(&response.body)
-                        .map(Some)
-                        .with_context(|| format!("GET {url}: the body is no report")),
-                    404 => Ok(None),
-                    status => {
-                        let body = String::from_utf8_lossy(&response.body);
+                let agent = ureq::AgentBuilder::new().timeout(API_TIMEOUT).build();
+                match agent.get(&url).set("Accept", "application/json").call() {
+                    Ok(response) => {
+                        let body = response
+                            .into_string()
+                            .with_context(|| format!("GET {url}: reading the body"))?;
+                        serde_json::from_str(&body)
+                            .map(Some)
+                            .with_context(|| format!("GET {url}: the body is no report"))
+                    }
+                    Err(ureq::Error::Status(404, _)) => Ok(None),
+                    Err(ureq::Error::Status(status, response)) => {
+                        let body = response.into_string().unwrap_or_default();
                         Err(anyhow!("GET {url}: status {status}: {}", body.trim()))
                     }
+                    Err(e) => Err(anyhow!("GET {url}: {e}")),
                 }
             }
         }
