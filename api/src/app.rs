@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use ipevent_core::stats::ReceiverStats;
-use ipevent_core::store::{self, StoreError};
+use ipevent_core::store::{Store, StoreError};
 use ipevent_core::wire::{self, AppSha, Reject, MAX_DATAGRAM_BYTES};
 use ipevent_core::{DataDir, Report};
 use serde::Deserialize;
@@ -339,7 +339,7 @@ async fn get_events(
 
 /// The report JSON of `app`, `None` for an app the store has never seen.
 fn read_report(data: &DataDir, app: &AppSha, detail: bool) -> Result<Option<String>, StoreError> {
-    let Some(app_data) = store::read_app(data, app)? else {
+    let Some(app_data) = data.read_app(app)? else {
         return Ok(None);
     };
     // Not a warning: reads are frequent, and the log's writer warns once when it repairs it.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipevent_core::control::{self, Command, ControlError};
-use ipevent_core::store::{self, AddrStats, StoreError, StoreWriter};
+use ipevent_core::store::{self, AddrStats, AppendBlocks, StoreError, StoreWriter};
 use ipevent_core::{DataDir, IpEvent};
 
 /// Prefix of the names of moved-away trees in `trash/`.

@@ -22,8 +22,6 @@
 //! A reader verifies each block's header and checksum before it counts a single record, and
 //! stops at the first block that fails: a torn or corrupted tail is never counted.
 
-use crate::store::AddrStats;
-
 /// First four bytes of every block.
 pub const BLOCK_MAGIC: [u8; 4] = *b"IPEB";
 /// Block format version this code writes and reads.
@@ -37,6 +35,41 @@ pub const RECORD_BYTES: usize = 16;
 pub const MAX_RECORDS_PER_BLOCK: usize = 1 << 20;
 
 const CRC_OFFSET: usize = 28;
+
+/// Events seen for one address: how many, and the first and last arrival (unix seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AddrStats {
+    /// Number of events.
+    pub count: u64,
+    /// Arrival of the first, unix seconds.
+    pub first_seen: u32,
+    /// Arrival of the last, unix seconds.
+    pub last_seen: u32,
+}
+
+impl AddrStats {
+    /// One event that arrived at `unix_secs`.
+    #[inline]
+    pub fn one(unix_secs: u32) -> AddrStats {
+        AddrStats {
+            count: 1,
+            first_seen: unix_secs,
+            last_seen: unix_secs,
+        }
+    }
+
+    /// Folds `other` into `self`.
+    #[inline]
+    pub fn merge(&mut self, other: &AddrStats) {
+        if self.count == 0 {
+            *self = *other;
+            return;
+        }
+        self.count += other.count;
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+    }
+}
 
 /// Builds one block in a reusable buffer.
 #[derive(Debug, Default)]

@@ -18,8 +18,9 @@ pub mod store;
 pub mod sys;
 pub mod wire;
 
+pub use block::AddrStats;
 pub use report::{classify, Report};
-pub use store::{AddrStats, DataDir};
+pub use store::DataDir;
 pub use wire::{decode, AppSha, IpEvent, Reject};
 
 /// The version all binaries report.

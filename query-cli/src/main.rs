@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, Command};
-use ipevent_core::store::{self, DataDir};
+use ipevent_core::store::{self, DataDir, Store};
 use ipevent_core::{AppSha, Report};
 
 /// How long `--sync` waits for each receiver to drain and flush.
@@ -167,7 +167,7 @@ fn store_failure(e: store::StoreError) -> Failure {
 }
 
 fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
-    let Some(app_data) = store::read_app(data, app).map_err(store_failure)? else {
+    let Some(app_data) = data.read_app(app).map_err(store_failure)? else {
         return Err(Failure::new(
             1,
             format!("no events for app {app} in {}", data.root().display()),
@@ -188,7 +188,7 @@ fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
 }
 
 fn list(data: &DataDir, limit: usize, pretty: bool) -> Result<String, Failure> {
-    let apps = store::list_apps(data).map_err(store_failure)?;
+    let apps = data.list_apps().map_err(store_failure)?;
     let shown = if limit == 0 {
         apps.len()
     } else {

@@ -13,7 +13,7 @@ use ipevent_core::aggregate::Pending;
 pub use ipevent_core::aggregate::Record;
 use ipevent_core::journal::{Journal, ReplayBatch};
 use ipevent_core::stats::ReceiverStats;
-use ipevent_core::store::{self, StoreWriter};
+use ipevent_core::store::{self, AppendBlocks, StoreWriter};
 use ipevent_core::{AddrStats, AppSha, DataDir, Reject};
 use serde_json::json;
 
@@ -124,7 +124,8 @@ pub struct WriterSettings {
 /// The writer thread's state.
 pub struct Writer {
     settings: WriterSettings,
-    store: StoreWriter,
+    /// Where flushes go: the file tree's writer, behind the store's interface.
+    store: Box<dyn AppendBlocks + Send>,
     journal: Journal,
     /// A batch the journal could not take (full, and the store not writable): ingest waits
     /// until it is in.
@@ -159,7 +160,7 @@ impl Writer {
         let stats = settings.stats_base.clone();
         Ok(Writer {
             settings,
-            store,
+            store: Box::new(store),
             journal,
             stalled: None,
             counters,

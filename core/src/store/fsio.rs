@@ -1,0 +1,179 @@
+//! File operations the store trusts: no-follow opens, atomic replacement, the directory
+//! walker, and [`StoreError`], which names what was being done and with which path.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::wire::AppSha;
+
+/// Mode of directories the store creates.
+pub const DIR_MODE: u32 = 0o750;
+/// Mode of files the store creates.
+pub const FILE_MODE: u32 = 0o640;
+
+/// Errors from the store. Each names what was being done and with which path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O operation on a path failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("opening", "appending to", ...).
+        action: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The data dir was written by a newer or unknown version.
+    #[error("{path}: unsupported store layout {found:?} (this build reads layout {expected})")]
+    Layout {
+        /// The LAYOUT file.
+        path: PathBuf,
+        /// What it said.
+        found: String,
+        /// The layout version this build reads.
+        expected: u32,
+    },
+    /// The writer will not create a directory for a new app.
+    #[error("not storing new app {app}: {reason}")]
+    Refused {
+        /// The app.
+        app: AppSha,
+        /// Which limit: [`REFUSED_APP_LIMIT`] or [`REFUSED_LOW_DISK`].
+        reason: &'static str,
+    },
+    /// A path in the tree is not the directory it should be (a planted symlink, say).
+    #[error("{0}: not a plain directory; refusing to write through it")]
+    NotADirectory(PathBuf),
+    /// Another process holds this writer id's lock.
+    #[error(
+        "writer id {writer_id} is in use by another process on {root} (lock {lock} is held); \
+         give this one another --writer-id or data dir"
+    )]
+    WriterBusy {
+        /// The writer id.
+        writer_id: String,
+        /// The data dir.
+        root: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// A writer id that is not a plain file name.
+    #[error(
+        "writer id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+    )]
+    WriterId(String),
+}
+
+/// [`StoreError::Refused`] reason: `--max-apps` reached.
+pub const REFUSED_APP_LIMIT: &str = "app_limit";
+/// [`StoreError::Refused`] reason: free space or inodes below the threshold.
+pub const REFUSED_LOW_DISK: &str = "low_disk";
+
+/// [`StoreError::refused_reason`] of [`StoreError::NotADirectory`]: something planted in the
+/// tree where an app's directory belongs.
+pub const REFUSED_NOT_A_DIRECTORY: &str = "not_a_directory";
+
+impl StoreError {
+    /// The limit that refused a new app, if that is what this is.
+    pub fn refused_reason(&self) -> Option<&'static str> {
+        match self {
+            StoreError::Refused { reason, .. } => Some(reason),
+            StoreError::NotADirectory(_) => Some(REFUSED_NOT_A_DIRECTORY),
+            _ => None,
+        }
+    }
+
+    /// True when the error is a full disk or an exhausted quota.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `mkdir -p` with the store's directory mode.
+pub fn create_dir_all(path: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(io_err("creating directory", path))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so readers see the old or
+/// the new content, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let mut file = open_new(&tmp)?;
+        file.write_all(bytes).map_err(io_err("writing", &tmp))?;
+        fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates (or truncates) a file without following a symlink at `path`.
+pub(crate) fn open_new(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("creating", path))
+}
+
+/// Opens a file for reading without following a symlink. `Ok(None)` when it does not exist.
+pub fn open_read(path: &Path) -> Result<Option<File>, StoreError> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("opening", path)(e)),
+    }
+}
+
+/// Calls `each` with every entry of the directory `dir`, and says whether `dir` exists (a
+/// missing directory has no entries). Every listing of the tree goes through here.
+pub(crate) fn for_each_entry(
+    dir: &Path,
+    mut each: impl FnMut(&fs::DirEntry) -> Result<(), StoreError>,
+) -> Result<bool, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err("listing", dir)(e)),
+    };
+    for entry in entries {
+        each(&entry.map_err(io_err("listing", dir))?)?;
+    }
+    Ok(true)
+}
