@@ -15,10 +15,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::stats::ReceiverStats;
-use ipevent_core::store::{Store, StoreError};
+use ipevent_core::store::StoreError;
 use ipevent_core::wire::{self, AppSha, Reject, MAX_DATAGRAM_BYTES};
-use ipevent_core::{DataDir, Report};
+use ipevent_core::DataDir;
 use serde::Deserialize;
 use tokio::sync::RwLock;
 use tower_http::timeout::TimeoutLayer;
@@ -339,22 +340,21 @@ async fn get_events(
 
 /// The report JSON of `app`, `None` for an app the store has never seen.
 fn read_report(data: &DataDir, app: &AppSha, detail: bool) -> Result<Option<String>, StoreError> {
-    let Some(app_data) = data.read_app(app)? else {
+    let view = JsonView {
+        detail,
+        pretty: false,
+    };
+    let Some(report) = report_json(data, app, view)? else {
         return Ok(None);
     };
     // Not a warning: reads are frequent, and the log's writer warns once when it repairs it.
-    for (path, offset) in &app_data.torn {
+    for (path, offset) in &report.torn {
         log::debug!(
             "{}: ignoring the tail after byte {offset}, which does not verify",
             path.display()
         );
     }
-    let report = Report::from_app(&app_data);
-    Ok(Some(if detail {
-        report.to_detail_json(&app_data.addrs, false)
-    } else {
-        report.to_json(false)
-    }))
+    Ok(Some(report.json))
 }
 
 /// True when the `Accept` headers allow `application/json` (no header allows anything).

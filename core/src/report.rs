@@ -8,10 +8,12 @@
 
 use rustc_hash::FxHashMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::store::{AddrStats, AppData};
+use crate::store::{AddrStats, AppData, Store, StoreError};
+use crate::wire::AppSha;
 
 /// Mask of a /28 network.
 const BLOCK_MASK: u32 = !0xf;
@@ -162,6 +164,46 @@ impl Report {
     }
 }
 
+/// How a report is rendered: the default shape or `detail`, compact or `pretty`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JsonView {
+    /// Add the chosen /28 and, per address, its count and first and last arrival.
+    pub detail: bool,
+    /// Indent the JSON.
+    pub pretty: bool,
+}
+
+/// One app's report JSON, and the logs whose tails did not verify and were not counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportJson {
+    /// The report, rendered as asked.
+    pub json: String,
+    /// Logs whose tail did not verify, with the offset where counting stopped.
+    pub torn: Vec<(PathBuf, u64)>,
+}
+
+/// Reads `app` from `store`, classifies it and renders it: the one way from a SHA to its JSON,
+/// for the query CLI and the API alike. `Ok(None)` when the store has never seen the app.
+pub fn report_json(
+    store: &(impl Store + ?Sized),
+    app: &AppSha,
+    view: JsonView,
+) -> Result<Option<ReportJson>, StoreError> {
+    let Some(data) = store.read_app(app)? else {
+        return Ok(None);
+    };
+    let report = Report::from_app(&data);
+    let json = if view.detail {
+        report.to_detail_json(&data.addrs, view.pretty)
+    } else {
+        report.to_json(view.pretty)
+    };
+    Ok(Some(ReportJson {
+        json,
+        torn: data.torn,
+    }))
+}
+
 fn to_string(value: &impl Serialize, pretty: bool) -> String {
     let result = if pretty {
         serde_json::to_string_pretty(value)
@@ -216,5 +258,36 @@ mod tests {
         let detail = report.to_detail_json(&data, false);
         assert!(detail.starts_with(r#"{"count":3,"good_ips":["10.0.0.1"],"bad_ips":["9.9.9.9"],"netblock":"10.0.0.0/28""#), "{detail}");
         assert!(detail.contains(r#""first_seen":"1970-01-01T00:00:01Z""#));
+    }
+
+    #[test]
+    fn report_json_reads_classifies_and_renders_every_view() {
+        use crate::store::{AppendBlocks, DataDir, StoreWriter};
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        data.create().unwrap();
+        let app = AppSha([7; 32]);
+        let stored = addrs(&[("9.9.9.9", 1), ("10.0.0.1", 2)]);
+        let mut writer = StoreWriter::new(data.clone(), "w", false).unwrap();
+        writer.append(&app, 1, &stored).unwrap();
+        let report = classify(&stored);
+        for detail in [false, true] {
+            for pretty in [false, true] {
+                let got = report_json(&data, &app, JsonView { detail, pretty })
+                    .unwrap()
+                    .unwrap();
+                let expect = if detail {
+                    report.to_detail_json(&stored, pretty)
+                } else {
+                    report.to_json(pretty)
+                };
+                assert_eq!(got.json, expect, "detail {detail} pretty {pretty}");
+                assert!(got.torn.is_empty());
+            }
+        }
+        let unknown = AppSha([8; 32]);
+        assert!(report_json(&data, &unknown, JsonView::default())
+            .unwrap()
+            .is_none());
     }
 }

@@ -12,8 +12,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, Command};
+use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::store::{self, DataDir, Store};
-use ipevent_core::{AppSha, Report};
+use ipevent_core::AppSha;
 
 /// How long `--sync` waits for each receiver to drain and flush.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,24 +168,23 @@ fn store_failure(e: store::StoreError) -> Failure {
 }
 
 fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
-    let Some(app_data) = data.read_app(app).map_err(store_failure)? else {
+    let view = JsonView {
+        detail: cli.detail,
+        pretty: cli.pretty,
+    };
+    let Some(report) = report_json(data, app, view).map_err(store_failure)? else {
         return Err(Failure::new(
             1,
             format!("no events for app {app} in {}", data.root().display()),
         ));
     };
-    for (path, offset) in &app_data.torn {
+    for (path, offset) in &report.torn {
         eprintln!(
             "ipevent-query: warning: {} has an unverified tail from byte {offset} on; it is not counted",
             path.display()
         );
     }
-    let report = Report::from_app(&app_data);
-    Ok(if cli.detail {
-        report.to_detail_json(&app_data.addrs, cli.pretty)
-    } else {
-        report.to_json(cli.pretty)
-    })
+    Ok(report.json)
 }
 
 fn list(data: &DataDir, limit: usize, pretty: bool) -> Result<String, Failure> {
