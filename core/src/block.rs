@@ -27,9 +27,9 @@ pub const BLOCK_MAGIC: [u8; 4] = *b"IPEB";
 /// Block format version this code writes and reads.
 pub const BLOCK_VERSION: u16 = 1;
 /// Size of a block header.
-pub const HEADER_BYTES: usize = 32;
+pub const BLOCK_HEADER_BYTES: usize = 32;
 /// Size of one record.
-pub const RECORD_BYTES: usize = 16;
+pub const BLOCK_RECORD_BYTES: usize = 16;
 /// Largest record count in one block (16 MiB of records); bounds what a corrupt header can
 /// make a reader look at, and what the writer builds in memory at once.
 pub const MAX_RECORDS_PER_BLOCK: usize = 1 << 20;
@@ -82,10 +82,10 @@ impl BlockBuilder {
     /// Starts a block for `epoch`, discarding any previous content.
     pub fn begin(&mut self, epoch: u64) {
         self.buf.clear();
-        self.buf.resize(HEADER_BYTES, 0);
+        self.buf.resize(BLOCK_HEADER_BYTES, 0);
         self.buf[0..4].copy_from_slice(&BLOCK_MAGIC);
         self.buf[4..6].copy_from_slice(&BLOCK_VERSION.to_le_bytes());
-        self.buf[6..8].copy_from_slice(&(RECORD_BYTES as u16).to_le_bytes());
+        self.buf[6..8].copy_from_slice(&(BLOCK_RECORD_BYTES as u16).to_le_bytes());
         self.buf[16..24].copy_from_slice(&epoch.to_le_bytes());
         self.records = 0;
     }
@@ -116,7 +116,7 @@ impl BlockBuilder {
         assert!(self.records > 0, "an empty block is never written");
         self.buf[8..12].copy_from_slice(&(self.records as u32).to_le_bytes());
         let crc = block_crc(&self.buf);
-        self.buf[CRC_OFFSET..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+        self.buf[CRC_OFFSET..BLOCK_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
         debug_assert!(matches!(parse_block(&self.buf), BlockParse::Ok { .. }));
         &self.buf
     }
@@ -124,7 +124,7 @@ impl BlockBuilder {
 
 fn block_crc(block: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&block[..CRC_OFFSET]);
-    crc32c::crc32c_append(crc, &block[HEADER_BYTES..])
+    crc32c::crc32c_append(crc, &block[BLOCK_HEADER_BYTES..])
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -151,7 +151,7 @@ pub enum BlockParse {
 
 /// Verifies the block at the start of `bytes`.
 pub fn parse_block(bytes: &[u8]) -> BlockParse {
-    if bytes.len() < HEADER_BYTES {
+    if bytes.len() < BLOCK_HEADER_BYTES {
         return BlockParse::Incomplete;
     }
     if bytes[0..4] != BLOCK_MAGIC {
@@ -160,14 +160,14 @@ pub fn parse_block(bytes: &[u8]) -> BlockParse {
     if u16::from_le_bytes([bytes[4], bytes[5]]) != BLOCK_VERSION {
         return BlockParse::Corrupt("unknown block version");
     }
-    if u16::from_le_bytes([bytes[6], bytes[7]]) as usize != RECORD_BYTES {
+    if u16::from_le_bytes([bytes[6], bytes[7]]) as usize != BLOCK_RECORD_BYTES {
         return BlockParse::Corrupt("unknown record size");
     }
     let records = u32_at(bytes, 8) as usize;
     if records == 0 || records > MAX_RECORDS_PER_BLOCK {
         return BlockParse::Corrupt("record count out of range");
     }
-    let len = HEADER_BYTES + records * RECORD_BYTES;
+    let len = BLOCK_HEADER_BYTES + records * BLOCK_RECORD_BYTES;
     if bytes.len() < len {
         return BlockParse::Incomplete;
     }
@@ -249,7 +249,7 @@ pub fn scan_log(bytes: &[u8], mut on_record: impl FnMut(u32, AddrStats)) -> Scan
                 break;
             }
         };
-        for record in bytes[pos + HEADER_BYTES..pos + len].chunks_exact(RECORD_BYTES) {
+        for record in bytes[pos + BLOCK_HEADER_BYTES..pos + len].chunks_exact(BLOCK_RECORD_BYTES) {
             let stats = AddrStats {
                 count: u64::from(u32_at(record, 4)),
                 first_seen: u32_at(record, 8),
@@ -307,7 +307,7 @@ mod tests {
     #[test]
     fn every_truncation_counts_only_whole_blocks() {
         let log = two_blocks();
-        let first_len = HEADER_BYTES + 2 * RECORD_BYTES;
+        let first_len = BLOCK_HEADER_BYTES + 2 * BLOCK_RECORD_BYTES;
         for cut in 0..log.len() {
             let summary = scan_log(&log[..cut], |_, _| {});
             let expect = if cut >= first_len { 7 } else { 0 };
@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_caught() {
         let log = two_blocks();
-        let first_len = HEADER_BYTES + 2 * RECORD_BYTES;
+        let first_len = BLOCK_HEADER_BYTES + 2 * BLOCK_RECORD_BYTES;
         for at in 0..log.len() {
             let mut bad = log.clone();
             bad[at] ^= 0x10;

@@ -11,8 +11,9 @@
 //!   (app, address) pairs, so memory, appends and block sizes are upper bounds: skewed
 //!   traffic (a few busy apps) needs less. The expected number of distinct values hit by `n`
 //!   uniform draws over `k` values is `k (1 - e^(-n/k))`.
-//! - Every flush interval, each writer appends one block (a [`HEADER_BYTES`] header and one
-//!   [`RECORD_BYTES`] record per address seen in the interval) to the log of every app it saw.
+//! - Every flush interval, each writer appends one block (a [`BLOCK_HEADER_BYTES`] header and
+//!   one [`BLOCK_RECORD_BYTES`] record per address seen in the interval) to the log of every app
+//!   it saw.
 //!   A log that reaches [`COMPACT_AFTER_BLOCKS`] blocks is rewritten as one merged block with
 //!   one record per address: after that, a log holds one merged block and at most
 //!   `COMPACT_AFTER_BLOCKS - 2` appended ones.
@@ -27,7 +28,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::aggregate;
-use crate::block::{HEADER_BYTES, MAX_RECORDS_PER_BLOCK, RECORD_BYTES};
+use crate::block::{BLOCK_HEADER_BYTES, BLOCK_RECORD_BYTES, MAX_RECORDS_PER_BLOCK};
 use crate::journal;
 use crate::store::{AddrStats, COMPACT_AFTER_BLOCKS};
 use crate::wire::{AppSha, ENCODED_MAX_BYTES};
@@ -186,9 +187,9 @@ pub struct CapacityEstimate {
     /// flush fills ([`CapacityEstimate::journal_bytes_per_flush_per_writer`]) and the
     /// receiver's fixed buffers (batch pool, socket buffers in the kernel) come on top.
     pub memory_bytes_per_writer: u64,
-    /// Journal bytes one flush interval fills per writer: [`journal::HEADER_BYTES`] and
-    /// [`journal::RECORD_BYTES`] per event received in the interval (plus 16 bytes per ingest
-    /// batch). The receiver's `--journal-bytes` must exceed it, or the full journal forces
+    /// Journal bytes one flush interval fills per writer: [`journal::JOURNAL_HEADER_BYTES`] and
+    /// [`journal::JOURNAL_RECORD_BYTES`] per event received in the interval (plus 16 bytes per
+    /// ingest batch). The receiver's `--journal-bytes` must exceed it, or the full journal forces
     /// flushes early; these pages of the mapped journal are also resident memory.
     pub journal_bytes_per_flush_per_writer: u64,
     /// Datagrams per second each writer receives: `events_per_sec / writers`.
@@ -213,8 +214,8 @@ pub struct CapacityEstimate {
     /// rewritten logs.
     pub disk_write_bytes_per_sec: f64,
     /// Journal bytes written per second, all writers together, at most: every event's
-    /// [`journal::RECORD_BYTES`]. The kernel writes the mapped pages back in the background,
-    /// and a page rewritten before its write-back is written once.
+    /// [`journal::JOURNAL_RECORD_BYTES`]. The kernel writes the mapped pages back in the
+    /// background, and a page rewritten before its write-back is written once.
     pub journal_write_bytes_per_sec: f64,
     /// Compactions one flush of one writer may have to do: every log it writes in that
     /// flush, when their apps reached the threshold together (apps that started sending
@@ -276,8 +277,8 @@ fn records_buffers_bytes(records: u64, slot_bytes: u64) -> u64 {
         return 0;
     }
     records
-        .saturating_mul(slot_bytes + RECORD_BYTES as u64)
-        .saturating_add(HEADER_BYTES as u64 + 2 * MALLOC_OVERHEAD_BYTES)
+        .saturating_mul(slot_bytes + BLOCK_RECORD_BYTES as u64)
+        .saturating_add(BLOCK_HEADER_BYTES as u64 + 2 * MALLOC_OVERHEAD_BYTES)
 }
 
 /// Bytes of a log holding `records` records merged by a compaction.
@@ -286,7 +287,8 @@ fn compacted_log_bytes(records: f64) -> f64 {
         return 0.0;
     }
     let chunk_records = (MAX_RECORDS_PER_BLOCK / 2) as f64;
-    (records / chunk_records).ceil() * HEADER_BYTES as f64 + records * RECORD_BYTES as f64
+    (records / chunk_records).ceil() * BLOCK_HEADER_BYTES as f64
+        + records * BLOCK_RECORD_BYTES as f64
 }
 
 /// Bytes of an ext4 directory entry for a name of `chars` characters.
@@ -330,8 +332,8 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
     let addresses = input.addresses_per_app as f64;
     let writers = input.writers as f64;
     let flush_secs = input.flush_interval_ms as f64 / 1000.0;
-    let record = RECORD_BYTES as f64;
-    let header = HEADER_BYTES as f64;
+    let record = BLOCK_RECORD_BYTES as f64;
+    let header = BLOCK_HEADER_BYTES as f64;
     // Appended blocks a log holds at most beside its compacted block.
     let tail_blocks = f64::from(COMPACT_AFTER_BLOCKS - 2);
 
@@ -427,8 +429,8 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
         .saturating_add(records_buffers_bytes(merged_records, addr_slot_bytes));
     let memory = pending_bytes.saturating_add(flush_bytes.max(compaction_bytes));
 
-    let journal_per_flush =
-        journal::HEADER_BYTES as f64 + events_per_flush * journal::RECORD_BYTES as f64;
+    let journal_per_flush = journal::JOURNAL_HEADER_BYTES as f64
+        + events_per_flush * journal::JOURNAL_RECORD_BYTES as f64;
 
     // Network.
     let packets = input.events_per_sec / writers;
@@ -473,7 +475,7 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
         appends_per_sec,
         compactions_per_sec,
         disk_write_bytes_per_sec,
-        journal_write_bytes_per_sec: input.events_per_sec * journal::RECORD_BYTES as f64,
+        journal_write_bytes_per_sec: input.events_per_sec * journal::JOURNAL_RECORD_BYTES as f64,
         compactions_per_flush_worst: if compactions_per_sec > 0.0 {
             pending_apps_count
         } else {
@@ -711,7 +713,7 @@ mod tests {
             "{}",
             e.records_per_append
         );
-        let block = (HEADER_BYTES + 14 * RECORD_BYTES) as u64; // 256 bytes
+        let block = (BLOCK_HEADER_BYTES + 14 * BLOCK_RECORD_BYTES) as u64; // 256 bytes
         assert_eq!(e.log_bytes_compacted, block);
         let tail = u64::from(COMPACT_AFTER_BLOCKS - 2);
         assert_eq!(e.log_bytes_worst, block + tail * block);
@@ -753,7 +755,7 @@ mod tests {
         // Each of the 100,000 events a writer gets per one-second flush takes 40 journal bytes.
         assert_eq!(
             e.journal_bytes_per_flush_per_writer,
-            (journal::HEADER_BYTES + 100_000 * journal::RECORD_BYTES) as u64
+            (journal::JOURNAL_HEADER_BYTES + 100_000 * journal::JOURNAL_RECORD_BYTES) as u64
         );
         assert_eq!(e.journal_write_bytes_per_sec, 400_000.0 * 40.0);
     }
@@ -773,7 +775,7 @@ mod tests {
         assert_eq!(e.compactions_per_sec, 0.0);
         assert_eq!(e.compactions_per_flush_worst, 0);
         // A log is a block or two of one record: one 4 KiB block on disk.
-        assert!(e.log_bytes_worst < 2 * (HEADER_BYTES + RECORD_BYTES) as u64);
+        assert!(e.log_bytes_worst < 2 * (BLOCK_HEADER_BYTES + BLOCK_RECORD_BYTES) as u64);
         assert!(e.disk_bytes_steady as f64 > e.logs as f64 * 2.0 * FS_BLOCK_BYTES as f64);
         assert_eq!(e.pending_apps_per_writer, 10);
         assert_eq!(e.pending_entries_per_writer, 10);

@@ -33,12 +33,13 @@ use crate::wire::AppSha;
 const MAGIC: [u8; 4] = *b"IPEJ";
 const VERSION: u32 = 1;
 /// Bytes before the first batch: one page, so batches start page-aligned.
-pub const HEADER_BYTES: usize = 4096;
+pub const JOURNAL_HEADER_BYTES: usize = 4096;
 const BATCH_HEADER_BYTES: usize = 16;
 /// Bytes of one journaled record.
-pub const RECORD_BYTES: usize = 40;
+pub const JOURNAL_RECORD_BYTES: usize = 40;
 /// Smallest journal accepted: the header and one full batch of a thousand records.
-pub const MIN_JOURNAL_BYTES: u64 = (HEADER_BYTES + BATCH_HEADER_BYTES + 1024 * RECORD_BYTES) as u64;
+pub const MIN_JOURNAL_BYTES: u64 =
+    (JOURNAL_HEADER_BYTES + BATCH_HEADER_BYTES + 1024 * JOURNAL_RECORD_BYTES) as u64;
 
 /// Records recovered from a journal, with the epoch they were accepted for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +128,7 @@ impl Journal {
 
     /// Bytes batches may use in all.
     pub fn capacity_bytes(&self) -> u64 {
-        (self.map.len() - HEADER_BYTES) as u64
+        (self.map.len() - JOURNAL_HEADER_BYTES) as u64
     }
 
     /// Appends one batch. False when it does not fit (the caller flushes and rewinds first).
@@ -135,13 +136,13 @@ impl Journal {
         if records.is_empty() {
             return true;
         }
-        let len = BATCH_HEADER_BYTES + records.len() * RECORD_BYTES;
-        let start = HEADER_BYTES + self.committed;
+        let len = BATCH_HEADER_BYTES + records.len() * JOURNAL_RECORD_BYTES;
+        let start = JOURNAL_HEADER_BYTES + self.committed;
         if start + len > self.map.len() {
             return false;
         }
         let body = &mut self.map[start + BATCH_HEADER_BYTES..start + len];
-        for (slot, r) in body.chunks_exact_mut(RECORD_BYTES).zip(records) {
+        for (slot, r) in body.chunks_exact_mut(JOURNAL_RECORD_BYTES).zip(records) {
             slot[..32].copy_from_slice(&r.app.0);
             slot[32..36].copy_from_slice(&r.ip.to_le_bytes());
             slot[36..40].copy_from_slice(&r.unix_secs.to_le_bytes());
@@ -166,7 +167,7 @@ impl Journal {
 }
 
 fn committed_of(content: &[u8]) -> Option<usize> {
-    if content.len() < HEADER_BYTES || content[0..4] != MAGIC {
+    if content.len() < JOURNAL_HEADER_BYTES || content[0..4] != MAGIC {
         return None;
     }
     if u32::from_le_bytes(content[4..8].try_into().ok()?) != VERSION {
@@ -175,7 +176,7 @@ fn committed_of(content: &[u8]) -> Option<usize> {
     let committed = u64::from_le_bytes(content[8..16].try_into().ok()?);
     usize::try_from(committed)
         .ok()
-        .filter(|c| HEADER_BYTES + c <= content.len())
+        .filter(|c| JOURNAL_HEADER_BYTES + c <= content.len())
 }
 
 /// The verified batches of a journal's bytes, stopping at the first that does not verify.
@@ -183,7 +184,7 @@ pub fn parse(content: &[u8]) -> Vec<ReplayBatch> {
     let Some(committed) = committed_of(content) else {
         return Vec::new();
     };
-    let batches = &content[HEADER_BYTES..HEADER_BYTES + committed];
+    let batches = &content[JOURNAL_HEADER_BYTES..JOURNAL_HEADER_BYTES + committed];
     let mut out = Vec::new();
     let mut pos = 0;
     while pos + BATCH_HEADER_BYTES <= batches.len() {
@@ -191,7 +192,7 @@ pub fn parse(content: &[u8]) -> Vec<ReplayBatch> {
         let epoch = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
         let count = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
-        let end = pos + BATCH_HEADER_BYTES + count.saturating_mul(RECORD_BYTES);
+        let end = pos + BATCH_HEADER_BYTES + count.saturating_mul(JOURNAL_RECORD_BYTES);
         if count == 0 || end > batches.len() {
             break;
         }
@@ -200,7 +201,7 @@ pub fn parse(content: &[u8]) -> Vec<ReplayBatch> {
             break;
         }
         let records = body
-            .chunks_exact(RECORD_BYTES)
+            .chunks_exact(JOURNAL_RECORD_BYTES)
             .map(|slot| {
                 let mut app = [0u8; 32];
                 app.copy_from_slice(&slot[..32]);
@@ -269,7 +270,10 @@ mod tests {
         drop(journal);
         let mut bytes = std::fs::read(&path).unwrap();
         // Corrupt the second batch's records: only the first is replayed.
-        let second = HEADER_BYTES + BATCH_HEADER_BYTES + 1000 * RECORD_BYTES + BATCH_HEADER_BYTES;
+        let second = JOURNAL_HEADER_BYTES
+            + BATCH_HEADER_BYTES
+            + 1000 * JOURNAL_RECORD_BYTES
+            + BATCH_HEADER_BYTES;
         bytes[second] ^= 1;
         let replay = parse(&bytes);
         assert_eq!(replay.len(), 1);

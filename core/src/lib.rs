@@ -3,6 +3,9 @@
 //! channel ([`control`]) and counters ([`stats`]), and the batch socket calls ([`sys`]).
 //!
 //! There is one decoder, one classifier and one store reader; every binary uses these.
+//!
+//! Comments cite the contracts users rely on as "contract N": they are numbered in
+//! ARCHITECTURE.md's invariants.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

@@ -1,10 +1,12 @@
-//! The report: which addresses of an app are good and which are bad (contract 2).
+//! The report: which addresses of an app are good and which are bad (contract 2 of
+//! ARCHITECTURE.md).
 //!
-//! An app normally talks to the hosts of one /28. Good addresses are the seen host addresses
-//! (.1 to .14 of the block) of the /28 holding the most distinct seen hosts; ties go to the
-//! block whose hosts had more events, then to the lower block, so the answer never depends on
-//! arrival order. Every other seen address, including a block's network (.0) and broadcast
-//! (.15) address, is bad. [`classify`] is the only classifier in the project.
+//! An app normally talks to the hosts of one /28 netblock. Good addresses are the seen host
+//! addresses (.1 to .14 of the netblock) of the /28 holding the most distinct seen hosts; ties
+//! go to the netblock whose hosts had more events, then to the lower netblock, so the answer
+//! never depends on arrival order. Every other seen address, including a netblock's network
+//! (.0) and broadcast (.15) address, is bad. [`classify`] is the only classifier in the
+//! project, and [`report_json`] the one way from a SHA to its JSON.
 
 use rustc_hash::FxHashMap;
 use std::net::Ipv4Addr;
@@ -16,7 +18,7 @@ use crate::store::{AddrStats, AppData, Store, StoreError};
 use crate::wire::AppSha;
 
 /// Mask of a /28 network.
-const BLOCK_MASK: u32 = !0xf;
+const NETBLOCK_MASK: u32 = !0xf;
 
 /// True for the 14 host addresses of a /28 (not its network or broadcast address).
 #[inline]
@@ -34,31 +36,31 @@ pub struct Report {
     /// Bad addresses, ascending.
     pub bad: Vec<u32>,
     /// Network address of the chosen /28, if any seen address is a host.
-    pub block: Option<u32>,
+    pub netblock: Option<u32>,
 }
 
 /// Classifies an app's addresses. `addrs` may come in any order but must not repeat an
 /// address.
 pub fn classify(addrs: &[(u32, AddrStats)]) -> Report {
     // Per /28: (distinct seen hosts, events on them).
-    let mut blocks: FxHashMap<u32, (u32, u64)> = FxHashMap::default();
+    let mut netblocks: FxHashMap<u32, (u32, u64)> = FxHashMap::default();
     let mut count = 0u64;
     for (ip, stats) in addrs {
         count += stats.count;
         if is_host(*ip) {
-            let entry = blocks.entry(ip & BLOCK_MASK).or_default();
+            let entry = netblocks.entry(ip & NETBLOCK_MASK).or_default();
             entry.0 += 1;
             entry.1 += stats.count;
         }
     }
-    let block = blocks
+    let netblock = netblocks
         .into_iter()
         .max_by(|(net_a, a), (net_b, b)| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(net_b.cmp(net_a)))
         .map(|(net, _)| net);
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (ip, _) in addrs {
-        if Some(ip & BLOCK_MASK) == block && is_host(*ip) {
+        if Some(ip & NETBLOCK_MASK) == netblock && is_host(*ip) {
             good.push(*ip);
         } else {
             bad.push(*ip);
@@ -70,7 +72,7 @@ pub fn classify(addrs: &[(u32, AddrStats)]) -> Report {
         count,
         good,
         bad,
-        block,
+        netblock,
     }
 }
 
@@ -101,7 +103,7 @@ struct DetailAddr {
     last_seen: String,
 }
 
-/// The detailed view: the default fields first, then the chosen block and every address.
+/// The detailed view: the default fields first, then the chosen netblock and every address.
 #[derive(Serialize)]
 struct Detail<'a> {
     count: u64,
@@ -157,7 +159,7 @@ impl Report {
             count: self.count,
             good_ips: &good,
             bad_ips: &bad,
-            netblock: self.block.map(|net| format!("{}/28", dotted(net))),
+            netblock: self.netblock.map(|net| format!("{}/28", dotted(net))),
             addresses,
         };
         to_string(&detail, pretty)
@@ -234,13 +236,13 @@ mod tests {
     }
 
     #[test]
-    fn empty_app_has_no_block() {
+    fn empty_app_has_no_netblock() {
         let report = classify(&[]);
         assert_eq!(
             report.to_json(false),
             r#"{"count":0,"good_ips":[],"bad_ips":[]}"#
         );
-        assert_eq!(report.block, None);
+        assert_eq!(report.netblock, None);
     }
 
     #[test]

@@ -680,7 +680,7 @@ proptest! {
                 entry.1 += stats.count;
             }
         }
-        let Some(chosen) = report.block else {
+        let Some(chosen) = report.netblock else {
             prop_assert!(nets.is_empty(), "no block chosen among {:?}", nets);
             prop_assert!(report.good.is_empty());
             return Ok(());

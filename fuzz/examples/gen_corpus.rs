@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use ipevent_core::block::{BlockBuilder, HEADER_BYTES};
+use ipevent_core::block::{BlockBuilder, BLOCK_HEADER_BYTES};
 use ipevent_core::store::AddrStats;
 
 /// Records in the largest seed log: enough for several pages of records, small enough to keep
@@ -129,7 +129,7 @@ fn write_block_seeds(dir: &Path) -> Result<usize, String> {
     ];
     // A write torn inside the second block's records.
     let mut torn = [one.as_slice(), two.as_slice()].concat();
-    torn.truncate(one.len() + HEADER_BYTES + 5);
+    torn.truncate(one.len() + BLOCK_HEADER_BYTES + 5);
     seeds.push(("torn_in_records", torn));
     // A write torn inside the second block's header.
     let mut torn_header = [one.as_slice(), two.as_slice()].concat();
@@ -137,7 +137,7 @@ fn write_block_seeds(dir: &Path) -> Result<usize, String> {
     seeds.push(("torn_in_header", torn_header));
     // One flipped bit in the second block's records: the checksum refuses it.
     let mut flipped = [one.as_slice(), two.as_slice()].concat();
-    flipped[one.len() + HEADER_BYTES + 4] ^= 0x01;
+    flipped[one.len() + BLOCK_HEADER_BYTES + 4] ^= 0x01;
     seeds.push(("checksum_mismatch", flipped));
     // Garbage after a clean block.
     seeds.push((
