@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipevent_core::control::{self, Command, ControlError};
+use ipevent_core::control::{self, Hold};
 use ipevent_core::store::{self, AddrStats, AppendBlocks, StoreError, StoreWriter};
 use ipevent_core::{DataDir, IpEvent};
 
@@ -76,29 +76,23 @@ pub fn reset(
     ingest: &mut Ingest,
     timeout: Duration,
 ) -> Result<ResetDone, ResetError> {
-    let answers = control::request_all(data, Command::ResetBegin, timeout).map_err(|e| {
+    // Each receiver holds its flushes for as long as its `Hold` lives: dropping one (or the
+    // death of this process) lets that receiver go.
+    let answers = control::hold_all(data, timeout).map_err(|e| {
         ResetError::Store(format!(
             "listing the receivers of {}: {e}",
             data.root().display()
         ))
     })?;
-    // Receivers that may be holding: those that said so, and those whose answer was lost.
     let mut held = Vec::new();
     let mut refusals = Vec::new();
     for answer in answers {
         match answer.result {
-            Ok(_) => held.push(answer.writer_id),
-            Err(e @ ControlError::Refused(_)) => {
-                refusals.push(format!("{}: {e}", answer.writer_id))
-            }
-            Err(e) => {
-                refusals.push(format!("{}: {e}", answer.writer_id));
-                held.push(answer.writer_id);
-            }
+            Ok(hold) => held.push((answer.writer_id, hold)),
+            Err(e) => refusals.push(format!("{}: {e}", answer.writer_id)),
         }
     }
     if !refusals.is_empty() {
-        release(data, &held, timeout);
         return Err(ResetError::Receivers(format!(
             "not reset: receivers could not be held ({})",
             refusals.join("; ")
@@ -107,22 +101,25 @@ pub fn reset(
     let moved = move_tree_away(data);
     // The writer's knowledge of its logs is stale once the tree has moved.
     ingest.writer.forget_logs();
-    release(data, &held, timeout);
+    let receivers = release(held, timeout);
     let trash = moved.map_err(|e| ResetError::Store(e.to_string()))?;
     if let Some(trash) = trash {
         delete_in_background(trash);
     }
-    Ok(ResetDone { receivers: held })
+    Ok(ResetDone { receivers })
 }
 
-/// Sends `ResetEnd` to each receiver in `writer_ids`; failures are logged (a receiver ends
-/// the hold by itself after its timeout).
-fn release(data: &DataDir, writer_ids: &[String], timeout: Duration) {
-    for id in writer_ids {
-        if let Err(e) = control::request(&data.control_socket(id), Command::ResetEnd, timeout) {
-            log::warn!("reset: receiver {id} did not confirm the end of the reset: {e}");
-        }
-    }
+/// Ends each hold and returns the writer ids; failures are logged (closing the connection
+/// ends the hold anyway).
+fn release(held: Vec<(String, Hold)>, timeout: Duration) -> Vec<String> {
+    held.into_iter()
+        .map(|(id, hold)| {
+            if let Err(e) = hold.end(timeout) {
+                log::warn!("reset: receiver {id} did not confirm the end of the reset: {e}");
+            }
+            id
+        })
+        .collect()
 }
 
 /// Renames `events` into `trash/` and creates an empty `events`. Returns the moved tree, if

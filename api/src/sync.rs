@@ -10,39 +10,12 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ipevent_core::control::{self, Command};
+use ipevent_core::control;
 use ipevent_core::DataDir;
 use tokio::sync::watch;
 
-/// What a sync achieved; also the value of the `X-Ipevent-Sync` response header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncOutcome {
-    /// Every running receiver drained and flushed.
-    Ok,
-    /// No receiver is running: the store on disk is all there is.
-    None,
-    /// At least one receiver did not confirm; what it holds in memory may be missing.
-    Failed,
-}
-
-impl SyncOutcome {
-    /// Every outcome, for metrics.
-    pub const ALL: [SyncOutcome; 3] = [SyncOutcome::Ok, SyncOutcome::None, SyncOutcome::Failed];
-
-    /// The header value and metrics label.
-    pub fn name(self) -> &'static str {
-        match self {
-            SyncOutcome::Ok => "ok",
-            SyncOutcome::None => "none",
-            SyncOutcome::Failed => "failed",
-        }
-    }
-
-    /// Dense index in `0..ALL.len()`.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
+/// What a sync achieved; its name is the value of the `X-Ipevent-Sync` response header.
+pub use ipevent_core::control::SyncOutcome;
 
 /// One sync round's result, `None` until it has run.
 type Round = watch::Sender<Option<SyncOutcome>>;
@@ -130,30 +103,23 @@ impl Syncer {
     }
 }
 
-/// Asks every running receiver of `data` to drain and flush, and waits for all answers.
-pub fn sync_all(data: &DataDir, timeout: Duration) -> SyncOutcome {
-    let answers = match control::request_all(data, Command::Sync, timeout) {
-        Ok(answers) => answers,
+/// One round of [`control::sync_all`], with what went wrong logged.
+fn sync_all(data: &DataDir, timeout: Duration) -> SyncOutcome {
+    match control::sync_all(data, timeout) {
+        Ok(summary) => {
+            for (writer_id, e) in &summary.failed {
+                log::warn!(
+                    "sync: receiver {writer_id} did not flush ({e}); serving what is on disk"
+                );
+            }
+            summary.outcome()
+        }
         Err(e) => {
             log::warn!(
                 "sync: listing the receivers of {}: {e}",
                 data.root().display()
             );
-            return SyncOutcome::Failed;
-        }
-    };
-    if answers.is_empty() {
-        return SyncOutcome::None;
-    }
-    let mut outcome = SyncOutcome::Ok;
-    for answer in answers {
-        if let Err(e) = answer.result {
-            log::warn!(
-                "sync: receiver {} did not flush ({e}); serving what is on disk",
-                answer.writer_id
-            );
-            outcome = SyncOutcome::Failed;
+            SyncOutcome::Failed
         }
     }
-    outcome
 }

@@ -1,7 +1,9 @@
 //! The control channel: a Unix socket per running receiver, through which other tools ask it
-//! to drain its sockets and flush (read-after-write, contract 4) or to reset (contract 5).
+//! to drain its sockets and flush (read after write) or to reset (a clean reset). This module
+//! is the whole protocol: the requests, the typed replies and how both are written on the
+//! socket, the client, and [`sync_all`], which every reader uses before it reads.
 //!
-//! The protocol is one request line and one reply line per connection:
+//! A connection carries one request line and one reply line:
 //!
 //! ```text
 //! request:  ping | sync | reset-begin | reset-end
@@ -9,19 +11,32 @@
 //! ```
 //!
 //! `sync` answers once everything that reached the receiver's sockets before the request is in
-//! the store. `reset-begin` drains, discards what is pending, zeroes the counters and holds
-//! flushes until `reset-end` (or a timeout), so the caller can move the tree away while no
-//! writer appends to it.
+//! the store; while a reset holds the receiver's flushes, it waits for the hold to end, so an
+//! `ok` always means "flushed". `reset-begin` drains, discards what is pending, zeroes the
+//! counters and holds flushes for as long as its connection stays open: the client sends
+//! `reset-end` on the same connection when it is done, and a client that dies (or closes the
+//! connection) ends the hold with it ([`Hold`]). A receiver also ends a hold that outlives its
+//! lease.
+//!
+//! The socket is bound before the receiver binds its UDP sockets or replays its journal, so a
+//! receiver that is starting already accepts connections: a request made then waits (up to the
+//! client's timeout) for the receiver to be ready instead of finding nobody there.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::store::DataDir;
 
 /// Longest request line a receiver reads.
 pub const MAX_REQUEST_BYTES: usize = 64;
+
+/// Longest reply line a client reads.
+const MAX_REPLY_BYTES: u64 = 4096;
 
 /// A request to a receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,9 +45,10 @@ pub enum Command {
     Ping,
     /// Drain the sockets and flush everything received.
     Sync,
-    /// Drain, drop everything pending, zero the counters, hold flushes.
+    /// Drain, drop everything pending, zero the counters, hold flushes while the connection
+    /// stays open.
     ResetBegin,
-    /// Resume flushing after a reset.
+    /// Resume flushing after a reset (on the connection that sent `reset-begin`).
     ResetEnd,
 }
 
@@ -58,6 +74,97 @@ impl Command {
         .into_iter()
         .find(|c| c.word() == line.trim())
     }
+
+    /// The request as sent on the socket.
+    pub fn line(self) -> String {
+        format!("{}\n", self.word())
+    }
+}
+
+/// The answer to `ping`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The receiver's writer id.
+    pub writer_id: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+}
+
+/// The answer to `sync`: everything received before the request is in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Synced {
+    /// The receiver's flush epoch after the flush.
+    pub epoch: u64,
+}
+
+/// The answer to `reset-begin`: flushes are held until `reset-end` or the connection closes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetBegun {
+    /// Pending events the reset discarded.
+    pub dropped_pending: u64,
+}
+
+/// The answer to `reset-end`: flushes resumed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetEnded {
+    /// The receiver's flush epoch.
+    pub epoch: u64,
+}
+
+/// A reply line, typed. [`Reply::line`] is the only place replies are written and
+/// [`Reply::parse`] the only place they are read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// `ok` to `ping`.
+    Pong(Pong),
+    /// `ok` to `sync`.
+    Synced(Synced),
+    /// `ok` to `reset-begin`.
+    ResetBegun(ResetBegun),
+    /// `ok` to `reset-end`.
+    ResetEnded(ResetEnded),
+    /// `err`: the request was not carried out, and why.
+    Refused(String),
+}
+
+impl Reply {
+    /// The reply as written on the socket: one line, `ok <json>` or `err <message>`.
+    pub fn line(&self) -> String {
+        let body = match self {
+            Reply::Pong(pong) => serde_json::to_string(pong),
+            Reply::Synced(synced) => serde_json::to_string(synced),
+            Reply::ResetBegun(begun) => serde_json::to_string(begun),
+            Reply::ResetEnded(ended) => serde_json::to_string(ended),
+            Reply::Refused(message) => return format!("err {}\n", message.replace('\n', " ")),
+        };
+        format!("ok {}\n", body.expect("replies serialise"))
+    }
+
+    /// Reads the reply to `command` from `line` (with or without its newline). A refusal is
+    /// [`ControlError::Refused`].
+    pub fn parse(command: Command, line: &str) -> Result<Reply, ControlError> {
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() {
+            return Err(ControlError::Closed);
+        }
+        if let Some(message) = line.strip_prefix("err ") {
+            return Err(ControlError::Refused(message.to_string()));
+        }
+        let Some(body) = line.strip_prefix("ok ") else {
+            return Err(ControlError::Malformed(line.to_string()));
+        };
+        fn body_of<T: DeserializeOwned>(line: &str, body: &str) -> Result<T, ControlError> {
+            serde_json::from_str(body).map_err(|_| ControlError::Malformed(line.to_string()))
+        }
+        Ok(match command {
+            Command::Ping => Reply::Pong(body_of(line, body)?),
+            Command::Sync => Reply::Synced(body_of(line, body)?),
+            Command::ResetBegin => Reply::ResetBegun(body_of(line, body)?),
+            Command::ResetEnd => Reply::ResetEnded(body_of(line, body)?),
+        })
+    }
 }
 
 /// Why a request got no `ok`.
@@ -67,18 +174,27 @@ pub enum ControlError {
     #[error("no receiver is running there")]
     NotRunning,
     /// The receiver did not answer in time.
-    #[error("the receiver did not answer within {0:?}")]
+    #[error(
+        "the receiver did not answer within {0:?} (it may be busy starting: replaying its \
+         journal, or stopped by a signal)"
+    )]
     Timeout(Duration),
+    /// The receiver closed the connection without answering (it was stopping).
+    #[error("the receiver closed the connection without answering")]
+    Closed,
     /// The receiver answered with an error.
     #[error("the receiver refused: {0}")]
     Refused(String),
+    /// The receiver answered something that is not a reply to the request.
+    #[error("unexpected reply {0:?}")]
+    Malformed(String),
     /// Any other failure talking to it.
     #[error("talking to the receiver: {0}")]
     Io(#[from] io::Error),
 }
 
-/// Sends `command` to the receiver listening at `socket` and returns the JSON of its `ok`.
-pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<String, ControlError> {
+/// Connects to the receiver listening at `socket`, with `timeout` on every read and write.
+fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, ControlError> {
     let stream = match UnixStream::connect(socket) {
         Ok(stream) => stream,
         Err(e)
@@ -93,51 +209,261 @@ pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<Str
     };
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    (&stream).write_all(format!("{}\n", command.word()).as_bytes())?;
-    let mut line = String::new();
-    match BufReader::new(&stream).read_line(&mut line) {
-        Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            return Err(ControlError::Timeout(timeout));
+    Ok(stream)
+}
+
+/// Sends `command` on `stream` and reads its reply.
+fn exchange(
+    stream: &UnixStream,
+    command: Command,
+    timeout: Duration,
+) -> Result<Reply, ControlError> {
+    let timed_out = |e: io::Error| {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            ControlError::Timeout(timeout)
+        } else {
+            ControlError::Io(e)
         }
-        Err(e) => return Err(e.into()),
+    };
+    match (&*stream).write_all(command.line().as_bytes()) {
+        Ok(()) => {}
+        // The receiver closed the connection before reading (it was stopping).
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(ControlError::Closed),
+        Err(e) => return Err(timed_out(e)),
     }
-    let line = line.trim_end();
-    if let Some(body) = line.strip_prefix("ok ") {
-        Ok(body.to_string())
-    } else if let Some(message) = line.strip_prefix("err ") {
-        Err(ControlError::Refused(message.to_string()))
-    } else {
-        Err(ControlError::Refused(format!("unexpected reply {line:?}")))
+    let mut line = String::new();
+    match BufReader::new(stream.take(MAX_REPLY_BYTES)).read_line(&mut line) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ControlError::Closed),
+        Err(e) => return Err(timed_out(e)),
+    }
+    Reply::parse(command, &line)
+}
+
+/// Sends `command` to the receiver listening at `socket` and returns its reply. A
+/// `reset-begin` sent this way ends its hold as soon as the reply is read; use [`hold`].
+pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<Reply, ControlError> {
+    let stream = connect(socket, timeout)?;
+    exchange(&stream, command, timeout)
+}
+
+/// Asks the receiver at `socket` who it is.
+pub fn ping(socket: &Path, timeout: Duration) -> Result<Pong, ControlError> {
+    match request(socket, Command::Ping, timeout)? {
+        Reply::Pong(pong) => Ok(pong),
+        other => Err(ControlError::Malformed(other.line())),
     }
 }
 
-/// The answer of one receiver to [`request_all`].
+/// A receiver's flushes held by a reset: they stay held while this value lives. [`Hold::end`]
+/// resumes them; dropping it (or the death of the process that holds it) does too.
 #[derive(Debug)]
-pub struct Answer {
+pub struct Hold {
+    stream: UnixStream,
+    /// What the receiver said when the hold began.
+    pub begun: ResetBegun,
+}
+
+impl Hold {
+    /// Sends `reset-end` and waits for the receiver to confirm that flushes resumed.
+    pub fn end(self, timeout: Duration) -> Result<ResetEnded, ControlError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))?;
+        match exchange(&self.stream, Command::ResetEnd, timeout)? {
+            Reply::ResetEnded(ended) => Ok(ended),
+            other => Err(ControlError::Malformed(other.line())),
+        }
+    }
+}
+
+/// Begins a reset on the receiver at `socket`: it drains, drops what is pending, zeroes its
+/// counters and holds flushes until the returned [`Hold`] ends or is dropped.
+pub fn hold(socket: &Path, timeout: Duration) -> Result<Hold, ControlError> {
+    let stream = connect(socket, timeout)?;
+    match exchange(&stream, Command::ResetBegin, timeout)? {
+        Reply::ResetBegun(begun) => Ok(Hold { stream, begun }),
+        other => Err(ControlError::Malformed(other.line())),
+    }
+}
+
+/// The answer of one receiver to a request sent to every receiver of a data dir.
+#[derive(Debug)]
+pub struct Answer<T> {
     /// The receiver's writer id.
     pub writer_id: String,
     /// Its reply.
-    pub result: Result<String, ControlError>,
+    pub result: Result<T, ControlError>,
 }
 
-/// Sends `command` to every receiver that has a control socket in `data` and returns the
-/// answers of those that are running (stale sockets of stopped receivers are left out).
-pub fn request_all(data: &DataDir, command: Command, timeout: Duration) -> io::Result<Vec<Answer>> {
+/// Calls `ask` with the control socket of every receiver that has a directory in `data`, and
+/// returns the answers of those that are running (stale sockets of stopped receivers are left
+/// out).
+fn ask_all<T>(
+    data: &DataDir,
+    mut ask: impl FnMut(&Path) -> Result<T, ControlError>,
+) -> io::Result<Vec<Answer<T>>> {
     let ids = data.writer_ids().map_err(io::Error::other)?;
     Ok(ids
         .into_iter()
-        .filter_map(|writer_id| {
-            let result = request(&data.control_socket(&writer_id), command, timeout);
-            match result {
-                Err(ControlError::NotRunning) => None,
-                result => Some(Answer { writer_id, result }),
-            }
+        .filter_map(|writer_id| match ask(&data.control_socket(&writer_id)) {
+            Err(ControlError::NotRunning) => None,
+            result => Some(Answer { writer_id, result }),
         })
         .collect())
+}
+
+/// Sends `command` to every running receiver of `data`, one after the other.
+pub fn request_all(
+    data: &DataDir,
+    command: Command,
+    timeout: Duration,
+) -> io::Result<Vec<Answer<Reply>>> {
+    ask_all(data, |socket| request(socket, command, timeout))
+}
+
+/// Holds every running receiver of `data` ([`hold`] on each).
+pub fn hold_all(data: &DataDir, timeout: Duration) -> io::Result<Vec<Answer<Hold>>> {
+    ask_all(data, |socket| hold(socket, timeout))
+}
+
+/// What a [`sync_all`] achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// Every running receiver drained and flushed.
+    Ok,
+    /// No receiver is running: the store on disk is all there is.
+    None,
+    /// At least one receiver did not confirm; what it holds in memory may be missing.
+    Failed,
+}
+
+impl SyncOutcome {
+    /// Every outcome, for metrics.
+    pub const ALL: [SyncOutcome; 3] = [SyncOutcome::Ok, SyncOutcome::None, SyncOutcome::Failed];
+
+    /// The name readers show (the API's `X-Ipevent-Sync` header, metrics labels).
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncOutcome::Ok => "ok",
+            SyncOutcome::None => "none",
+            SyncOutcome::Failed => "failed",
+        }
+    }
+
+    /// Dense index in `0..ALL.len()`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The result of [`sync_all`]: who flushed, who did not and why.
+#[derive(Debug, Default)]
+pub struct SyncSummary {
+    /// Writer ids of the receivers that flushed.
+    pub synced: Vec<String>,
+    /// Receivers that did not confirm, with the reason.
+    pub failed: Vec<(String, ControlError)>,
+}
+
+impl SyncSummary {
+    /// The summary in one word.
+    pub fn outcome(&self) -> SyncOutcome {
+        if !self.failed.is_empty() {
+            SyncOutcome::Failed
+        } else if self.synced.is_empty() {
+            SyncOutcome::None
+        } else {
+            SyncOutcome::Ok
+        }
+    }
+}
+
+/// Asks every running receiver of `data` to drain and flush, and waits for every answer (each
+/// bounded by `timeout`). Once it returns with [`SyncOutcome::Ok`], everything that reached
+/// any receiver's sockets before the call is in the store. An error means the receivers could
+/// not be listed.
+pub fn sync_all(data: &DataDir, timeout: Duration) -> io::Result<SyncSummary> {
+    let mut summary = SyncSummary::default();
+    for answer in request_all(data, Command::Sync, timeout)? {
+        match answer.result {
+            Ok(_) => summary.synced.push(answer.writer_id),
+            Err(e) => summary.failed.push((answer.writer_id, e)),
+        }
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_read_back_as_written() {
+        let cases = [
+            (
+                Command::Ping,
+                Reply::Pong(Pong {
+                    writer_id: "host-1".into(),
+                    pid: 7,
+                    version: "1.0.0".into(),
+                }),
+            ),
+            (Command::Sync, Reply::Synced(Synced { epoch: 12 })),
+            (
+                Command::ResetBegin,
+                Reply::ResetBegun(ResetBegun { dropped_pending: 3 }),
+            ),
+            (
+                Command::ResetEnd,
+                Reply::ResetEnded(ResetEnded { epoch: 4 }),
+            ),
+        ];
+        for (command, reply) in cases {
+            let line = reply.line();
+            assert!(line.starts_with("ok {") && line.ends_with("}\n"), "{line}");
+            assert_eq!(Reply::parse(command, &line).unwrap(), reply);
+        }
+    }
+
+    #[test]
+    fn refusals_are_one_line_and_read_back_as_errors() {
+        let line = Reply::Refused("two\nlines".into()).line();
+        assert_eq!(line, "err two lines\n");
+        match Reply::parse(Command::Sync, &line) {
+            Err(ControlError::Refused(message)) => assert_eq!(message, "two lines"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_and_silence_are_not_replies() {
+        assert!(matches!(
+            Reply::parse(Command::Sync, ""),
+            Err(ControlError::Closed)
+        ));
+        assert!(matches!(
+            Reply::parse(Command::Sync, "ok {\"nope\":1}\n"),
+            Err(ControlError::Malformed(_))
+        ));
+        assert!(matches!(
+            Reply::parse(Command::Ping, "yes\n"),
+            Err(ControlError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn every_command_parses_from_its_line() {
+        for command in [
+            Command::Ping,
+            Command::Sync,
+            Command::ResetBegin,
+            Command::ResetEnd,
+        ] {
+            assert_eq!(Command::parse(command.line().trim_end()), Some(command));
+        }
+        assert_eq!(Command::parse("format-disk"), None);
+    }
 }

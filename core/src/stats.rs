@@ -81,6 +81,10 @@ pub struct ReceiverStats {
     pub stalled: bool,
     /// Resets served.
     pub resets: u64,
+    /// Control connections that arrived while all `MAX_CONTROL_CONNS` (16) were open: the
+    /// one that had waited longest for its request was closed to make room (or, when every
+    /// open one held a reset, the new one was refused).
+    pub control_conns_full: u64,
 }
 
 impl ReceiverStats {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ipevent_core::capacity::{self, CapacityInput};
-use ipevent_core::control::{self, Command};
+use ipevent_core::control::{self, SyncOutcome};
 use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::store::{self, DataDir, Store};
 use ipevent_core::AppSha;
@@ -213,19 +213,16 @@ fn sync_if_asked(cli: &Cli, data: &DataDir) {
     if !cli.sync {
         return;
     }
-    match control::request_all(data, Command::Sync, SYNC_TIMEOUT) {
-        Ok(answers) if answers.is_empty() => eprintln!(
+    match control::sync_all(data, SYNC_TIMEOUT) {
+        Ok(summary) if summary.outcome() == SyncOutcome::None => eprintln!(
             "ipevent-query: warning: no receiver is running on {}; showing what is on disk",
             data.root().display()
         ),
-        Ok(answers) => {
-            for answer in answers {
-                if let Err(e) = answer.result {
-                    eprintln!(
-                        "ipevent-query: warning: receiver {} did not sync ({e}); showing what is on disk",
-                        answer.writer_id
-                    );
-                }
+        Ok(summary) => {
+            for (writer_id, e) in summary.failed {
+                eprintln!(
+                    "ipevent-query: warning: receiver {writer_id} did not sync ({e}); showing what is on disk"
+                );
             }
         }
         Err(e) => eprintln!("ipevent-query: warning: looking for receivers: {e}"),

@@ -12,6 +12,8 @@ pub struct Counters {
     pub datagrams_received: AtomicU64,
     pub rejected: [AtomicU64; Reject::COUNT],
     pub kernel_drops: AtomicU64,
+    /// Control connections that found every slot taken (`control::MAX_CONTROL_CONNS`).
+    pub control_conns_full: AtomicU64,
 }
 
 /// One thread's counts since it last added them to [`Counters`].
@@ -49,5 +51,6 @@ impl Counters {
             r.store(0, Relaxed);
         }
         self.kernel_drops.store(0, Relaxed);
+        self.control_conns_full.store(0, Relaxed);
     }
 }

@@ -1,31 +1,28 @@
 //! The ingest loop: one mio `Poll` per thread; on readiness, `recvmmsg` in batches until the
 //! socket would block, validate in place, and hand full batches to the writer.
 //!
-//! Thread 0 (the lead) also owns the control socket and the signals: on a control request it
-//! asks every other ingest thread to drain (they answer through the writer's queue with a
-//! marker), drains its own sockets, and queues the request behind everything drained, so the
-//! writer serves it only after every datagram that was in a socket is aggregated.
+//! Thread 0 (the lead) also owns the control socket ([`crate::control`]) and the signals: on a
+//! control request it asks every other ingest thread to drain (they answer through the
+//! writer's queue with a marker), drains its own sockets, and queues the request behind
+//! everything drained, so the writer serves it only after every datagram that was in a socket
+//! is aggregated.
 
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use crossbeam_channel::{Receiver, Sender};
-use ipevent_core::control::{Command, MAX_REQUEST_BYTES};
 use ipevent_core::sys::RecvBatch;
 use ipevent_core::{wire, Reject};
 use mio::net::UdpSocket;
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use serde_json::json;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::control::{self, Control, Op, Request};
 use crate::counters::{Counters, LocalCounts};
-use crate::writer::{unix_now, BatchPool, Record, Request, RequestKind, ToWriter, BATCH_RECORDS};
+use crate::writer::{unix_now, BatchPool, Record, ToWriter, BATCH_RECORDS};
 
 /// Datagrams per `recvmmsg` call.
 pub const RECV_BATCH: usize = 64;
@@ -44,13 +41,8 @@ const DRAIN_CALLS: usize = 1 << 14;
 /// shutdown hand over at once.
 const HANDOFF_DELAY: Duration = Duration::from_millis(5);
 
-/// Control connections open at once; more are refused.
-const MAX_CONTROL_CONNS: usize = 16;
-
 const WAKER: Token = Token(1 << 20);
 const SIGNALS: Token = Token((1 << 20) + 1);
-const LISTENER: Token = Token((1 << 20) + 2);
-const CONN_BASE: usize = 1 << 21;
 
 /// Messages to a non-lead ingest thread.
 pub enum IngestCtl {
@@ -66,34 +58,29 @@ pub struct Peer {
     pub waker: Arc<Waker>,
 }
 
-/// One control connection waiting for its request line.
-struct Conn {
-    stream: UnixStream,
-    buf: [u8; MAX_REQUEST_BYTES],
-    len: usize,
-}
-
 /// What only the lead thread has.
 pub struct Lead {
-    pub listener: UnixListener,
+    pub control: Control,
     pub peers: Vec<Peer>,
-    pub writer_id: String,
-    conns: Vec<Option<Conn>>,
     signals: Signals,
-    next_request: u64,
 }
 
 impl Lead {
-    pub fn new(listener: UnixListener, peers: Vec<Peer>, writer_id: String) -> Result<Lead> {
-        listener.set_nonblocking(true)?;
+    pub fn new(control: Control, peers: Vec<Peer>) -> Result<Lead> {
         Ok(Lead {
-            listener,
+            control,
             peers,
-            writer_id,
-            conns: (0..MAX_CONTROL_CONNS).map(|_| None).collect(),
             signals: Signals::new([SIGTERM, SIGINT])?,
-            next_request: 0,
         })
+    }
+
+    /// Asks every other ingest thread to drain for request `id`; returns how many will send
+    /// a marker for it.
+    fn drain_peers(&self, id: u64) -> usize {
+        self.peers
+            .iter()
+            .filter(|peer| peer.ctl.send(IngestCtl::Drain(id)).is_ok() && peer.waker.wake().is_ok())
+            .count()
     }
 }
 
@@ -168,11 +155,7 @@ impl Ingest {
     pub fn lead(&mut self, mut lead: Lead) -> Result<()> {
         let registry = self.poll.registry();
         registry.register(&mut lead.signals, SIGNALS, Interest::READABLE)?;
-        registry.register(
-            &mut SourceFd(&lead.listener.as_raw_fd()),
-            LISTENER,
-            Interest::READABLE,
-        )?;
+        lead.control.register(registry)?;
         self.lead = Some(lead);
         Ok(())
     }
@@ -187,9 +170,15 @@ impl Ingest {
             let timeout = if busy {
                 Some(Duration::ZERO)
             } else {
-                // Wake up in time to hand over a partly filled batch.
-                self.batch_since
-                    .map(|since| HANDOFF_DELAY.saturating_sub(since.elapsed()))
+                // Wake up in time to hand over a partly filled batch, or to close a control
+                // connection.
+                let handoff = self.batch_since.map(|since| since + HANDOFF_DELAY);
+                let control = self.lead.as_ref().and_then(|l| l.control.next_deadline());
+                handoff
+                    .into_iter()
+                    .chain(control)
+                    .min()
+                    .map(|at| at.saturating_duration_since(Instant::now()))
             };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
@@ -201,11 +190,12 @@ impl Ingest {
                     Token(i) if i < self.sockets.len() => self.readable[i] = true,
                     WAKER => stop |= self.handle_ctl()?,
                     SIGNALS => stop |= self.handle_signals(),
-                    LISTENER => self.accept_control(),
-                    Token(t) if t >= CONN_BASE => self.read_control(t - CONN_BASE)?,
+                    control::LISTENER => self.accept_control(),
+                    token if control::is_conn(token) => self.read_control(token)?,
                     Token(_) => {}
                 }
             }
+            self.expire_control()?;
             for i in 0..self.sockets.len() {
                 if self.readable[i] {
                     self.drain_socket(i, FAIR_CALLS)?;
@@ -347,121 +337,39 @@ impl Ingest {
     }
 
     fn accept_control(&mut self) {
-        let Some(lead) = self.lead.as_mut() else {
-            return;
-        };
-        loop {
-            let stream = match lead.listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!("accepting a control connection: {e}");
-                    return;
-                }
-            };
-            let Some(slot) = lead.conns.iter().position(Option::is_none) else {
-                let _ = (&stream).write_all(b"err too many control connections\n");
-                continue;
-            };
-            let token = Token(CONN_BASE + slot);
-            let registered = stream.set_nonblocking(true).and_then(|()| {
-                self.poll.registry().register(
-                    &mut SourceFd(&stream.as_raw_fd()),
-                    token,
-                    Interest::READABLE,
-                )
-            });
-            match registered {
-                Ok(()) => {
-                    lead.conns[slot] = Some(Conn {
-                        stream,
-                        buf: [0; MAX_REQUEST_BYTES],
-                        len: 0,
-                    })
-                }
-                Err(e) => log::warn!("registering a control connection: {e}"),
-            }
+        if let Some(lead) = self.lead.as_mut() {
+            lead.control.accept(self.poll.registry());
         }
     }
 
-    /// Reads what connection `slot` sent; once a whole line is there, serves it.
-    fn read_control(&mut self, slot: usize) -> Result<()> {
+    fn read_control(&mut self, token: Token) -> Result<()> {
         let Some(lead) = self.lead.as_mut() else {
             return Ok(());
         };
-        let Some(conn) = lead.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return Ok(());
-        };
-        let line = loop {
-            match conn.stream.read(&mut conn.buf[conn.len..]) {
-                Ok(0) => break None,
-                Ok(n) => {
-                    conn.len += n;
-                    if let Some(end) = conn.buf[..conn.len].iter().position(|b| *b == b'\n') {
-                        break Some(String::from_utf8_lossy(&conn.buf[..end]).into_owned());
-                    }
-                    if conn.len == conn.buf.len() {
-                        let _ = (&conn.stream).write_all(b"err request line too long\n");
-                        break None;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break None,
-            }
-        };
-        let conn = lead.conns[slot].take().expect("slot checked above");
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
-        match line {
-            Some(line) => self.serve_control(&line, conn.stream),
-            None => Ok(()),
+        for op in lead.control.read(token, self.poll.registry()) {
+            self.forward(op)?;
         }
+        Ok(())
     }
 
-    fn serve_control(&mut self, line: &str, stream: UnixStream) -> Result<()> {
-        let kind = match Command::parse(line) {
-            Some(Command::Ping) => {
-                let lead = self.lead.as_ref().expect("only the lead serves control");
-                let body = json!({
-                    "writer_id": lead.writer_id,
-                    "pid": std::process::id(),
-                    "version": ipevent_core::VERSION,
-                });
-                let _ = (&stream).write_all(format!("ok {body}\n").as_bytes());
-                return Ok(());
-            }
-            Some(Command::Sync) => RequestKind::Sync,
-            Some(Command::ResetBegin) => RequestKind::ResetBegin,
-            Some(Command::ResetEnd) => RequestKind::ResetEnd,
-            None => {
-                let _ = (&stream).write_all(format!("err unknown request {line:?}\n").as_bytes());
-                return Ok(());
-            }
-        };
-        // The writer answers with a blocking write (bounded by a timeout).
-        if let Err(e) = stream.set_nonblocking(false) {
-            log::warn!("control connection: {e}");
+    /// Closes control connections that outlived their deadline, ending their resets.
+    fn expire_control(&mut self) -> Result<()> {
+        let Some(lead) = self.lead.as_mut() else {
             return Ok(());
+        };
+        for op in lead.control.expire(self.poll.registry()) {
+            self.forward(op)?;
         }
-        let lead = self.lead.as_mut().expect("only the lead serves control");
-        lead.next_request += 1;
-        let id = lead.next_request;
-        let mut markers = 0;
-        for peer in &lead.peers {
-            if peer.ctl.send(IngestCtl::Drain(id)).is_ok() && peer.waker.wake().is_ok() {
-                markers += 1;
-            }
-        }
+        Ok(())
+    }
+
+    /// Queues `op` for the writer behind everything every ingest thread drains for it.
+    fn forward(&mut self, op: Op) -> Result<()> {
+        let lead = self.lead.as_mut().expect("only the lead forwards requests");
+        let id = lead.control.next_id();
+        let markers = lead.drain_peers(id);
         self.drain_all()?;
         self.hand_off()?;
-        self.send(ToWriter::Request(Request {
-            id,
-            kind,
-            reply: stream,
-            markers,
-        }))
+        self.send(ToWriter::Request(Request { id, markers, op }))
     }
 }

@@ -6,12 +6,12 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod control;
 mod counters;
 mod ingest;
 mod sockets;
 mod writer;
 
-use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +23,10 @@ use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, DataDir};
 
 use crate::config::Config;
+use crate::control::Control;
 use crate::counters::Counters;
 use crate::ingest::{Ingest, Lead, Peer};
 use crate::writer::{BatchPool, Writer, WriterSettings, MAX_POOL_BATCHES};
-
-/// Longest path a Unix socket address holds on Linux (`sun_path` less its NUL).
-const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 fn main() -> ExitCode {
     let config = Config::parse();
@@ -59,6 +57,11 @@ fn run(config: Config) -> Result<()> {
     let receiver_dir = data.receiver_dir(&writer_id);
     store::create_dir_all(&receiver_dir)?;
     let _lock = data.lock_writer(&writer_id)?;
+    // Bound before anything that takes time (the journal's replay) and before the UDP sockets:
+    // from here on, a request waits for the receiver to be ready instead of finding nobody,
+    // and a sync covers every datagram that can have reached our sockets.
+    let control_path = data.control_socket(&writer_id);
+    let control = control::bind(&control_path)?;
 
     let previous = writer::read_state(&data, &writer_id);
     if !previous.clean {
@@ -95,8 +98,6 @@ fn run(config: Config) -> Result<()> {
     }
 
     let (journal, replay) = Journal::open(&data.journal_path(&writer_id), config.journal_bytes)?;
-    let control_path = data.control_socket(&writer_id);
-    let control = bind_control(&control_path)?;
     writer::write_state(&data, &writer_id, previous.epoch, false)?;
 
     let counters = Arc::new(Counters::default());
@@ -157,7 +158,8 @@ fn run(config: Config) -> Result<()> {
     let (_unused_tx, lead_ctl) = crossbeam_channel::bounded(1);
     let (mut lead, _lead_waker) =
         Ingest::new(lead_sockets, to_writer, free_rx, counters.clone(), lead_ctl)?;
-    lead.lead(Lead::new(control, peers, writer_id.clone())?)?;
+    let control = Control::new(control, writer_id.clone(), counters.clone());
+    lead.lead(Lead::new(control, peers)?)?;
 
     let writer = Writer::new(
         settings,
@@ -225,21 +227,4 @@ fn nix_is_root() -> bool {
 
 fn listen_addr(listen: &[String], i: usize) -> std::net::SocketAddr {
     listen[i].parse().expect("a bound address parses")
-}
-
-/// Binds the control socket, replacing one a previous run left behind (we hold the lock).
-fn bind_control(path: &std::path::Path) -> Result<UnixListener> {
-    let len = path.as_os_str().len();
-    if len > MAX_SOCKET_PATH_BYTES {
-        bail!(
-            "control socket path {} is {len} bytes, over the {MAX_SOCKET_PATH_BYTES}-byte limit of Unix sockets; use a shorter --data-dir",
-            path.display()
-        );
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
-    }
-    UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))
 }

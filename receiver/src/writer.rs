@@ -1,8 +1,7 @@
 //! The store writer: folds accepted records into a per-app, per-address map and appends one
 //! checksummed block per dirty app to the store every flush interval, on request, and at exit.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -11,12 +10,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::aggregate::Pending;
 pub use ipevent_core::aggregate::Record;
+use ipevent_core::control::{Reply, ResetBegun, ResetEnded, Synced};
 use ipevent_core::journal::{Journal, ReplayBatch};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, AppendBlocks, StoreWriter};
 use ipevent_core::{AddrStats, AppSha, DataDir, Reject};
 use serde_json::json;
 
+use crate::control::{self, Op, Request};
 use crate::counters::Counters;
 
 /// Records per batch handed from an ingest thread to the writer.
@@ -70,10 +71,6 @@ impl BatchPool {
     }
 }
 
-/// How long a reset may hold flushes before the writer resumes on its own (the resetting
-/// client died).
-pub const RESET_HOLD: Duration = Duration::from_secs(30);
-
 /// Failures (a full disk, a read-only data dir) are logged at most this often.
 pub const COMPLAINT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -81,26 +78,10 @@ pub const COMPLAINT_INTERVAL: Duration = Duration::from_secs(10);
 pub enum ToWriter {
     /// Accepted records (the empty vector goes back to the pool).
     Batch(Vec<Record>),
-    /// Ingest thread `from` drained its sockets for request `request`.
+    /// An ingest thread drained its sockets for request `request`.
     Marker { request: u64 },
     /// A control request; it runs once `markers` ingest threads have sent their marker for it.
     Request(Request),
-}
-
-/// The control requests that need the writer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestKind {
-    Sync,
-    ResetBegin,
-    ResetEnd,
-}
-
-/// A control request and the connection to answer on.
-pub struct Request {
-    pub id: u64,
-    pub kind: RequestKind,
-    pub reply: UnixStream,
-    pub markers: usize,
 }
 
 /// Fixed settings of the writer.
@@ -134,11 +115,15 @@ pub struct Writer {
     from_ingest: Receiver<ToWriter>,
     free: Sender<Vec<Record>>,
     pending: Pending,
-    /// Requests waiting for markers: id -> (markers seen, request once it arrived).
-    waiting: HashMap<u64, (usize, Option<Request>)>,
+    /// Requests waiting for markers: id -> (markers seen, request once it arrived). They
+    /// run in id order.
+    waiting: BTreeMap<u64, (usize, Option<Request>)>,
     epoch: u64,
     stats: ReceiverStats,
-    held_until: Option<Instant>,
+    /// Resets in progress: while any is, nothing is flushed.
+    holds: BTreeSet<u64>,
+    /// Syncs that arrived while flushes were held; answered when the last hold ends.
+    held_syncs: Vec<UnixStream>,
     /// Reusable buffer for one app's sorted records.
     sorted: Vec<(u32, AddrStats)>,
     last_error_log: Option<Instant>,
@@ -167,10 +152,11 @@ impl Writer {
             from_ingest,
             free,
             pending: Pending::default(),
-            waiting: HashMap::new(),
+            waiting: BTreeMap::new(),
             epoch,
             stats,
-            held_until: None,
+            holds: BTreeSet::new(),
+            held_syncs: Vec::new(),
             sorted: Vec::new(),
             last_error_log: None,
             complaints_quiet: 0,
@@ -229,11 +215,12 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        self.held_until = None;
+        self.holds.clear();
         if let Some(records) = self.stalled.take() {
             self.accept(records);
         }
-        self.flush();
+        let failed = self.flush();
+        self.answer_held_syncs(failed);
         self.write_stats();
         let clean = self.pending.is_empty() && self.stalled.is_none();
         if !clean {
@@ -312,75 +299,102 @@ impl Writer {
         let _ = self.free.send(records);
     }
 
+    /// Serves, in id order, every request whose markers are all in.
     fn run_ready_requests(&mut self) {
-        let ready: Vec<u64> = self
-            .waiting
-            .iter()
-            .filter(|(_, (seen, req))| req.as_ref().is_some_and(|r| *seen >= r.markers))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ready {
-            let Some((_, Some(request))) = self.waiting.remove(&id) else {
-                continue;
-            };
-            self.serve(request);
+        while let Some(entry) = self.waiting.first_entry() {
+            let (seen, request) = entry.get();
+            if request.as_ref().is_none_or(|r| *seen < r.markers) {
+                return;
+            }
+            if let (_, Some(request)) = entry.remove() {
+                self.serve(request.op);
+            }
         }
     }
 
-    fn serve(&mut self, request: Request) {
-        let reply = match request.kind {
-            RequestKind::Sync => {
+    fn serve(&mut self, op: Op) {
+        match op {
+            Op::Sync { reply } if !self.holds.is_empty() => self.held_syncs.push(reply),
+            Op::Sync { reply } => {
                 let failed = self.flush();
-                if failed == 0 {
-                    Ok(json!({"epoch": self.epoch, "held": self.held_until.is_some()}))
+                control::answer(&reply, &self.sync_reply(failed));
+            }
+            Op::BeginHold { hold, reply } => {
+                let dropped = self.begin_hold(hold);
+                control::answer(
+                    &reply,
+                    &Reply::ResetBegun(ResetBegun {
+                        dropped_pending: dropped,
+                    }),
+                );
+            }
+            Op::EndHold { hold, reply } => {
+                let reply_line = if self.end_hold(hold) {
+                    Reply::ResetEnded(ResetEnded { epoch: self.epoch })
                 } else {
-                    Err(format!(
-                        "{failed} apps could not be written; see the receiver's log"
-                    ))
+                    Reply::Refused("this reset's hold had already ended (lease)".into())
+                };
+                if let Some(reply) = reply {
+                    control::answer(&reply, &reply_line);
+                }
+                if self.holds.is_empty() && !self.held_syncs.is_empty() {
+                    let failed = self.flush();
+                    self.answer_held_syncs(failed);
                 }
             }
-            RequestKind::ResetBegin => {
-                let dropped = self.pending.events();
-                self.pending = Pending::default();
-                self.journal.rewind();
-                self.counters.zero();
-                let resets = self.stats.resets + 1;
-                self.stats = self.settings.stats_base.clone();
-                self.stats.resets = resets;
-                self.held_until = Some(Instant::now() + RESET_HOLD);
-                log::info!("reset: dropped {dropped} pending events; flushes held");
-                Ok(json!({"dropped_pending": dropped}))
-            }
-            RequestKind::ResetEnd => {
-                // The tree was moved away: what we knew of our logs no longer holds.
-                self.store.forget_logs();
-                self.held_until = None;
-                log::info!("reset complete; flushes resumed");
-                Ok(json!({"epoch": self.epoch}))
-            }
-        };
+        }
         self.write_stats();
-        let line = match reply {
-            Ok(body) => format!("ok {body}\n"),
-            Err(message) => format!("err {message}\n"),
-        };
-        let mut stream = request.reply;
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        if let Err(e) = stream.write_all(line.as_bytes()) {
-            log::debug!("control client went away before its answer: {e}");
+    }
+
+    /// `reset-begin`: drops what is pending, zeroes the counters and holds flushes. Returns
+    /// how many pending events were dropped.
+    fn begin_hold(&mut self, hold: u64) -> u64 {
+        let dropped = self.pending.events();
+        self.pending = Pending::default();
+        self.journal.rewind();
+        self.counters.zero();
+        let resets = self.stats.resets + 1;
+        self.stats = self.settings.stats_base.clone();
+        self.stats.resets = resets;
+        self.holds.insert(hold);
+        log::info!("reset: dropped {dropped} pending events; flushes held");
+        dropped
+    }
+
+    /// Ends hold `hold`; false when it had already ended.
+    fn end_hold(&mut self, hold: u64) -> bool {
+        let was_held = self.holds.remove(&hold);
+        // The tree may have been moved away: what we knew of our logs no longer holds.
+        self.store.forget_logs();
+        if was_held && self.holds.is_empty() {
+            log::info!("reset over; flushes resumed");
+        }
+        was_held
+    }
+
+    /// The answer to a sync whose flush left `failed` apps unwritten.
+    fn sync_reply(&self, failed: usize) -> Reply {
+        if failed == 0 {
+            Reply::Synced(Synced { epoch: self.epoch })
+        } else {
+            Reply::Refused(format!(
+                "{failed} apps could not be written; see the receiver's log"
+            ))
+        }
+    }
+
+    fn answer_held_syncs(&mut self, failed: usize) {
+        let reply = self.sync_reply(failed);
+        for stream in self.held_syncs.drain(..) {
+            control::answer(&stream, &reply);
         }
     }
 
     /// Appends one block per dirty app. Apps that fail stay pending for the next flush.
     /// Returns how many apps failed.
     fn flush(&mut self) -> usize {
-        if let Some(until) = self.held_until {
-            if Instant::now() < until {
-                return 0;
-            }
-            log::warn!("a reset held flushes for {RESET_HOLD:?} without finishing; resuming");
-            self.held_until = None;
-            self.store.forget_logs();
+        if !self.holds.is_empty() {
+            return 0;
         }
         if self.pending.is_empty() {
             // Everything journaled is in the store (or was discarded by a reset).
@@ -455,6 +469,7 @@ impl Writer {
         s.updated_unix = unix_now();
         s.datagrams_received = c.datagrams_received.load(Relaxed);
         s.kernel_drops = c.kernel_drops.load(Relaxed);
+        s.control_conns_full = c.control_conns_full.load(Relaxed);
         s.rejected = Reject::ALL
             .iter()
             .map(|r| (r.name().to_string(), c.rejected[r.index()].load(Relaxed)))

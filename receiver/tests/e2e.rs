@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ipevent_core::control::{self, Command as Ctl};
+use ipevent_core::control;
 use ipevent_core::wire::{self, IpEvent};
 use ipevent_core::AppSha;
 use ipevent_testkit::{bin, sender, stdout_json, Receiver, Rng};
@@ -414,10 +414,9 @@ fn sigint_also_flushes_everything() {
 fn control_channel_answers_ping_and_refuses_nonsense() {
     let rx = Receiver::start(&[]);
     let socket = rx.data.control_socket(&rx.writer_id);
-    let pong = control::request(&socket, Ctl::Ping, std::time::Duration::from_secs(5)).unwrap();
-    let pong: serde_json::Value = serde_json::from_str(&pong).unwrap();
-    assert_eq!(pong["writer_id"], "test");
-    assert_eq!(pong["pid"], rx.pid());
+    let pong = control::ping(&socket, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(pong.writer_id, "test");
+    assert_eq!(pong.pid, rx.pid());
 
     use std::io::{BufRead, BufReader, Write};
     let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
