@@ -166,21 +166,7 @@ impl Ingest {
         let mut events = Events::with_capacity(256);
         let mut stop = false;
         while !stop {
-            let busy = self.readable.iter().any(|r| *r);
-            let timeout = if busy {
-                Some(Duration::ZERO)
-            } else {
-                // Wake up in time to hand over a partly filled batch, or to close a control
-                // connection.
-                let handoff = self.batch_since.map(|since| since + HANDOFF_DELAY);
-                let control = self.lead.as_ref().and_then(|l| l.control.next_deadline());
-                handoff
-                    .into_iter()
-                    .chain(control)
-                    .min()
-                    .map(|at| at.saturating_duration_since(Instant::now()))
-            };
-            match self.poll.poll(&mut events, timeout) {
+            match self.poll.poll(&mut events, self.poll_timeout()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(anyhow!("polling: {e}")),
@@ -217,6 +203,22 @@ impl Ingest {
         }
         self.drain_all()?;
         self.hand_off()
+    }
+
+    /// How long the next poll may wait: not at all while a socket may hold datagrams, else
+    /// until a partly filled batch is due to the writer or a control connection is due to
+    /// close.
+    fn poll_timeout(&self) -> Option<Duration> {
+        if self.readable.iter().any(|r| *r) {
+            return Some(Duration::ZERO);
+        }
+        let handoff = self.batch_since.map(|since| since + HANDOFF_DELAY);
+        let control = self.lead.as_ref().and_then(|l| l.control.next_deadline());
+        handoff
+            .into_iter()
+            .chain(control)
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     /// Reads up to `max_calls` batches from socket `i`; clears its readiness once it would block.

@@ -211,6 +211,7 @@ fn a_reset_begun_by_a_client_that_closes_at_once_holds_nothing() {
     let stream = connect(&rx);
     (&stream).write_all(b"reset-begin\n").unwrap();
     drop(stream);
+    rx.wait_stats("the reset to be served", |s| s.resets == 1);
     let app = AppSha([0x71; 32]);
     send_events(&rx, app, 3);
     let accepted = wait_accepted(&mut rx, 3);
