@@ -320,151 +320,38 @@ fn finite_or_zero(value: f64) -> f64 {
 /// least 1, rates and days to finite values of at least 0), so call
 /// [`CapacityInput::validate`] first to reject them instead.
 pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
-    let input = CapacityInput {
-        apps: input.apps.max(1),
-        addresses_per_app: input.addresses_per_app.max(1),
-        events_per_sec: finite_or_zero(input.events_per_sec),
-        days: finite_or_zero(input.days),
-        flush_interval_ms: input.flush_interval_ms.max(1),
-        writers: input.writers.max(1),
-    };
-    let apps = input.apps as f64;
-    let addresses = input.addresses_per_app as f64;
-    let writers = input.writers as f64;
-    let flush_secs = input.flush_interval_ms as f64 / 1000.0;
-    let record = BLOCK_RECORD_BYTES as f64;
-    let header = BLOCK_HEADER_BYTES as f64;
-    // Appended blocks a log holds at most beside its compacted block.
-    let tail_blocks = f64::from(COMPACT_AFTER_BLOCKS - 2);
-
-    // The period.
-    let events_total = input.events_per_sec * input.days * SECS_PER_DAY;
-    let apps_seen = expected_distinct(events_total, apps);
-    let events_per_log_period = events_total / (apps * writers);
-    let logs = apps * writers * -(-events_per_log_period).exp_m1();
-    let addresses_per_log = if logs > 0.0 {
-        expected_distinct_given_any(events_per_log_period, addresses)
-    } else {
-        0.0
-    };
-
-    // One flush interval of one writer.
-    let events_per_flush = input.events_per_sec * flush_secs / writers;
-    let events_per_log_flush = events_per_flush / apps;
-    let records_per_append = if events_per_flush > 0.0 {
-        expected_distinct_given_any(events_per_log_flush, addresses)
-    } else {
-        0.0
-    };
-    let block_bytes = header + records_per_append * record;
-    let pending_apps = expected_distinct(events_per_flush, apps);
-    let pending_entries = expected_distinct(events_per_flush, apps * addresses);
-
-    // Logs: appended blocks until the compaction rule folds them into one.
-    let flushes_in_period = input.days * SECS_PER_DAY / flush_secs;
-    let appends_per_log_period = flushes_in_period * -(-events_per_log_flush).exp_m1();
-    let log_compacted = compacted_log_bytes(addresses_per_log);
-    let (log_steady, log_worst) = if logs <= 0.0 {
-        (0.0, 0.0)
-    } else if appends_per_log_period <= f64::from(COMPACT_AFTER_BLOCKS - 1) {
-        // Never compacted yet: every block appended so far (at least the first).
-        let bytes = appends_per_log_period.max(1.0) * block_bytes;
-        (bytes, bytes)
-    } else {
-        (
-            log_compacted + tail_blocks / 2.0 * block_bytes,
-            log_compacted + tail_blocks * block_bytes,
-        )
-    };
-
-    // Directories and inodes.
-    let fanout_dirs = FANOUT_DIRS.min(apps_seen.ceil() as u64) as f64;
-    let apps_per_fanout = if fanout_dirs > 0.0 {
-        apps_seen / fanout_dirs
-    } else {
-        0.0
-    };
-    let logs_per_app = if apps_seen > 0.0 {
-        logs / apps_seen
-    } else {
-        0.0
-    };
-    let fixed_bytes = (FIXED_INODES as f64 + INODES_PER_WRITER as f64 * writers)
-        * FS_BLOCK_BYTES as f64
-        + dir_bytes(fanout_dirs, 2);
-    let dirs_bytes = fanout_dirs * dir_bytes(apps_per_fanout, APP_DIR_NAME_CHARS)
-        + apps_seen * dir_bytes(logs_per_app + 1.0, LOG_NAME_CHARS);
-    let disk_steady = fixed_bytes + dirs_bytes + logs * allocated(log_steady);
-    let compaction_copies = if logs > 0.0 {
-        writers * allocated(log_compacted)
-    } else {
-        0.0
-    };
-    let disk_worst = fixed_bytes + dirs_bytes + logs * allocated(log_worst) + compaction_copies;
-    let inodes = FIXED_INODES as f64
-        + INODES_PER_WRITER as f64 * writers
-        + fanout_dirs
-        + apps_seen.ceil()
-        + logs.ceil();
-    let inodes_worst = inodes + if logs > 0.0 { writers } else { 0.0 };
-
-    // Memory: the pending maps, and the larger of a flush's and a compaction's buffers.
-    // The sizes of the receiver's own map entries (crate::aggregate).
-    let app_slot_bytes = aggregate::APP_SLOT_BYTES as u64;
-    let entry_slot_bytes = aggregate::ENTRY_SLOT_BYTES as u64;
-    let addr_slot_bytes = std::mem::size_of::<(u32, AddrStats)>() as u64;
-    let pending_apps_count = pending_apps.ceil() as u64;
-    let pending_entries_count = pending_entries.ceil() as u64;
-    // The app table, the app list, the entry table; a flush sorts the entries into a vector.
-    let pending_bytes = table_heap_bytes(pending_apps_count, app_slot_bytes)
-        .saturating_add(pending_apps_count.saturating_mul(std::mem::size_of::<AppSha>() as u64))
-        .saturating_add(table_heap_bytes(pending_entries_count, entry_slot_bytes))
-        .saturating_add(pending_entries_count.saturating_mul(entry_slot_bytes));
-    // A flush sorts one app's records into a vector and builds its block.
-    let flush_records = records_per_append.ceil() as u64;
-    let flush_bytes = records_buffers_bytes(flush_records, addr_slot_bytes);
-    // A compaction merges a whole log in a map, then sorts it and builds its blocks.
-    let merged_records = addresses_per_log.ceil() as u64;
-    let compaction_bytes = table_heap_bytes(merged_records, addr_slot_bytes)
-        .saturating_add(records_buffers_bytes(merged_records, addr_slot_bytes));
-    let memory = pending_bytes.saturating_add(flush_bytes.max(compaction_bytes));
-
+    let input = clamped(input);
+    let traffic = Traffic::of(&input);
+    let logs = LogSizes::of(&input, &traffic);
+    let tree = TreeSizes::of(&traffic, &logs);
+    let memory = memory_bytes_per_writer(&traffic);
+    let writes = WriteLoad::of(&traffic, &logs);
     let journal_per_flush = journal::JOURNAL_HEADER_BYTES as f64
-        + events_per_flush * journal::JOURNAL_RECORD_BYTES as f64;
+        + traffic.events_per_flush * journal::JOURNAL_RECORD_BYTES as f64;
 
     // Network.
-    let packets = input.events_per_sec / writers;
+    let packets = input.events_per_sec / traffic.writers;
     let ip_packet_bits = ((ENCODED_MAX_BYTES as u64 + IPV4_UDP_HEADER_BYTES) * 8) as f64;
     let wire_packet_bits = ip_packet_bits + (ETHERNET_OVERHEAD_BYTES * 8) as f64;
 
-    // Writes: each log is written in the flushes where its app sent to its writer.
-    let log_writes_per_sec = apps * writers * -(-events_per_log_flush).exp_m1() / flush_secs;
-    let compactions_per_sec = if appends_per_log_period > f64::from(COMPACT_AFTER_BLOCKS - 1) {
-        log_writes_per_sec / f64::from(COMPACT_AFTER_BLOCKS - 1)
-    } else {
-        0.0
-    };
-    let appends_per_sec = log_writes_per_sec - compactions_per_sec;
-    let disk_write_bytes_per_sec =
-        appends_per_sec * block_bytes + compactions_per_sec * log_compacted;
-
+    let pending_apps_count = traffic.pending_apps.ceil() as u64;
     CapacityEstimate {
-        events_total,
-        apps_seen: apps_seen.ceil() as u64,
-        logs: logs.ceil() as u64,
-        addresses_per_log,
-        records_per_append,
-        log_bytes_compacted: log_compacted.ceil() as u64,
-        log_bytes_steady: log_steady.ceil() as u64,
-        log_bytes_worst: log_worst.ceil() as u64,
-        data_bytes_steady: (logs * log_steady).ceil() as u64,
-        data_bytes_worst: (logs * log_worst).ceil() as u64,
-        disk_bytes_steady: disk_steady.ceil() as u64,
-        disk_bytes_worst: disk_worst.ceil() as u64,
-        inodes: inodes as u64,
-        inodes_worst: inodes_worst as u64,
+        events_total: traffic.events_total,
+        apps_seen: traffic.apps_seen.ceil() as u64,
+        logs: traffic.logs.ceil() as u64,
+        addresses_per_log: traffic.addresses_per_log,
+        records_per_append: traffic.records_per_append,
+        log_bytes_compacted: logs.compacted.ceil() as u64,
+        log_bytes_steady: logs.steady.ceil() as u64,
+        log_bytes_worst: logs.worst.ceil() as u64,
+        data_bytes_steady: (traffic.logs * logs.steady).ceil() as u64,
+        data_bytes_worst: (traffic.logs * logs.worst).ceil() as u64,
+        disk_bytes_steady: tree.disk_steady.ceil() as u64,
+        disk_bytes_worst: tree.disk_worst.ceil() as u64,
+        inodes: tree.inodes as u64,
+        inodes_worst: tree.inodes_worst as u64,
         pending_apps_per_writer: pending_apps_count,
-        pending_entries_per_writer: pending_entries.ceil() as u64,
+        pending_entries_per_writer: traffic.pending_entries.ceil() as u64,
         memory_bytes_per_writer: memory,
         journal_bytes_per_flush_per_writer: journal_per_flush.ceil() as u64,
         packets_per_sec_per_writer: packets,
@@ -472,16 +359,226 @@ pub fn estimate(input: &CapacityInput) -> CapacityEstimate {
         wire_bits_per_sec_per_writer: packets * wire_packet_bits,
         ip_bits_per_sec_total: input.events_per_sec * ip_packet_bits,
         appends_per_flush_per_writer: pending_apps_count,
-        appends_per_sec,
-        compactions_per_sec,
-        disk_write_bytes_per_sec,
+        appends_per_sec: writes.appends_per_sec,
+        compactions_per_sec: writes.compactions_per_sec,
+        disk_write_bytes_per_sec: writes.disk_write_bytes_per_sec,
         journal_write_bytes_per_sec: input.events_per_sec * journal::JOURNAL_RECORD_BYTES as f64,
-        compactions_per_flush_worst: if compactions_per_sec > 0.0 {
+        compactions_per_flush_worst: if writes.compactions_per_sec > 0.0 {
             pending_apps_count
         } else {
             0
         },
         input,
+    }
+}
+
+/// `input` with every count at least 1 and every rate and duration finite and at least 0.
+fn clamped(input: &CapacityInput) -> CapacityInput {
+    CapacityInput {
+        apps: input.apps.max(1),
+        addresses_per_app: input.addresses_per_app.max(1),
+        events_per_sec: finite_or_zero(input.events_per_sec),
+        days: finite_or_zero(input.days),
+        flush_interval_ms: input.flush_interval_ms.max(1),
+        writers: input.writers.max(1),
+    }
+}
+
+/// What the traffic puts in the store over the period, and into one writer in one flush
+/// interval.
+struct Traffic {
+    apps: f64,
+    writers: f64,
+    flush_secs: f64,
+    /// The period.
+    events_total: f64,
+    apps_seen: f64,
+    logs: f64,
+    addresses_per_log: f64,
+    /// One flush interval of one writer.
+    events_per_flush: f64,
+    events_per_log_flush: f64,
+    records_per_append: f64,
+    block_bytes: f64,
+    pending_apps: f64,
+    pending_entries: f64,
+}
+
+impl Traffic {
+    fn of(input: &CapacityInput) -> Traffic {
+        let apps = input.apps as f64;
+        let addresses = input.addresses_per_app as f64;
+        let writers = input.writers as f64;
+        let flush_secs = input.flush_interval_ms as f64 / 1000.0;
+
+        let events_total = input.events_per_sec * input.days * SECS_PER_DAY;
+        let events_per_log_period = events_total / (apps * writers);
+        let logs = apps * writers * -(-events_per_log_period).exp_m1();
+        let addresses_per_log = if logs > 0.0 {
+            expected_distinct_given_any(events_per_log_period, addresses)
+        } else {
+            0.0
+        };
+
+        let events_per_flush = input.events_per_sec * flush_secs / writers;
+        let events_per_log_flush = events_per_flush / apps;
+        let records_per_append = if events_per_flush > 0.0 {
+            expected_distinct_given_any(events_per_log_flush, addresses)
+        } else {
+            0.0
+        };
+        Traffic {
+            apps,
+            writers,
+            flush_secs,
+            events_total,
+            apps_seen: expected_distinct(events_total, apps),
+            logs,
+            addresses_per_log,
+            events_per_flush,
+            events_per_log_flush,
+            records_per_append,
+            block_bytes: BLOCK_HEADER_BYTES as f64 + records_per_append * BLOCK_RECORD_BYTES as f64,
+            pending_apps: expected_distinct(events_per_flush, apps),
+            pending_entries: expected_distinct(events_per_flush, apps * addresses),
+        }
+    }
+}
+
+/// Bytes of one log: appended blocks until the compaction rule folds them into one.
+struct LogSizes {
+    /// Blocks appended to a log over the period.
+    appends_per_log_period: f64,
+    compacted: f64,
+    steady: f64,
+    worst: f64,
+}
+
+impl LogSizes {
+    fn of(input: &CapacityInput, t: &Traffic) -> LogSizes {
+        // Appended blocks a log holds at most beside its compacted block.
+        let tail_blocks = f64::from(COMPACT_AFTER_BLOCKS - 2);
+        let flushes_in_period = input.days * SECS_PER_DAY / t.flush_secs;
+        let appends_per_log_period = flushes_in_period * -(-t.events_per_log_flush).exp_m1();
+        let compacted = compacted_log_bytes(t.addresses_per_log);
+        let (steady, worst) = if t.logs <= 0.0 {
+            (0.0, 0.0)
+        } else if appends_per_log_period <= f64::from(COMPACT_AFTER_BLOCKS - 1) {
+            // Never compacted yet: every block appended so far (at least the first).
+            let bytes = appends_per_log_period.max(1.0) * t.block_bytes;
+            (bytes, bytes)
+        } else {
+            (
+                compacted + tail_blocks / 2.0 * t.block_bytes,
+                compacted + tail_blocks * t.block_bytes,
+            )
+        };
+        LogSizes {
+            appends_per_log_period,
+            compacted,
+            steady,
+            worst,
+        }
+    }
+}
+
+/// Disk space and inodes of the whole data dir: directories, logs and the receivers' files.
+struct TreeSizes {
+    disk_steady: f64,
+    disk_worst: f64,
+    inodes: f64,
+    inodes_worst: f64,
+}
+
+impl TreeSizes {
+    fn of(t: &Traffic, logs: &LogSizes) -> TreeSizes {
+        let fanout_dirs = FANOUT_DIRS.min(t.apps_seen.ceil() as u64) as f64;
+        let apps_per_fanout = if fanout_dirs > 0.0 {
+            t.apps_seen / fanout_dirs
+        } else {
+            0.0
+        };
+        let logs_per_app = if t.apps_seen > 0.0 {
+            t.logs / t.apps_seen
+        } else {
+            0.0
+        };
+        let fixed_bytes = (FIXED_INODES as f64 + INODES_PER_WRITER as f64 * t.writers)
+            * FS_BLOCK_BYTES as f64
+            + dir_bytes(fanout_dirs, 2);
+        let dirs_bytes = fanout_dirs * dir_bytes(apps_per_fanout, APP_DIR_NAME_CHARS)
+            + t.apps_seen * dir_bytes(logs_per_app + 1.0, LOG_NAME_CHARS);
+        let compaction_copies = if t.logs > 0.0 {
+            t.writers * allocated(logs.compacted)
+        } else {
+            0.0
+        };
+        let inodes = FIXED_INODES as f64
+            + INODES_PER_WRITER as f64 * t.writers
+            + fanout_dirs
+            + t.apps_seen.ceil()
+            + t.logs.ceil();
+        TreeSizes {
+            disk_steady: fixed_bytes + dirs_bytes + t.logs * allocated(logs.steady),
+            disk_worst: fixed_bytes
+                + dirs_bytes
+                + t.logs * allocated(logs.worst)
+                + compaction_copies,
+            inodes,
+            inodes_worst: inodes + if t.logs > 0.0 { t.writers } else { 0.0 },
+        }
+    }
+}
+
+/// Peak memory of one writer: the pending maps, and the larger of a flush's and a
+/// compaction's buffers, from the sizes of the receiver's own map entries
+/// ([`crate::aggregate`]).
+fn memory_bytes_per_writer(t: &Traffic) -> u64 {
+    let app_slot_bytes = aggregate::APP_SLOT_BYTES as u64;
+    let entry_slot_bytes = aggregate::ENTRY_SLOT_BYTES as u64;
+    let addr_slot_bytes = std::mem::size_of::<(u32, AddrStats)>() as u64;
+    let pending_apps_count = t.pending_apps.ceil() as u64;
+    let pending_entries_count = t.pending_entries.ceil() as u64;
+    // The app table, the app list, the entry table; a flush sorts the entries into a vector.
+    let pending_bytes = table_heap_bytes(pending_apps_count, app_slot_bytes)
+        .saturating_add(pending_apps_count.saturating_mul(std::mem::size_of::<AppSha>() as u64))
+        .saturating_add(table_heap_bytes(pending_entries_count, entry_slot_bytes))
+        .saturating_add(pending_entries_count.saturating_mul(entry_slot_bytes));
+    // A flush sorts one app's records into a vector and builds its block.
+    let flush_records = t.records_per_append.ceil() as u64;
+    let flush_bytes = records_buffers_bytes(flush_records, addr_slot_bytes);
+    // A compaction merges a whole log in a map, then sorts it and builds its blocks.
+    let merged_records = t.addresses_per_log.ceil() as u64;
+    let compaction_bytes = table_heap_bytes(merged_records, addr_slot_bytes)
+        .saturating_add(records_buffers_bytes(merged_records, addr_slot_bytes));
+    pending_bytes.saturating_add(flush_bytes.max(compaction_bytes))
+}
+
+/// Writes per second, all writers together: each log is written in the flushes where its app
+/// sent to its writer.
+struct WriteLoad {
+    appends_per_sec: f64,
+    compactions_per_sec: f64,
+    disk_write_bytes_per_sec: f64,
+}
+
+impl WriteLoad {
+    fn of(t: &Traffic, logs: &LogSizes) -> WriteLoad {
+        let log_writes_per_sec =
+            t.apps * t.writers * -(-t.events_per_log_flush).exp_m1() / t.flush_secs;
+        let compactions_per_sec =
+            if logs.appends_per_log_period > f64::from(COMPACT_AFTER_BLOCKS - 1) {
+                log_writes_per_sec / f64::from(COMPACT_AFTER_BLOCKS - 1)
+            } else {
+                0.0
+            };
+        let appends_per_sec = log_writes_per_sec - compactions_per_sec;
+        WriteLoad {
+            appends_per_sec,
+            compactions_per_sec,
+            disk_write_bytes_per_sec: appends_per_sec * t.block_bytes
+                + compactions_per_sec * logs.compacted,
+        }
     }
 }
 
@@ -546,9 +643,30 @@ fn row(f: &mut fmt::Formatter<'_>, name: &str, values: &[String], note: &str) ->
 impl fmt::Display for CapacityEstimate {
     /// A table for operators: the input, then the store, one writer, and all writers.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_input(f)?;
+        writeln!(f)?;
+        self.fmt_store(f)?;
+        writeln!(f)?;
+        self.fmt_per_writer(f)?;
+        writeln!(f)?;
+        self.fmt_all_writers(f)
+    }
+}
+
+/// Bytes in binary units, for the table.
+fn bytes(n: u64) -> String {
+    human_bytes(n as f64)
+}
+
+/// A count in decimal units, for the table.
+fn count(n: u64) -> String {
+    human_count(n as f64)
+}
+
+impl CapacityEstimate {
+    /// The first line: what was sized.
+    fn fmt_input(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = &self.input;
-        let bytes = |n: u64| human_bytes(n as f64);
-        let count = |n: u64| human_count(n as f64);
         writeln!(
             f,
             "{} apps x {} addresses, {} events/s for {} day(s) ({} events), \
@@ -560,8 +678,11 @@ impl fmt::Display for CapacityEstimate {
             human_count(self.events_total),
             i.writers,
             i.flush_interval_ms
-        )?;
-        writeln!(f)?;
+        )
+    }
+
+    /// The data dir, steady and worst case.
+    fn fmt_store(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "{:<width$}  {:>10}  {:>10}",
@@ -570,29 +691,29 @@ impl fmt::Display for CapacityEstimate {
             "worst case",
             width = NAME_CHARS + 2
         )?;
-        let both = |a: u64, b: u64, show: &dyn Fn(u64) -> String| [show(a), show(b)];
+        let both = |a: u64, b: u64, show: fn(u64) -> String| [show(a), show(b)];
         row(
             f,
             "disk space",
-            &both(self.disk_bytes_steady, self.disk_bytes_worst, &bytes),
+            &both(self.disk_bytes_steady, self.disk_bytes_worst, bytes),
             "and each receiver's --journal-bytes",
         )?;
         row(
             f,
             "log data (apparent size)",
-            &both(self.data_bytes_steady, self.data_bytes_worst, &bytes),
+            &both(self.data_bytes_steady, self.data_bytes_worst, bytes),
             "",
         )?;
         row(
             f,
             "inodes",
-            &both(self.inodes, self.inodes_worst, &count),
+            &both(self.inodes, self.inodes_worst, count),
             "",
         )?;
         row(
             f,
             "one log",
-            &both(self.log_bytes_steady, self.log_bytes_worst, &bytes),
+            &both(self.log_bytes_steady, self.log_bytes_worst, bytes),
             "",
         )?;
         row(
@@ -605,8 +726,11 @@ impl fmt::Display for CapacityEstimate {
                 self.addresses_per_log,
                 self.records_per_append
             ),
-        )?;
-        writeln!(f)?;
+        )
+    }
+
+    /// One writer: memory, journal, traffic in, appends and compactions.
+    fn fmt_per_writer(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "per writer")?;
         row(
             f,
@@ -650,8 +774,11 @@ impl fmt::Display for CapacityEstimate {
             "compactions in one flush, worst case",
             &[count(self.compactions_per_flush_worst)],
             "each ends with an fdatasync",
-        )?;
-        writeln!(f)?;
+        )
+    }
+
+    /// All writers together: network and disk writes.
+    fn fmt_all_writers(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "all writers")?;
         row(
             f,

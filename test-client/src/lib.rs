@@ -7,6 +7,7 @@
 //! - [`send`]: `sendmmsg` to the targets with retries, and the rate limiter.
 //! - [`verify`]: the service's reports (through `ipevent-query` or the API) against the sends.
 //! - [`run`]: one run from first datagram to summary.
+//! - [`summary`]: the run's result, as JSON and as text.
 //!
 //! Every datagram is checked with [`ipevent_core::wire::decode`], the receiver's own decoder,
 //! so the client's expectations and the receiver's verdicts come from one place.
@@ -19,4 +20,5 @@ pub mod generate;
 pub mod run;
 pub mod scenario;
 pub mod send;
+pub mod summary;
 pub mod verify;

@@ -1,7 +1,5 @@
 //! One run: send the stream, tally what the kernel took, ask the service, summarise.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,13 +8,13 @@ use std::time::{Duration, Instant};
 use ipevent_core::wire::Reject;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde::Serialize;
 
 use crate::corrupt::CorruptKind;
-use crate::generate::{Batch, Generator, StreamConfig, Tally, BATCH_MAX_DATAGRAMS};
+use crate::generate::{Batch, Generator, StreamConfig, Tally, TrackedApp, BATCH_MAX_DATAGRAMS};
 use crate::scenario::{splitmix64, AddrSet, Apps, Scenario, MAX_ADDRS_PER_APP};
 use crate::send::{Sender, TokenBucket};
-use crate::verify::{self, Expected, Source, Verification};
+pub use crate::summary::{AppSummary, Summary};
+use crate::verify::{self, Expected, Source};
 
 /// Most apps a run verifies one by one (each costs one query).
 pub const MAX_VERIFY_APPS: usize = 10_000;
@@ -81,79 +79,6 @@ impl RunConfig {
         };
         size.clamp(1, BATCH_MAX_DATAGRAMS)
     }
-}
-
-/// One tracked app in the summary.
-#[derive(Clone, Debug, Serialize)]
-pub struct AppSummary {
-    /// The app's SHA.
-    pub sha: String,
-    /// Its index in the run.
-    pub index: u64,
-    /// Its /28.
-    pub block: String,
-    /// Valid events sent.
-    pub count: u64,
-    /// Hosts that got events.
-    pub good: Vec<String>,
-    /// Outsiders that got events.
-    pub bad: Vec<String>,
-}
-
-/// The result of a run, printed as JSON with `--json`.
-#[derive(Clone, Debug, Serialize)]
-pub struct Summary {
-    /// `lookout` or `random`.
-    pub scenario: String,
-    /// The seed; the same seed and settings send the same datagrams.
-    pub seed: u64,
-    /// The addresses datagrams went to.
-    pub targets: Vec<String>,
-    /// Apps in the run.
-    pub apps_total: u64,
-    /// Datagrams the kernel took.
-    pub sent: u64,
-    /// Their payload bytes.
-    pub bytes: u64,
-    /// Valid events among them.
-    pub valid: u64,
-    /// Corrupted datagrams among them.
-    pub corrupted: u64,
-    /// Corrupted datagrams per kind.
-    pub corrupted_by_kind: BTreeMap<&'static str, u64>,
-    /// What the receiver should count as rejected, per reason.
-    pub rejected_by_reason: BTreeMap<&'static str, u64>,
-    /// Time spent sending.
-    pub elapsed_secs: f64,
-    /// Datagrams per second achieved.
-    pub rate_per_sec: f64,
-    /// On-CPU time of the sending thread while sending (Linux schedstat), when known.
-    pub cpu_secs: Option<f64>,
-    /// Time the sending thread was ready but waited for a CPU, when known: high on a busy
-    /// machine, where `rate_per_sec` then understates what one core can do.
-    pub cpu_wait_secs: Option<f64>,
-    /// Datagrams per second of the time the sender was not kept from a CPU
-    /// (`elapsed_secs - cpu_wait_secs`): what one unshared core sustains. It counts interrupt
-    /// work done on the sender's core, which `cpu_secs` may leave out.
-    pub rate_per_sec_unshared: Option<f64>,
-    /// Datagrams per second asked for (0: as fast as possible).
-    pub target_rate_per_sec: u64,
-    /// Datagrams per `sendmmsg` call.
-    pub batch: usize,
-    /// Datagrams given up on.
-    pub send_errors: u64,
-    /// Datagrams given up on, per error.
-    pub send_errors_by_kind: BTreeMap<String, u64>,
-    /// Sends retried after a transient refusal.
-    pub send_retries: u64,
-    /// Sending stopped early on a signal.
-    pub interrupted: bool,
-    /// The tracked apps and what each was sent.
-    pub apps: Vec<AppSummary>,
-    /// The service's answer, when a source was given.
-    pub verification: Option<Verification>,
-    /// Nothing failed to send, and the verification (if any) passed.
-    pub ok: bool,
 }
 
 /// On-CPU and run-queue wait time of this thread so far, in nanoseconds, from
@@ -227,6 +152,7 @@ fn progress_bar(limit: Limit) -> indicatif::ProgressBar {
 /// Sends the run's stream, verifies, and summarises.
 pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
     let apps = Apps::new(config.scenario, config.seed);
+    let apps_total = apps.count();
     let tracked = tracked_indices(&apps, config.verify_apps, config.seed);
     let stream = StreamConfig {
         seed: config.seed,
@@ -235,8 +161,47 @@ pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
     };
     let mut generator = Generator::new(apps, stream, &tracked);
     let batch_size = config.batch_size();
-    let mut batch = Batch::new(batch_size);
     let mut sender = Sender::new(config.targets.clone(), batch_size)?;
+    let sent = send_stream(config, &mut generator, &mut sender, batch_size);
+    let interrupted = config.stop.load(Ordering::Relaxed);
+    if interrupted {
+        log::warn!(
+            "interrupted after {} datagrams; verifying what was sent",
+            sent.tally.sent
+        );
+    }
+    let expectations = expectations(generator.tracked(), &sent.tally);
+    let verification = config
+        .source
+        .as_ref()
+        .map(|source| verify::verify(source, &expectations, config.max_drop_pct));
+    let ok = sender.errors.total == 0 && verification.as_ref().is_none_or(|v| v.ok);
+    Ok(Summary {
+        interrupted,
+        apps: app_summaries(generator.tracked(), &expectations),
+        verification,
+        ok,
+        ..summarise(config, apps_total, &sender, &sent, batch_size)
+    })
+}
+
+/// What the sending loop did.
+struct Sent {
+    tally: Tally,
+    elapsed: Duration,
+    /// On-CPU and run-queue wait seconds of the sending thread, when known.
+    sched: Option<(f64, f64)>,
+}
+
+/// Sends batches until the limit or a stop, at the configured rate, tallying what the kernel
+/// took.
+fn send_stream(
+    config: &RunConfig,
+    generator: &mut Generator,
+    sender: &mut Sender,
+    batch_size: usize,
+) -> Sent {
+    let mut batch = Batch::new(batch_size);
     let mut tally = Tally::new(generator.tracked().len());
     let mut bucket = (config.rate_per_sec > 0).then(|| {
         // Room for 10 ms of the rate, so that oversleeping one pause is made up by the
@@ -244,8 +209,7 @@ pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
         let burst = (2 * batch_size).max((config.rate_per_sec / RATE_CATCH_UP_PER_SEC) as usize);
         TokenBucket::new(config.rate_per_sec, burst)
     });
-    let bar = config.progress.then(|| progress_bar(config.limit));
-    let mut next_draw = Instant::now();
+    let mut progress = config.progress.then(|| Progress::new(config.limit));
     let mut generated = 0u64;
     let sched_start = schedstat();
     let start = Instant::now();
@@ -271,23 +235,8 @@ pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
         sender.send(datagrams, |i| {
             tally.record(batch.slot(i), datagrams[i].len())
         });
-        if let Some(bar) = &bar {
-            let now = Instant::now();
-            if now >= next_draw {
-                next_draw = now + PROGRESS_INTERVAL;
-                let secs = start.elapsed().as_secs_f64().max(1e-9);
-                let rate = tally.sent as f64 / secs;
-                match config.limit {
-                    Limit::Count(_) => {
-                        bar.set_position(tally.sent);
-                        bar.set_message(format!("{rate:.0}/s"));
-                    }
-                    Limit::Duration(_) => {
-                        bar.set_position(start.elapsed().as_millis() as u64);
-                        bar.set_message(format!("{} datagrams, {rate:.0}/s", tally.sent));
-                    }
-                }
-            }
+        if let Some(progress) = progress.as_mut() {
+            progress.update(start, tally.sent);
         }
     }
     let elapsed = start.elapsed();
@@ -295,55 +244,102 @@ pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
         (Some(a), Some(b)) => Some(((b.0 - a.0) as f64 / 1e9, (b.1 - a.1) as f64 / 1e9)),
         _ => None,
     };
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+    if let Some(progress) = progress {
+        progress.bar.finish_and_clear();
     }
-    let interrupted = config.stop.load(Ordering::Relaxed);
-    if interrupted {
-        log::warn!(
-            "interrupted after {} datagrams; verifying what was sent",
-            tally.sent
-        );
+    Sent {
+        tally,
+        elapsed,
+        sched,
+    }
+}
+
+/// The progress bar on stderr, redrawn at most every [`PROGRESS_INTERVAL`].
+struct Progress {
+    bar: indicatif::ProgressBar,
+    limit: Limit,
+    next_draw: Instant,
+}
+
+impl Progress {
+    fn new(limit: Limit) -> Progress {
+        Progress {
+            bar: progress_bar(limit),
+            limit,
+            next_draw: Instant::now(),
+        }
     }
 
-    let expectations: Vec<Expected> = generator
-        .tracked()
+    /// Shows `sent` datagrams since `start`, when the bar is due.
+    fn update(&mut self, start: Instant, sent: u64) {
+        let now = Instant::now();
+        if now < self.next_draw {
+            return;
+        }
+        self.next_draw = now + PROGRESS_INTERVAL;
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        let rate = sent as f64 / secs;
+        match self.limit {
+            Limit::Count(_) => {
+                self.bar.set_position(sent);
+                self.bar.set_message(format!("{rate:.0}/s"));
+            }
+            Limit::Duration(_) => {
+                self.bar.set_position(start.elapsed().as_millis() as u64);
+                self.bar
+                    .set_message(format!("{sent} datagrams, {rate:.0}/s"));
+            }
+        }
+    }
+}
+
+/// What each tracked app should show, from what was sent to it.
+fn expectations(tracked: &[TrackedApp], tally: &Tally) -> Vec<Expected> {
+    tracked
         .iter()
         .zip(&tally.tracked_sent)
         .map(|(t, sent)| expected(t.app, &t.addrs, sent))
-        .collect();
-    let verification = config
-        .source
-        .as_ref()
-        .map(|source| verify::verify(source, &expectations, config.max_drop_pct));
-    let app_summaries = generator
-        .tracked()
+        .collect()
+}
+
+/// The tracked apps as the summary lists them.
+fn app_summaries(tracked: &[TrackedApp], expectations: &[Expected]) -> Vec<AppSummary> {
+    let dotted = |ips: &[u32]| -> Vec<String> {
+        ips.iter()
+            .map(|&ip| Ipv4Addr::from(ip).to_string())
+            .collect()
+    };
+    tracked
         .iter()
-        .zip(&expectations)
+        .zip(expectations)
         .map(|(t, e)| AppSummary {
             sha: t.app.to_hex(),
             index: t.index,
             block: t.addrs.block_cidr(),
             count: e.count,
-            good: e
-                .good
-                .iter()
-                .map(|&ip| Ipv4Addr::from(ip).to_string())
-                .collect(),
-            bad: e
-                .bad
-                .iter()
-                .map(|&ip| Ipv4Addr::from(ip).to_string())
-                .collect(),
+            good: dotted(&e.good),
+            bad: dotted(&e.bad),
         })
-        .collect();
-    let secs = elapsed.as_secs_f64();
-    let ok = sender.errors.total == 0 && verification.as_ref().is_none_or(|v| v.ok);
-    Ok(Summary {
+        .collect()
+}
+
+/// The summary of what was sent; the caller fills in the tracked apps, the verification and
+/// the verdict.
+fn summarise(
+    config: &RunConfig,
+    apps_total: u64,
+    sender: &Sender,
+    sent: &Sent,
+    batch_size: usize,
+) -> Summary {
+    let tally = &sent.tally;
+    let secs = sent.elapsed.as_secs_f64();
+    let sched = sent.sched;
+    Summary {
         scenario: config.scenario.to_string(),
         seed: config.seed,
         targets: sender.targets().iter().map(SocketAddr::to_string).collect(),
-        apps_total: apps.count(),
+        apps_total,
         sent: tally.sent,
         bytes: tally.bytes,
         valid: tally.valid,
@@ -373,153 +369,10 @@ pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
         send_errors: sender.errors.total,
         send_errors_by_kind: sender.errors.by_error.clone(),
         send_retries: sender.errors.retries,
-        interrupted,
-        apps: app_summaries,
-        verification,
-        ok,
-    })
-}
-
-fn counts(map: &BTreeMap<&'static str, u64>) -> String {
-    let parts: Vec<String> = map
-        .iter()
-        .filter(|(_, &n)| n > 0)
-        .map(|(name, n)| format!("{name} {n}"))
-        .collect();
-    if parts.is_empty() {
-        "none".to_string()
-    } else {
-        parts.join(", ")
-    }
-}
-
-impl Summary {
-    /// The summary for a person.
-    pub fn human(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "scenario {}, seed {}: {} apps ({} checked), to {}",
-            self.scenario,
-            self.seed,
-            self.apps_total,
-            self.apps.len(),
-            self.targets.join(", ")
-        );
-        let limit = match self.target_rate_per_sec {
-            0 => "as fast as possible".to_string(),
-            rate => format!("limit {rate}/s"),
-        };
-        let _ = writeln!(
-            s,
-            "sent {} datagrams ({} bytes) in {:.2} s: {:.0}/s ({limit}, batches of {}){}",
-            self.sent,
-            self.bytes,
-            self.elapsed_secs,
-            self.rate_per_sec,
-            self.batch,
-            if self.interrupted {
-                ", interrupted"
-            } else {
-                ""
-            }
-        );
-        if let (Some(cpu), Some(wait), Some(unshared)) = (
-            self.cpu_secs,
-            self.cpu_wait_secs,
-            self.rate_per_sec_unshared,
-        ) {
-            let _ = writeln!(
-                s,
-                "  sender: {cpu:.2} s on a CPU, {wait:.2} s waiting for one: {unshared:.0}/s on an unshared core"
-            );
-        }
-        let _ = writeln!(s, "  valid      {}", self.valid);
-        let _ = writeln!(
-            s,
-            "  corrupted  {}: {}",
-            self.corrupted,
-            counts(&self.corrupted_by_kind)
-        );
-        let _ = writeln!(
-            s,
-            "  the receiver should reject: {}",
-            counts(&self.rejected_by_reason)
-        );
-        if self.send_errors == 0 {
-            let _ = writeln!(s, "  send errors: none ({} retries)", self.send_retries);
-        } else {
-            let _ = writeln!(
-                s,
-                "  send errors: {} ({} retries)",
-                self.send_errors, self.send_retries
-            );
-            for (error, n) in &self.send_errors_by_kind {
-                let _ = writeln!(s, "    {n} x {error}");
-            }
-        }
-        let checks = self.verification.as_ref().map(|v| &v.apps);
-        for (i, app) in self.apps.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "app {} {} ({}): {} events sent, {} good, {} bad",
-                app.index,
-                app.sha,
-                app.block,
-                app.count,
-                app.good.len(),
-                app.bad.len()
-            );
-            if let Some(check) = checks.and_then(|c| c.get(i)) {
-                if let Some(error) = &check.error {
-                    let _ = writeln!(s, "  service: error: {error}");
-                    continue;
-                }
-                let _ = writeln!(
-                    s,
-                    "  service: {} counted, {} dropped, {} extra, {:.2}% handled; good {}, bad {}: {}",
-                    check.reported_count,
-                    check.dropped,
-                    check.extra,
-                    check.handled_pct,
-                    if check.good_ok { "ok" } else { "WRONG" },
-                    if check.bad_ok { "ok" } else { "WRONG" },
-                    if check.ok { "ok" } else { "FAILED" }
-                );
-                for (what, list) in [
-                    ("missing good", &check.missing_good),
-                    ("unexpected good", &check.unexpected_good),
-                    ("missing bad", &check.missing_bad),
-                    ("unexpected bad", &check.unexpected_bad),
-                ] {
-                    if !list.is_empty() {
-                        let _ = writeln!(s, "    {what}: {}", list.join(", "));
-                    }
-                }
-            }
-        }
-        match &self.verification {
-            None => {
-                let _ = writeln!(
-                    s,
-                    "not verified: give --data-dir DIR or --api URL to check the service"
-                );
-            }
-            Some(v) => {
-                let _ = writeln!(
-                    s,
-                    "verification via {}: {} sent, {} counted, {} dropped, {:.2}% handled: {}",
-                    v.source,
-                    v.expected,
-                    v.reported,
-                    v.dropped,
-                    v.handled_pct,
-                    if v.ok { "OK" } else { "FAILED" }
-                );
-            }
-        }
-        let _ = writeln!(s, "{}", if self.ok { "OK" } else { "FAILED" });
-        s
+        interrupted: false,
+        apps: Vec::new(),
+        verification: None,
+        ok: false,
     }
 }
 
