@@ -51,6 +51,9 @@ pub struct ReceiverStats {
     pub rejected: BTreeMap<String, u64>,
     /// Datagrams the kernel dropped before we could read them (SO_RXQ_OVFL).
     pub kernel_drops: u64,
+    /// Times ingest found every batch of its pool in use (the cap of 4096 batches) and waited
+    /// for the writer; the kernel buffer took the burst meanwhile.
+    pub batch_pool_waits: u64,
     /// Accepted events dropped because their app was new and `--max-apps` or the free-space
     /// threshold stopped new app directories.
     pub events_refused: u64,

@@ -14,6 +14,9 @@ pub struct Counters {
     pub kernel_drops: AtomicU64,
     /// Control connections that found every slot taken (`control::MAX_CONTROL_CONNS`).
     pub control_conns_full: AtomicU64,
+    /// Times an ingest thread found every batch of the pool in use (the
+    /// [`MAX_POOL_BATCHES`](crate::writer::MAX_POOL_BATCHES) cap) and waited for the writer.
+    pub batch_pool_waits: AtomicU64,
 }
 
 /// One thread's counts since it last added them to [`Counters`].
@@ -52,5 +55,6 @@ impl Counters {
         }
         self.kernel_drops.store(0, Relaxed);
         self.control_conns_full.store(0, Relaxed);
+        self.batch_pool_waits.store(0, Relaxed);
     }
 }

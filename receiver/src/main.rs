@@ -97,13 +97,16 @@ fn run(config: Config) -> Result<()> {
         per_thread.push(mine);
     }
 
-    let (journal, replay) = Journal::open(&data.journal_path(&writer_id), config.journal_bytes)?;
-    writer::write_state(&data, &writer_id, previous.epoch, false)?;
+    let journal = Journal::open(&data.journal_path(&writer_id), config.journal_bytes)?;
+    // The journal, not this file, is what recovery relies on: a full disk must not stop a start.
+    if let Err(e) = writer::write_state(&data, &writer_id, previous.epoch, false) {
+        log::warn!("recording the run state: {e}");
+    }
 
     let counters = Arc::new(Counters::default());
     // Room for every batch that can exist plus each thread's markers.
     let (to_writer, from_ingest) = crossbeam_channel::bounded(MAX_POOL_BATCHES + 4 * threads);
-    let (free_rx, free_tx) = BatchPool::new();
+    let (free_rx, free_tx) = BatchPool::new(counters.clone());
 
     let stats_base = ReceiverStats {
         writer_id: writer_id.clone(),
@@ -131,6 +134,7 @@ fn run(config: Config) -> Result<()> {
             min_free_inodes: config.min_free_inodes,
         },
         stats_base,
+        state_epoch: previous.epoch,
     };
 
     // Ingest threads first (they take their first batch from the pool), then the writer,
@@ -161,17 +165,10 @@ fn run(config: Config) -> Result<()> {
     let control = Control::new(control, writer_id.clone(), counters.clone());
     lead.lead(Lead::new(control, peers)?)?;
 
-    let writer = Writer::new(
-        settings,
-        counters,
-        from_ingest,
-        free_tx,
-        journal,
-        previous.epoch,
-    )?;
+    let writer = Writer::new(settings, counters, from_ingest, free_tx, journal)?;
     let writer_handle = std::thread::Builder::new()
         .name("writer".into())
-        .spawn(move || writer.run(replay))
+        .spawn(move || writer.run())
         .context("starting the writer thread")?;
 
     log::info!(
@@ -207,7 +204,10 @@ fn run(config: Config) -> Result<()> {
     if !flushed_all {
         bail!("stopped with events that could not be written to the store (see above)");
     }
-    writer::write_state(&data, &writer_id, epoch, true)?;
+    if let Err(e) = writer::write_state(&data, &writer_id, epoch, true) {
+        // Everything is in the store; the next start only misreads this stop as a crash.
+        log::warn!("recording the clean stop: {e}");
+    }
     log::info!("stopped cleanly at flush epoch {epoch}");
     Ok(())
 }

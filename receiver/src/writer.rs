@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::aggregate::Pending;
 pub use ipevent_core::aggregate::Record;
 use ipevent_core::control::{Reply, ResetBegun, ResetEnded, Synced};
-use ipevent_core::journal::{Journal, ReplayBatch};
+use ipevent_core::journal::Journal;
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, AppendBlocks, StoreWriter};
 use ipevent_core::{AddrStats, AppSha, DataDir, Reject};
@@ -38,11 +38,13 @@ pub const MAX_POOL_BATCHES: usize = 4096;
 pub struct BatchPool {
     free: Receiver<Vec<Record>>,
     allocated: Arc<std::sync::atomic::AtomicUsize>,
+    counters: Arc<Counters>,
 }
 
 impl BatchPool {
     /// A pool with [`POOL_BATCHES`] batches, and the sender the writer returns them through.
-    pub fn new() -> (BatchPool, Sender<Vec<Record>>) {
+    /// Every wait at the [`MAX_POOL_BATCHES`] cap is counted in `counters`.
+    pub fn new(counters: Arc<Counters>) -> (BatchPool, Sender<Vec<Record>>) {
         let (tx, rx) = crossbeam_channel::bounded(MAX_POOL_BATCHES);
         for _ in 0..POOL_BATCHES {
             tx.send(Vec::with_capacity(BATCH_RECORDS))
@@ -51,6 +53,7 @@ impl BatchPool {
         let pool = BatchPool {
             free: rx,
             allocated: Arc::new(std::sync::atomic::AtomicUsize::new(POOL_BATCHES)),
+            counters,
         };
         (pool, tx)
     }
@@ -67,6 +70,7 @@ impl BatchPool {
         if grown.is_ok() {
             return Some(Vec::with_capacity(BATCH_RECORDS));
         }
+        self.counters.batch_pool_waits.fetch_add(1, Relaxed);
         self.free.recv().ok()
     }
 }
@@ -100,6 +104,8 @@ pub struct WriterSettings {
     pub limits: store::StoreLimits,
     /// The stats fields fixed at start (listen addresses, buffers, pid, ...).
     pub stats_base: ReceiverStats,
+    /// The flush epoch `state.json` recorded: one lower bound of the start epoch.
+    pub state_epoch: u64,
 }
 
 /// The writer thread's state.
@@ -137,7 +143,6 @@ impl Writer {
         from_ingest: Receiver<ToWriter>,
         free: Sender<Vec<Record>>,
         journal: Journal,
-        epoch: u64,
     ) -> anyhow::Result<Writer> {
         let mut store =
             StoreWriter::new(settings.data.clone(), &settings.writer_id, settings.fsync)?;
@@ -153,7 +158,7 @@ impl Writer {
             free,
             pending: Pending::default(),
             waiting: BTreeMap::new(),
-            epoch,
+            epoch: 0,
             stats,
             holds: BTreeSet::new(),
             held_syncs: Vec::new(),
@@ -165,8 +170,8 @@ impl Writer {
 
     /// Runs until every ingest thread has hung up, then flushes everything and returns the
     /// last epoch. Only a flush that failed to write leaves events behind (logged).
-    pub fn run(mut self, replay: Vec<ReplayBatch>) -> (u64, bool) {
-        self.replay(replay);
+    pub fn run(mut self) -> (u64, bool) {
+        self.replay();
         let mut next_flush = Instant::now() + self.settings.flush_interval;
         let mut next_stats = Instant::now();
         let mut next_log = self.settings.log_interval.map(|i| Instant::now() + i);
@@ -236,6 +241,7 @@ impl Writer {
     /// When the journal is full it flushes to make room; if that cannot free it either (the
     /// store is not writable), the batch waits in `stalled`.
     fn accept(&mut self, records: Vec<Record>) {
+        debug_assert!(records.len() <= BATCH_RECORDS);
         if !self.journal.append(self.epoch + 1, &records) {
             self.flush();
             if !self.journal.append(self.epoch + 1, &records) {
@@ -261,17 +267,17 @@ impl Writer {
     }
 
     /// Puts back what the previous run had accepted but not flushed: every journaled record
-    /// whose app's log does not yet hold its epoch.
-    fn replay(&mut self, batches: Vec<ReplayBatch>) {
-        if batches.is_empty() {
-            return;
-        }
+    /// whose app's log does not yet hold its epoch. First it settles the start epoch: never
+    /// lower than an epoch the store or the journal holds, whatever `state.json` says, so that
+    /// what is accepted from now on is never mistaken for something already stored.
+    fn replay(&mut self) {
         let (mut replayed, mut skipped) = (0u64, 0u64);
-        for batch in &batches {
-            self.epoch = self.epoch.max(batch.epoch);
-            for record in &batch.records {
-                let in_store = match self.store.log_max_epoch(&record.app) {
-                    Ok(max_epoch) => max_epoch >= batch.epoch,
+        let logs = &mut self.store;
+        let pending = &mut self.pending;
+        let result = self.journal.replay(|epoch, records| {
+            for record in records {
+                let in_store = match logs.log_max_epoch(&record.app) {
+                    Ok(max_epoch) => max_epoch >= epoch,
                     Err(e) => {
                         log::warn!("journal replay: {e}");
                         false
@@ -280,15 +286,51 @@ impl Writer {
                 if in_store {
                     skipped += 1;
                 } else {
-                    self.pending.add(std::slice::from_ref(record));
+                    pending.add(std::slice::from_ref(record));
                     replayed += 1;
                 }
             }
+        });
+        let journal_epoch = match result {
+            Ok(found) => {
+                if found.unverified_bytes > 0 {
+                    log::warn!(
+                        "journal {}: {} bytes after the last whole batch do not verify and were \
+                         not replayed (a write the crash cut short)",
+                        self.journal.path().display(),
+                        found.unverified_bytes
+                    );
+                }
+                found.max_epoch
+            }
+            Err(e) => {
+                // The journal was readable at open; a read error now is the disk's.
+                log::error!("journal replay stopped: {e}");
+                0
+            }
+        };
+        let mut start = self
+            .settings
+            .state_epoch
+            .max(self.journal.recorded_epoch())
+            .max(journal_epoch);
+        if self.journal.recorded_epoch() == 0 {
+            // A new journal (or one an earlier build wrote) records no epoch: ask the store.
+            match max_epoch_in_store(&self.settings.data, &self.settings.writer_id) {
+                Ok(in_store) => start = start.max(in_store),
+                Err(e) => log::warn!("finding the highest epoch in the store: {e}"),
+            }
         }
-        log::info!(
-            "journal: recovered {replayed} accepted events the previous run had not flushed \
-             ({skipped} were already in the store)"
-        );
+        if let Err(e) = self.journal.begin_epoch(start, self.settings.fsync) {
+            self.complain(&format!("{e}"));
+        }
+        self.epoch = start;
+        if replayed + skipped > 0 {
+            log::info!(
+                "journal: recovered {replayed} accepted events the previous run had not flushed \
+                 ({skipped} were already in the store)"
+            );
+        }
         self.stats.events_replayed = replayed;
         self.flush();
     }
@@ -402,8 +444,14 @@ impl Writer {
             return 0;
         }
         let started = Instant::now();
-        self.epoch += 1;
-        let epoch = self.epoch;
+        let epoch = self.epoch + 1;
+        // Write-ahead: the journal records the epoch before any block of it is in the store.
+        if let Err(e) = self.journal.begin_epoch(epoch, self.settings.fsync) {
+            self.stats.flush_errors += 1;
+            self.complain(&format!("flush {epoch} not started: {e}"));
+            return self.pending.apps();
+        }
+        self.epoch = epoch;
         let mut failed: Vec<(AppSha, Vec<(u32, AddrStats)>)> = Vec::new();
         let mut first_error = None;
         let mut written_events = 0u64;
@@ -470,6 +518,7 @@ impl Writer {
         s.datagrams_received = c.datagrams_received.load(Relaxed);
         s.kernel_drops = c.kernel_drops.load(Relaxed);
         s.control_conns_full = c.control_conns_full.load(Relaxed);
+        s.batch_pool_waits = c.batch_pool_waits.load(Relaxed);
         s.rejected = Reject::ALL
             .iter()
             .map(|r| (r.name().to_string(), c.rejected[r.index()].load(Relaxed)))
@@ -537,12 +586,42 @@ impl Writer {
     }
 }
 
-/// Seconds since the epoch, saturating into `u32` for record timestamps.
+/// Seconds since the unix epoch (0 if the clock is before it). Record timestamps are `u32`;
+/// callers convert with `u32::try_from(..).unwrap_or(u32::MAX)`.
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The highest epoch among the verified blocks of `writer_id`'s logs (0 when it has none).
+fn max_epoch_in_store(data: &DataDir, writer_id: &str) -> Result<u64, store::StoreError> {
+    let mut max_epoch = 0;
+    let events = data.events_dir();
+    let fans = match std::fs::read_dir(&events) {
+        Ok(fans) => fans,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => {
+            return Err(store::StoreError::Io {
+                action: "listing",
+                path: events,
+                source: e,
+            })
+        }
+    };
+    let log_name = format!("{writer_id}.log");
+    for fan in fans.flatten() {
+        let Ok(apps) = std::fs::read_dir(fan.path()) else {
+            continue;
+        };
+        for app in apps.flatten() {
+            if let Some(summary) = store::scan_log_file(&app.path().join(&log_name), |_, _| {})? {
+                max_epoch = max_epoch.max(summary.max_epoch);
+            }
+        }
+    }
+    Ok(max_epoch)
 }
 
 /// What a receiver leaves behind about its run: the last flush epoch and whether it stopped

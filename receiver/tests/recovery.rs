@@ -1,0 +1,256 @@
+//! Recovery from what a crash and an unlucky operator leave behind: stale or missing run state,
+//! a journal of another version, a full journal at start. Real binaries, real files, real
+//! signals.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use ipevent_core::aggregate::Record;
+use ipevent_core::journal::{self, Journal};
+use ipevent_core::wire::{self, IpEvent};
+use ipevent_core::{AppSha, DataDir};
+use ipevent_testkit::{bin, sender, stdout_json, Receiver};
+
+const LONG_FLUSH: &[&str] = &["--flush-interval-ms", "600000"];
+
+fn send_events(tx: &UdpSocket, to: SocketAddr, app: &AppSha, ips: std::ops::Range<u32>) {
+    for ip in ips {
+        tx.send_to(&wire::encode_to_vec(&IpEvent { app: *app, ip }), to)
+            .expect("sending");
+    }
+}
+
+fn count_of(data_dir: &Path, app: &AppSha) -> u64 {
+    let out = ipevent_testkit::query(data_dir, &[&app.to_hex()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_json(&out)["count"].as_u64().unwrap()
+}
+
+/// A receiver flushes four epochs of ten events for one app; `spoil` then stops it and damages
+/// what it left (its run state, its journal). The next run accepts 100 events for that app and
+/// 50 for a new one and is killed before it flushes them; the run after must store each event
+/// exactly once, whatever `spoil` did.
+fn nothing_lost_after(before: impl FnOnce(&DataDir), spoil: impl FnOnce(&DataDir, &mut Receiver)) {
+    let old = AppSha([0x5a; 32]);
+    let new = AppSha([0xa5; 32]);
+    let tx = sender();
+    let mut rx = Receiver::start(LONG_FLUSH);
+    let dir = rx.take_tmp().unwrap();
+    let data = rx.data.clone();
+    let mut before = Some(before);
+    for round in 0..4u32 {
+        if round == 1 {
+            before.take().unwrap()(&data);
+        }
+        send_events(&tx, rx.addr, &old, round * 10..round * 10 + 10);
+        let out = rx.query(&["--sync", &old.to_hex()]);
+        assert_eq!(stdout_json(&out)["count"], u64::from(round * 10 + 10));
+    }
+    spoil(&data, &mut rx);
+
+    let mut rx = Receiver::start_in(dir.path(), LONG_FLUSH);
+    send_events(&tx, rx.addr, &old, 1000..1100);
+    send_events(&tx, rx.addr, &new, 0..50);
+    rx.wait_stats("every event to be accepted", |s| s.events_accepted == 150);
+    assert!(!rx.stop_with(libc::SIGKILL).success());
+
+    let mut rx = Receiver::start_in(dir.path(), LONG_FLUSH);
+    assert_eq!(rx.stats().unwrap().events_replayed, 150);
+    assert_eq!(count_of(dir.path(), &old), 140, "the old app, once each");
+    assert_eq!(count_of(dir.path(), &new), 50, "the new app, once each");
+    // And once more after a clean stop: nothing replayed twice.
+    rx.stop();
+    let rx = Receiver::start_in(dir.path(), LONG_FLUSH);
+    assert_eq!(rx.stats().unwrap().events_replayed, 0);
+    assert_eq!(count_of(dir.path(), &old), 140);
+    drop(rx);
+}
+
+fn state_path(data: &DataDir) -> std::path::PathBuf {
+    data.state_path("test")
+}
+
+#[test]
+fn a_deleted_run_state_loses_nothing() {
+    nothing_lost_after(
+        |_| {},
+        |data, rx| {
+            rx.stop();
+            std::fs::remove_file(state_path(data)).unwrap();
+        },
+    );
+}
+
+#[test]
+fn an_old_copy_of_the_run_state_loses_nothing() {
+    let copy = tempfile::NamedTempFile::new().unwrap();
+    let saved = copy.path().to_path_buf();
+    let restore = saved.clone();
+    nothing_lost_after(
+        move |data| {
+            std::fs::copy(state_path(data), &saved).unwrap();
+        },
+        move |data, rx| {
+            rx.stop();
+            std::fs::copy(&restore, state_path(data)).unwrap();
+        },
+    );
+}
+
+#[test]
+fn a_run_state_that_could_not_be_written_loses_nothing() {
+    nothing_lost_after(
+        |data| {
+            // Its replacement is written beside it first: a directory there makes that fail,
+            // as a full disk would, while the logs are still written.
+            std::fs::create_dir(data.receiver_dir("test").join("state.tmp")).unwrap();
+        },
+        |_, rx| {
+            assert!(!rx.stop_with(libc::SIGKILL).success());
+        },
+    );
+}
+
+#[test]
+fn a_deleted_run_state_and_journal_lose_nothing() {
+    nothing_lost_after(
+        |_| {},
+        |data, rx| {
+            rx.stop();
+            std::fs::remove_file(state_path(data)).unwrap();
+            std::fs::remove_file(data.journal_path("test")).unwrap();
+        },
+    );
+}
+
+/// Spawns a receiver on `data_dir` and waits for it to exit by itself; kills it and fails if it
+/// keeps running.
+fn run_expecting_exit(data_dir: &Path) -> std::process::Output {
+    let mut child = Command::new(bin("ipevent-receiver"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--writer-id",
+            "test",
+            "--allow-root",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning ipevent-receiver");
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().expect("waiting").is_some() {
+            return child.wait_with_output().expect("collecting output");
+        }
+        if start.elapsed() > ipevent_testkit::WAIT_LIMIT {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collecting output");
+            panic!(
+                "the receiver kept running; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_journal_of_another_version_stops_the_start_and_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(dir.path());
+    std::fs::create_dir_all(data.receiver_dir("test")).unwrap();
+    let path = data.journal_path("test");
+    let mut bytes = vec![0u8; journal::MIN_JOURNAL_BYTES as usize];
+    bytes[0..4].copy_from_slice(b"IPEJ");
+    bytes[4..8].copy_from_slice(&(journal::VERSION + 1).to_le_bytes());
+    bytes[8..16].copy_from_slice(&56u64.to_le_bytes());
+    bytes[4096..4200].fill(0x77);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let out = run_expecting_exit(dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("ipevent-receiver: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(line.contains(&path.display().to_string()), "{line}");
+    assert!(line.contains("version"), "{line}");
+    assert!(line.contains("move the file away"), "{line}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the journal is left as it was"
+    );
+
+    // Something that is no journal at all is refused the same way.
+    bytes[0..4].copy_from_slice(b"\x7fELF");
+    std::fs::write(&path, &bytes).unwrap();
+    let out = run_expecting_exit(dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an ipevent journal"));
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}
+
+/// Peak resident memory of process `pid`, in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn replaying_a_full_journal_keeps_memory_low() {
+    const JOURNAL_BYTES: u64 = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(dir.path());
+    std::fs::create_dir_all(data.receiver_dir("test")).unwrap();
+    let apps: Vec<AppSha> = (1..=4u8).map(|i| AppSha([i; 32])).collect();
+    let mut journal = Journal::open(&data.journal_path("test"), JOURNAL_BYTES).unwrap();
+    let mut batch = Vec::with_capacity(1024);
+    let mut written = 0u64;
+    loop {
+        batch.clear();
+        for i in 0..1024u32 {
+            batch.push(Record {
+                app: apps[(i % 4) as usize],
+                ip: i % 256,
+                unix_secs: 1_700_000_000,
+            });
+        }
+        if !journal.append(1, &batch) {
+            break;
+        }
+        written += batch.len() as u64;
+    }
+    drop(journal);
+    assert!(written > 1_500_000, "{written}");
+
+    let journal_bytes = JOURNAL_BYTES.to_string();
+    let mut rx = Receiver::start_in(dir.path(), &["--journal-bytes", &journal_bytes]);
+    let stats = rx.wait_stats("the replay to be flushed", |s| {
+        s.events_replayed == written && s.events_pending == 0
+    });
+    let peak = peak_rss_bytes(rx.pid());
+    eprintln!("peak resident memory after the replay: {} KiB", peak >> 10);
+    // Reading the journal whole took its size twice over.
+    assert!(
+        peak < 40 << 20,
+        "peak resident memory {} MiB after replaying a {} MiB journal",
+        peak >> 20,
+        JOURNAL_BYTES >> 20
+    );
+    assert_eq!(stats.events_flushed, written);
+    assert_eq!(count_of(dir.path(), &apps[0]), written / 4);
+    rx.stop();
+}
