@@ -243,20 +243,6 @@ pub fn read(
     stream(&file, header.committed, path, each).map(Some)
 }
 
-/// Opens (creating) `path` for reading and writing without following a symlink.
-fn open_read_write(path: &Path) -> Result<File, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(crate::store::FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io_err("opening journal", path))
-}
-
 /// A journal file mapped for appending.
 pub struct Journal {
     path: PathBuf,
@@ -273,7 +259,7 @@ impl Journal {
     /// another format version, or a file that is no journal, is refused and left untouched.
     pub fn open(path: &Path, bytes: u64) -> Result<Journal, JournalError> {
         let bytes = bytes.max(MIN_JOURNAL_BYTES);
-        let file = open_read_write(path)?;
+        let file = crate::store::open_read_write(path)?;
         let len = file
             .metadata()
             .map_err(io_err("inspecting journal", path))?

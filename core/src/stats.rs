@@ -13,7 +13,7 @@ const STATS_PAGE_BYTES: usize = 4096;
 
 fn overwrite_in_place(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let file = store::open_write_existing(path).map_err(io::Error::other)?;
     if file.metadata()?.len() != bytes.len() as u64 {
         return Err(io::Error::other("the stats file has another size"));
     }
@@ -109,7 +109,10 @@ impl ReceiverStats {
 
     /// Reads the last snapshot of `writer_id`.
     pub fn read(data: &DataDir, writer_id: &str) -> io::Result<ReceiverStats> {
-        let bytes = std::fs::read(data.stats_path(writer_id))?;
+        let path = data.stats_path(writer_id);
+        let bytes = store::read_file(&path)
+            .map_err(io::Error::other)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         serde_json::from_slice(&bytes).map_err(io::Error::other)
     }
 
@@ -124,5 +127,36 @@ impl ReceiverStats {
                 result => Some((id, result)),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_planted_symlink_is_never_written_through_or_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path().join("data"));
+        let stats = ReceiverStats {
+            writer_id: "w".into(),
+            ..ReceiverStats::default()
+        };
+        store::create_dir_all(&data.receiver_dir("w")).unwrap();
+        // A file outside the tree, of the size the fallback would overwrite in place.
+        let victim = dir.path().join("victim");
+        let original = vec![b'x'; STATS_PAGE_BYTES];
+        std::fs::write(&victim, &original).unwrap();
+        std::os::unix::fs::symlink(&victim, data.stats_path("w")).unwrap();
+
+        let page = vec![b' '; STATS_PAGE_BYTES];
+        assert!(overwrite_in_place(&data.stats_path("w"), &page).is_err());
+        assert!(ReceiverStats::read(&data, "w").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), original);
+
+        // The normal path replaces the link itself, never its target.
+        stats.write(&data).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), original);
+        assert_eq!(ReceiverStats::read(&data, "w").unwrap(), stats);
     }
 }

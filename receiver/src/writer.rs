@@ -316,7 +316,7 @@ impl Writer {
             .max(journal_epoch);
         if self.journal.recorded_epoch() == 0 {
             // A new journal (or one an earlier build wrote) records no epoch: ask the store.
-            match max_epoch_in_store(&self.settings.data, &self.settings.writer_id) {
+            match store::max_epoch_of_writer(&self.settings.data, &self.settings.writer_id) {
                 Ok(in_store) => start = start.max(in_store),
                 Err(e) => log::warn!("finding the highest epoch in the store: {e}"),
             }
@@ -595,35 +595,6 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The highest epoch among the verified blocks of `writer_id`'s logs (0 when it has none).
-fn max_epoch_in_store(data: &DataDir, writer_id: &str) -> Result<u64, store::StoreError> {
-    let mut max_epoch = 0;
-    let events = data.events_dir();
-    let fans = match std::fs::read_dir(&events) {
-        Ok(fans) => fans,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => {
-            return Err(store::StoreError::Io {
-                action: "listing",
-                path: events,
-                source: e,
-            })
-        }
-    };
-    let log_name = format!("{writer_id}.log");
-    for fan in fans.flatten() {
-        let Ok(apps) = std::fs::read_dir(fan.path()) else {
-            continue;
-        };
-        for app in apps.flatten() {
-            if let Some(summary) = store::scan_log_file(&app.path().join(&log_name), |_, _| {})? {
-                max_epoch = max_epoch.max(summary.max_epoch);
-            }
-        }
-    }
-    Ok(max_epoch)
-}
-
 /// What a receiver leaves behind about its run: the last flush epoch and whether it stopped
 /// cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -638,8 +609,16 @@ pub fn read_state(data: &DataDir, writer_id: &str) -> RunState {
         epoch: 0,
         clean: true,
     };
-    let Ok(bytes) = std::fs::read(data.state_path(writer_id)) else {
-        return fresh;
+    let bytes = match store::read_file(&data.state_path(writer_id)) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return fresh,
+        Err(e) => {
+            log::warn!("{e}");
+            return RunState {
+                clean: false,
+                ..fresh
+            };
+        }
     };
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return RunState {

@@ -161,6 +161,51 @@ pub fn open_read(path: &Path) -> Result<Option<File>, StoreError> {
     }
 }
 
+/// Opens a file for reading and writing, creating it if missing, without following a symlink.
+pub fn open_read_write(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("opening", path))
+}
+
+/// Opens a file for appending, creating it if missing, without following a symlink.
+pub fn open_append(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("opening", path))
+}
+
+/// Reads a whole (small) file without following a symlink. `Ok(None)` when it does not exist.
+pub fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    use std::io::Read;
+    let Some(mut file) = open_read(path)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(io_err("reading", path))?;
+    Ok(Some(bytes))
+}
+
+/// Opens an existing file for writing in place without following a symlink.
+pub fn open_write_existing(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("opening", path))
+}
+
 /// Calls `each` with every entry of the directory `dir`, and says whether `dir` exists (a
 /// missing directory has no entries). Every listing of the tree goes through here.
 pub(crate) fn for_each_entry(

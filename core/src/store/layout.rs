@@ -1,12 +1,10 @@
 //! Where everything lives in a data dir: the paths of the layout, its version marker, writer
 //! ids and their locks.
 
-use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use super::fsio::{create_dir_all, for_each_entry, io_err, write_atomic, StoreError, FILE_MODE};
+use super::fsio::{create_dir_all, for_each_entry, io_err, read_file, write_atomic, StoreError};
 use crate::wire::AppSha;
 
 /// Layout version written to `<data-dir>/LAYOUT`.
@@ -151,14 +149,7 @@ impl DataDir {
         validate_writer_id(writer_id)?;
         create_dir_all(&self.receiver_dir(writer_id))?;
         let path = self.lock_path(writer_id);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(FILE_MODE)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io_err("opening lock", &path))?;
+        let file = super::fsio::open_read_write(&path)?;
         match file.try_lock() {
             Ok(()) => Ok(WriterLock { _file: file }),
             Err(fs::TryLockError::WouldBlock) => Err(StoreError::WriterBusy {
@@ -196,16 +187,18 @@ impl DataDir {
     /// an error when it names another layout.
     pub fn check_layout(&self) -> Result<bool, StoreError> {
         let marker = self.root.join(LAYOUT_FILE);
-        match fs::read_to_string(&marker) {
-            Ok(text) if text.trim() == format!("{LAYOUT_PREFIX}{LAYOUT_VERSION}") => Ok(true),
-            Ok(text) => Err(StoreError::Layout {
-                path: marker,
-                found: text.trim().chars().take(40).collect(),
-                expected: LAYOUT_VERSION,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err("reading", &marker)(e)),
+        let Some(bytes) = read_file(&marker)? else {
+            return Ok(false);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        if text.trim() == format!("{LAYOUT_PREFIX}{LAYOUT_VERSION}") {
+            return Ok(true);
         }
+        Err(StoreError::Layout {
+            path: marker,
+            found: text.trim().chars().take(40).collect(),
+            expected: LAYOUT_VERSION,
+        })
     }
 }
 

@@ -31,14 +31,15 @@ pub mod writer;
 pub use crate::block::AddrStats;
 pub(crate) use fsio::io_err;
 pub use fsio::{
-    create_dir_all, open_read, write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT,
-    REFUSED_LOW_DISK, REFUSED_NOT_A_DIRECTORY,
+    create_dir_all, open_append, open_read, open_read_write, open_write_existing, read_file,
+    write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK,
+    REFUSED_NOT_A_DIRECTORY,
 };
 pub use layout::{
     host_writer_id, validate_writer_id, writer_id_for_host, DataDir, WriterLock, LAYOUT_VERSION,
     MAX_WRITER_ID_BYTES,
 };
-pub use reader::{list_apps, read_app, scan_log_file, AppCount, AppData};
+pub use reader::{list_apps, max_epoch_of_writer, read_app, scan_log_file, AppCount, AppData};
 pub use writer::{StoreLimits, StoreWriter, COMPACT_AFTER_BLOCKS, MAX_TRACKED_LOGS};
 
 use crate::wire::AppSha;

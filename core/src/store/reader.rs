@@ -109,6 +109,22 @@ pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
     Ok(out)
 }
 
+/// The highest epoch among the verified blocks of `writer_id`'s logs (0 when it has none). A
+/// log that cannot be read is skipped with a warning: it holds no block a writer could use.
+pub fn max_epoch_of_writer(data: &DataDir, writer_id: &str) -> Result<u64, StoreError> {
+    let name = format!("{writer_id}.log");
+    let mut max_epoch = 0;
+    for_each_app_dir(data, |app_entry| {
+        match scan_log_file(&app_entry.path().join(&name), |_, _| {}) {
+            Ok(Some(summary)) => max_epoch = max_epoch.max(summary.max_epoch),
+            Ok(None) => {}
+            Err(e) => log::warn!("{e}"),
+        }
+        Ok(())
+    })?;
+    Ok(max_epoch)
+}
+
 /// Counts the app directories under `events/`.
 pub(crate) fn count_app_dirs(data: &DataDir) -> Result<u64, StoreError> {
     let mut count = 0;

@@ -2,14 +2,12 @@
 //! bad tail, compacts a log with too many blocks, and keeps new apps within the limits.
 
 use rustc_hash::FxHashMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
-use super::fsio::{
-    io_err, open_new, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK,
-};
+use super::fsio::{io_err, open_new, StoreError, DIR_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK};
 use super::layout::{validate_writer_id, DataDir};
 use super::reader::{count_app_dirs, scan_log_file};
 use super::AppendBlocks;
@@ -382,13 +380,7 @@ fn append_bytes(
     bytes: &[u8],
     fsync: bool,
 ) -> Result<(), StoreError> {
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io_err("opening", path))?;
+    let mut file = super::fsio::open_append(path)?;
     let len = file.metadata().map_err(io_err("inspecting", path))?.len();
     if len != expected_len {
         return Err(StoreError::Io {
@@ -473,7 +465,7 @@ mod tests {
         let mut w = StoreWriter::new(data.clone(), "w", false).unwrap();
         w.append(&app(4), 1, &[one(1, 3)]).unwrap();
         let path = data.log_path(&app(4), "w");
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut file = fs::OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(b"IPEB\x01\x00garbage").unwrap();
         let got = read_app(&data, &app(4)).unwrap().unwrap();
         assert_eq!(got.count(), 3);
