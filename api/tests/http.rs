@@ -177,6 +177,7 @@ fn post_validates_like_the_receiver() {
         name,
         bytes,
         verdict,
+        ..
     } in vectors()
     {
         let reply = api.post(&bytes);

@@ -14,11 +14,13 @@ pub mod aggregate;
 pub mod block;
 pub mod capacity;
 pub mod control;
+pub mod hex;
 pub mod journal;
 pub mod report;
 pub mod stats;
 pub mod store;
 pub mod sys;
+pub mod testdata;
 pub mod wire;
 
 pub use block::AddrStats;

@@ -4,22 +4,8 @@
 use std::net::Ipv4Addr;
 
 use ipevent_core::store::AddrStats;
+use ipevent_core::testdata;
 use ipevent_core::wire::{self, Reject};
-use serde_json::Value;
-
-fn load(name: &str) -> Value {
-    let path = format!("{}/../testdata/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn unhex(hex: &str) -> Vec<u8> {
-    assert!(hex.len().is_multiple_of(2));
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
-}
 
 fn ip(text: &str) -> u32 {
     u32::from(text.parse::<Ipv4Addr>().unwrap())
@@ -27,38 +13,35 @@ fn ip(text: &str) -> u32 {
 
 #[test]
 fn every_wire_vector_gets_its_verdict() {
-    let vectors = load("ipevent.json");
-    let list = vectors["vectors"].as_array().unwrap();
-    assert!(list.len() >= 29, "the vector file lost entries");
-    for v in list {
-        let name = v["name"].as_str().unwrap();
-        let bytes = unhex(v["hex"].as_str().unwrap());
-        let got = wire::decode(&bytes);
-        if v["valid"].as_bool().unwrap() {
-            let event = got.unwrap_or_else(|r| panic!("{name}: rejected as {r}"));
-            assert_eq!(
-                event.app.to_hex(),
-                v["app_sha256"].as_str().unwrap(),
-                "{name}"
-            );
-            assert_eq!(u64::from(event.ip), v["ip_int"].as_u64().unwrap(), "{name}");
-            assert_eq!(event.ip, ip(v["ip"].as_str().unwrap()), "{name}");
-            // What we would send for it decodes to the same event.
-            assert_eq!(
-                wire::decode(&wire::encode_to_vec(&event)),
-                Ok(event),
-                "{name}"
-            );
-        } else {
-            let want = Reject::from_name(v["reason"].as_str().unwrap()).unwrap();
-            assert_eq!(got, Err(want), "{name}");
+    let vectors = testdata::wire_vectors().unwrap();
+    assert!(vectors.len() >= 29, "the vector file lost entries");
+    for v in &vectors {
+        let name = &v.name;
+        let got = wire::decode(&v.bytes);
+        match &v.verdict {
+            Ok((sha, dotted)) => {
+                let event = got.unwrap_or_else(|r| panic!("{name}: rejected as {r}"));
+                assert_eq!(&event.app.to_hex(), sha, "{name}");
+                assert_eq!(Some(u64::from(event.ip)), v.ip_int, "{name}");
+                assert_eq!(event.ip, ip(dotted), "{name}");
+                // What we would send for it decodes to the same event.
+                assert_eq!(
+                    wire::decode(&wire::encode_to_vec(&event)),
+                    Ok(event),
+                    "{name}"
+                );
+            }
+            Err(reason) => {
+                let want = Reject::from_name(reason).unwrap();
+                assert_eq!(got, Err(want), "{name}");
+            }
         }
     }
 }
 
 #[test]
 fn every_classify_case_gets_its_report() {
-    let cases = load("classify.json");
+    let cases = testdata::read_json("classify.json").unwrap();
     let list = cases["cases"].as_array().unwrap();
     assert!(list.len() >= 8, "the classify file lost cases");
     for case in list {

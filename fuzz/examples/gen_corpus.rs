@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use ipevent_core::block::{BlockBuilder, BLOCK_HEADER_BYTES};
 use ipevent_core::store::AddrStats;
+use ipevent_core::testdata;
 
 /// Records in the largest seed log: enough for several pages of records, small enough to keep
 /// every seed well under libFuzzer's default input length.
@@ -43,33 +44,15 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
     fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-fn unhex(hex: &str) -> Result<Vec<u8>, String> {
-    if !hex.len().is_multiple_of(2) || !hex.is_ascii() {
-        return Err(format!("odd or non-ASCII hex {hex:?}"));
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| format!("hex {hex:?}: {e}")))
-        .collect()
-}
-
 fn write_decode_seeds(vectors: &Path, dir: &Path) -> Result<usize, String> {
-    let text =
-        fs::read_to_string(vectors).map_err(|e| format!("reading {}: {e}", vectors.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", vectors.display()))?;
-    let list = json["vectors"]
-        .as_array()
-        .ok_or_else(|| format!("{}: no \"vectors\" array", vectors.display()))?;
+    let list = testdata::wire_vectors_at(vectors).map_err(|e| e.to_string())?;
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    for vector in list {
-        let (Some(name), Some(hex)) = (vector["name"].as_str(), vector["hex"].as_str()) else {
-            return Err(format!("{}: a vector lacks name or hex", vectors.display()));
-        };
+    for vector in &list {
+        let name = &vector.name;
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(format!("vector name {name:?} is no plain file name"));
         }
-        write(dir, name, &unhex(hex)?)?;
+        write(dir, name, &vector.bytes)?;
     }
     Ok(list.len())
 }

@@ -529,27 +529,14 @@ fn several_ingest_threads_share_the_port_and_sync_drains_them_all() {
 fn every_reject_reason_is_counted() {
     let mut rx = Receiver::start(&[]);
     let tx = sender();
-    let vectors: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../testdata/ipevent.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
     let mut want: BTreeMap<String, u64> = BTreeMap::new();
     let mut valid = 0;
-    let list = vectors["vectors"].as_array().unwrap();
-    for v in list {
-        let hex = v["hex"].as_str().unwrap();
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
-        send(&tx, rx.addr, &bytes);
-        match v["reason"].as_str() {
-            Some(reason) => *want.entry(reason.to_string()).or_default() += 1,
-            None => valid += 1,
+    let list = ipevent_core::testdata::wire_vectors().unwrap();
+    for v in &list {
+        send(&tx, rx.addr, &v.bytes);
+        match &v.verdict {
+            Err(reason) => *want.entry(reason.clone()).or_default() += 1,
+            Ok(_) => valid += 1,
         }
     }
     wait_received(&mut rx, list.len() as u64);

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipevent_core::hex::{self, HexError};
 use ipevent_core::wire::{self, AppSha, IpEvent, MAX_DATAGRAM_BYTES};
 use ipevent_test_client::run::{self, Limit, RunConfig, MAX_VERIFY_APPS};
 use ipevent_test_client::scenario::Scenario;
@@ -353,35 +354,26 @@ fn cmd_send(args: SendArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
+/// The datagram spelled by the hex on stdin (white space between digits allowed).
 fn from_hex(text: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let digits: Vec<u32> = text
+    let digits: Vec<u8> = text
         .iter()
+        .copied()
         .filter(|b| !b.is_ascii_whitespace())
-        .map(|&b| {
-            char::from(b)
-                .to_digit(16)
-                .ok_or_else(|| usage(format!("stdin is not hex: {:?}", char::from(b))))
+        .collect();
+    hex::decode(&digits).map_err(|e| {
+        usage(match e {
+            HexError::NotHex(c) => format!("stdin is not hex: {c:?}"),
+            HexError::OddDigits(n) => format!("stdin holds {n} hex digits, an odd number"),
         })
-        .collect::<anyhow::Result<_>>()?;
-    let pairs = digits.chunks_exact(2);
-    if !pairs.remainder().is_empty() {
-        return Err(usage(format!(
-            "stdin holds {} hex digits, an odd number",
-            digits.len()
-        )));
-    }
-    Ok(pairs.map(|pair| (pair[0] << 4 | pair[1]) as u8).collect())
+    })
 }
 
 fn cmd_encode(args: EncodeArgs) -> anyhow::Result<ExitCode> {
     let datagram = encode_event(&args.sha, &args.ip)?;
     let mut stdout = std::io::stdout().lock();
     if args.hex {
-        writeln!(stdout, "{}", to_hex(&datagram)).context("writing to stdout")?;
+        writeln!(stdout, "{}", hex::encode(&datagram)).context("writing to stdout")?;
     } else {
         stdout.write_all(&datagram).context("writing to stdout")?;
     }

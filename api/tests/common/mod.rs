@@ -278,42 +278,9 @@ pub fn metric(text: &str, line_prefix: &str) -> Option<f64> {
 }
 
 /// One datagram of the shared contract-1 vectors.
-pub struct Vector {
-    /// Its name in the file.
-    pub name: String,
-    /// The datagram.
-    pub bytes: Vec<u8>,
-    /// `Ok((sha, dotted ip))` for a valid one, `Err(reason)` otherwise.
-    pub verdict: Result<(String, String), String>,
-}
+pub use ipevent_core::testdata::WireVector as Vector;
 
 /// Every vector of `testdata/ipevent.json`.
 pub fn vectors() -> Vec<Vector> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/ipevent.json");
-    let text = std::fs::read_to_string(&path).expect("reading testdata/ipevent.json");
-    let json: serde_json::Value = serde_json::from_str(&text).expect("vectors are JSON");
-    json["vectors"]
-        .as_array()
-        .expect("a vectors array")
-        .iter()
-        .map(|v| Vector {
-            name: v["name"].as_str().unwrap().to_string(),
-            bytes: hex(v["hex"].as_str().unwrap()),
-            verdict: if v["valid"].as_bool().unwrap() {
-                Ok((
-                    v["app_sha256"].as_str().unwrap().to_string(),
-                    v["ip"].as_str().unwrap().to_string(),
-                ))
-            } else {
-                Err(v["reason"].as_str().unwrap().to_string())
-            },
-        })
-        .collect()
-}
-
-fn hex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
-        .collect()
+    ipevent_core::testdata::wire_vectors().expect("reading testdata/ipevent.json")
 }
