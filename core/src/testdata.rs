@@ -3,9 +3,10 @@
 //! (`classify.json`, contract 2). One loader for every test, benchmark and fuzz seed that checks
 //! itself against them.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::hex;
+use crate::{hex, store};
 
 /// A vector file that cannot be read or does not have the expected shape.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +33,12 @@ fn read_json_at(path: &Path) -> Result<serde_json::Value, TestdataError> {
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let mut file = store::open_read(path)
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("no such file".to_string()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| fail(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| fail(e.to_string()))
 }
 
