@@ -180,10 +180,12 @@ pub struct CapacityEstimate {
     /// e^(-events per interval / (apps × addresses_per_app)))`. The receiver flushes early
     /// when this passes its `--max-pending-entries`.
     pub pending_entries_per_writer: u64,
-    /// Peak memory of a writer's pending aggregation: a hash map of apps, each with a hash map
-    /// of addresses (table slots as `hashbrown` sizes them for that many entries, plus
-    /// allocator overhead), plus the buffers of a flush (sorted records, one block) and of a
-    /// compaction (the merged log in a map, sorted, and as blocks). The journal pages one
+    /// Peak memory of a writer's pending aggregation ([`crate::aggregate::Pending`]): one flat
+    /// table of (app index, address) entries, a table mapping each app to its index, and the
+    /// list of apps (table slots as `hashbrown` sizes them for that many entries, plus
+    /// allocator overhead; the entries sorted into a vector at flush), plus the buffers of a
+    /// flush (one app's sorted records, one block) or of a compaction (the merged log in a map,
+    /// sorted, and as blocks), whichever is larger. The journal pages one
     /// flush fills ([`CapacityEstimate::journal_bytes_per_flush_per_writer`]) and the
     /// receiver's fixed buffers (batch pool, socket buffers in the kernel) come on top.
     pub memory_bytes_per_writer: u64,

@@ -1,6 +1,8 @@
-//! What every ipevent binary shares: the wire format ([`wire`]), the store layout and its
-//! reader and writer ([`store`], [`block`]), the report ([`report`]), the receiver's control
-//! channel ([`control`]) and counters ([`stats`]), and the batch socket calls ([`sys`]).
+//! What every ipevent binary shares: the wire format ([`wire`]), the log block format
+//! ([`block`]), the store and its one reader and writer ([`store`]), the receiver's journal
+//! ([`journal`]) and pending map ([`aggregate`]), the report ([`report`]), the control channel
+//! ([`control`]), the receiver's counters ([`stats`]), sizing estimates ([`capacity`]), hex
+//! ([`hex`]), the conformance vectors ([`testdata`]) and the batch socket calls ([`sys`]).
 //!
 //! There is one decoder, one classifier and one store reader; every binary uses these.
 //!

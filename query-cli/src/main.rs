@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -99,6 +100,7 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(output) => {
@@ -110,6 +112,20 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// Warnings go to stderr through the logging facade, one line each, as
+/// `ipevent-query: warning: ...`; `RUST_LOG` can raise or lower the level (default `warn`).
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|out, record| {
+            let level = match record.level() {
+                log::Level::Warn => "warning".to_string(),
+                other => other.as_str().to_lowercase(),
+            };
+            writeln!(out, "ipevent-query: {level}: {}", record.args())
+        })
+        .init();
 }
 
 fn run(cli: &Cli) -> Result<String, Failure> {
@@ -179,8 +195,8 @@ fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
         ));
     };
     for (path, offset) in &report.torn {
-        eprintln!(
-            "ipevent-query: warning: {} has an unverified tail from byte {offset} on; it is not counted",
+        log::warn!(
+            "{} has an unverified tail from byte {offset} on; it is not counted",
             path.display()
         );
     }
@@ -214,17 +230,15 @@ fn sync_if_asked(cli: &Cli, data: &DataDir) {
         return;
     }
     match control::sync_all(data, SYNC_TIMEOUT) {
-        Ok(summary) if summary.outcome() == SyncOutcome::None => eprintln!(
-            "ipevent-query: warning: no receiver is running on {}; showing what is on disk",
+        Ok(summary) if summary.outcome() == SyncOutcome::None => log::warn!(
+            "no receiver is running on {}; showing what is on disk",
             data.root().display()
         ),
         Ok(summary) => {
             for (writer_id, e) in summary.failed {
-                eprintln!(
-                    "ipevent-query: warning: receiver {writer_id} did not sync ({e}); showing what is on disk"
-                );
+                log::warn!("receiver {writer_id} did not sync ({e}); showing what is on disk");
             }
         }
-        Err(e) => eprintln!("ipevent-query: warning: looking for receivers: {e}"),
+        Err(e) => log::warn!("looking for receivers: {e}"),
     }
 }
