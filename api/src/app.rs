@@ -347,6 +347,9 @@ fn read_report(data: &DataDir, app: &AppSha, detail: bool) -> Result<Option<Stri
     let Some(report) = report_json(data, app, view)? else {
         return Ok(None);
     };
+    for (_, why) in &report.unreadable {
+        log::debug!("{why}; not counted");
+    }
     // Not a warning: reads are frequent, and the log's writer warns once when it repairs it.
     for (path, offset) in &report.torn {
         log::debug!(

@@ -182,6 +182,8 @@ pub struct ReportJson {
     pub json: String,
     /// Logs whose tail did not verify, with the offset where counting stopped.
     pub torn: Vec<(PathBuf, u64)>,
+    /// Logs that could not be read at all, with why.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// Reads `app` from `store`, classifies it and renders it: the one way from a SHA to its JSON,
@@ -203,6 +205,7 @@ pub fn report_json(
     Ok(Some(ReportJson {
         json,
         torn: data.torn,
+        unreadable: data.unreadable,
     }))
 }
 

@@ -54,8 +54,13 @@ pub struct ReceiverStats {
     /// Times ingest found every batch of its pool in use (the cap of 4096 batches) and waited
     /// for the writer; the kernel buffer took the burst meanwhile.
     pub batch_pool_waits: u64,
+    /// Times the writer's bookkeeping of its logs reached its cap (262,144 apps) and was
+    /// forgotten; each log is verified again the next time it is appended to.
+    pub tracked_logs_forgotten: u64,
     /// Accepted events dropped because their app was new and `--max-apps` or the free-space
-    /// threshold stopped new app directories.
+    /// threshold stopped new app directories, or because something other than a plain
+    /// directory or file (a planted symlink, say) stands where the app's directory or log
+    /// belongs.
     pub events_refused: u64,
     /// Events written to the store.
     pub events_flushed: u64,

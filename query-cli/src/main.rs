@@ -200,6 +200,9 @@ fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
             path.display()
         );
     }
+    for (_, why) in &report.unreadable {
+        eprintln!("ipevent-query: warning: {why}; not counted");
+    }
     Ok(report.json)
 }
 
@@ -210,9 +213,21 @@ fn list(data: &DataDir, limit: usize, pretty: bool) -> Result<String, Failure> {
     } else {
         limit.min(apps.len())
     };
+    for app in apps.iter().filter(|a| a.unreadable.is_some()) {
+        eprintln!(
+            "ipevent-query: warning: app {} is not fully readable: {}",
+            app.app,
+            app.unreadable.as_deref().unwrap_or_default()
+        );
+    }
     let rows: Vec<serde_json::Value> = apps[..shown]
         .iter()
-        .map(|a| serde_json::json!({"app_sha256": a.app.to_hex(), "count": a.count}))
+        .map(|a| match &a.unreadable {
+            None => serde_json::json!({"app_sha256": a.app.to_hex(), "count": a.count}),
+            Some(why) => {
+                serde_json::json!({"app_sha256": a.app.to_hex(), "count": a.count, "unreadable": why})
+            }
+        })
         .collect();
     let value = serde_json::Value::Array(rows);
     Ok(if pretty {

@@ -46,8 +46,12 @@ pub enum StoreError {
         reason: &'static str,
     },
     /// A path in the tree is not the directory it should be (a planted symlink, say).
-    #[error("{0}: not a plain directory; refusing to write through it")]
+    #[error("{0}: not a plain directory; refusing to go through it")]
     NotADirectory(PathBuf),
+    /// A path in the tree is not the regular file it should be (a directory or a symlink
+    /// planted where a log belongs).
+    #[error("{0}: not a regular file; refusing to read or write through it")]
+    NotAFile(PathBuf),
     /// Another process holds this writer id's lock.
     #[error(
         "writer id {writer_id} is in use by another process on {root} (lock {lock} is held); \
@@ -77,12 +81,17 @@ pub const REFUSED_LOW_DISK: &str = "low_disk";
 /// tree where an app's directory belongs.
 pub const REFUSED_NOT_A_DIRECTORY: &str = "not_a_directory";
 
+/// [`StoreError::refused_reason`] of [`StoreError::NotAFile`]: something planted in the tree
+/// where an app's log belongs.
+pub const REFUSED_NOT_A_FILE: &str = "not_a_file";
+
 impl StoreError {
     /// The limit that refused a new app, if that is what this is.
     pub fn refused_reason(&self) -> Option<&'static str> {
         match self {
             StoreError::Refused { reason, .. } => Some(reason),
             StoreError::NotADirectory(_) => Some(REFUSED_NOT_A_DIRECTORY),
+            StoreError::NotAFile(_) => Some(REFUSED_NOT_A_FILE),
             _ => None,
         }
     }
@@ -148,16 +157,36 @@ pub(crate) fn open_new(path: &Path) -> Result<File, StoreError> {
         .map_err(io_err("creating", path))
 }
 
-/// Opens a file for reading without following a symlink. `Ok(None)` when it does not exist.
+/// Opens a regular file for reading without following a symlink. `Ok(None)` when it does not
+/// exist; [`StoreError::NotAFile`] when a symlink, a directory or anything else is there.
 pub fn open_read(path: &Path) -> Result<Option<File>, StoreError> {
-    match OpenOptions::new()
+    let file = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
     {
-        Ok(file) => Ok(Some(file)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("opening", path)(e)),
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(StoreError::NotAFile(path.to_path_buf()))
+        }
+        Err(e) => return Err(io_err("opening", path)(e)),
+    };
+    let meta = file.metadata().map_err(io_err("inspecting", path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotAFile(path.to_path_buf()));
+    }
+    Ok(Some(file))
+}
+
+/// Checks that `dir` is a plain directory, not a symlink to one: readers refuse links exactly
+/// as writers do. `Ok(false)` when it does not exist.
+pub fn plain_dir(dir: &Path) -> Result<bool, StoreError> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(true),
+        Ok(_) => Err(StoreError::NotADirectory(dir.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("inspecting", dir)(e)),
     }
 }
 
@@ -174,15 +203,26 @@ pub fn open_read_write(path: &Path) -> Result<File, StoreError> {
         .map_err(io_err("opening", path))
 }
 
-/// Opens a file for appending, creating it if missing, without following a symlink.
+/// Opens a regular file for appending, creating it if missing, without following a symlink;
+/// [`StoreError::NotAFile`] when something else is there.
 pub fn open_append(path: &Path) -> Result<File, StoreError> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
-        .map_err(io_err("opening", path))
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP | libc::EISDIR | libc::ENXIO) => {
+                StoreError::NotAFile(path.to_path_buf())
+            }
+            _ => io_err("opening", path)(e),
+        })?;
+    let meta = file.metadata().map_err(io_err("inspecting", path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotAFile(path.to_path_buf()));
+    }
+    Ok(file)
 }
 
 /// Reads a whole (small) file without following a symlink. `Ok(None)` when it does not exist.

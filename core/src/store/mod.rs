@@ -31,9 +31,9 @@ pub mod writer;
 pub use crate::block::AddrStats;
 pub(crate) use fsio::io_err;
 pub use fsio::{
-    create_dir_all, open_append, open_read, open_read_write, open_write_existing, read_file,
-    write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK,
-    REFUSED_NOT_A_DIRECTORY,
+    create_dir_all, open_append, open_read, open_read_write, open_write_existing, plain_dir,
+    read_file, write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK,
+    REFUSED_NOT_A_DIRECTORY, REFUSED_NOT_A_FILE,
 };
 pub use layout::{
     host_writer_id, validate_writer_id, writer_id_for_host, DataDir, WriterLock, LAYOUT_VERSION,
@@ -74,6 +74,12 @@ pub trait AppendBlocks {
 
     /// Forgets everything known of the stored data (after a reset moved it away).
     fn forget_logs(&mut self);
+
+    /// Times the writer's bookkeeping reached its bound and was forgotten (a counter for
+    /// operators; 0 for a backend without such a bound).
+    fn tracked_logs_forgotten(&self) -> u64 {
+        0
+    }
 }
 
 impl Store for DataDir {

@@ -5,7 +5,7 @@ use rustc_hash::FxHashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::fsio::{for_each_entry, io_err, open_read, StoreError};
+use super::fsio::{for_each_entry, io_err, open_read, plain_dir, StoreError};
 use super::layout::DataDir;
 use crate::block::{self, AddrStats, ScanSummary, Tail};
 use crate::wire::AppSha;
@@ -34,6 +34,9 @@ pub struct AppData {
     pub blocks: u64,
     /// Logs whose tail did not verify, with the offset where counting stopped.
     pub torn: Vec<(PathBuf, u64)>,
+    /// Logs that could not be read at all (a directory or a symlink planted in their place, an
+    /// I/O error), with why; the other logs of the app are counted.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 impl AppData {
@@ -44,16 +47,29 @@ impl AppData {
 }
 
 /// Reads and merges every log of `app`. `Ok(None)` when the store has never seen the app.
+/// An app directory (or its fan-out directory) that is a symlink is refused, as writers
+/// refuse it; a log that cannot be read is listed in [`AppData::unreadable`] and the others
+/// are counted.
 pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreError> {
     data.check_layout()?;
+    let dir = data.app_dir(app);
+    let fan = dir.parent().expect("an app dir has a parent");
+    if !plain_dir(fan)? || !plain_dir(&dir)? {
+        return Ok(None);
+    }
     let mut merged: FxHashMap<u32, AddrStats> = FxHashMap::default();
     let mut out = AppData::default();
-    for_each_log(&data.app_dir(app), |path| {
+    for_each_log(&dir, |path| {
         let scanned = scan_log_file(&path, |ip, stats| {
             merged.entry(ip).or_default().merge(&stats);
-        })?;
-        let Some(summary) = scanned else {
-            return Ok(());
+        });
+        let summary = match scanned {
+            Ok(Some(summary)) => summary,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                out.unreadable.push((path, e.to_string()));
+                return Ok(());
+            }
         };
         out.logs += 1;
         out.blocks += summary.blocks;
@@ -63,6 +79,14 @@ pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreEr
         Ok(())
     })?;
     if out.logs == 0 {
+        if let Some((path, why)) = out.unreadable.first() {
+            // Nothing to count, and something the operator must see: not "no events".
+            return Err(StoreError::Io {
+                action: "reading",
+                path: path.clone(),
+                source: std::io::Error::other(why.clone()),
+            });
+        }
         return Ok(None);
     }
     out.addrs = merged.into_iter().collect();
@@ -75,11 +99,26 @@ pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreEr
 pub struct AppCount {
     /// The app.
     pub app: AppSha,
-    /// Its events, over all writers.
+    /// Its events, over all writers (the logs that could be read).
     pub count: u64,
+    /// Why some of its data could not be read (a planted symlink or directory, an I/O
+    /// error); `None` when all of it was.
+    pub unreadable: Option<String>,
 }
 
-/// Every app in the store with its count, most events first (ties by SHA).
+impl AppCount {
+    /// An app whose logs were all read.
+    pub fn new(app: AppSha, count: u64) -> AppCount {
+        AppCount {
+            app,
+            count,
+            unreadable: None,
+        }
+    }
+}
+
+/// Every app in the store with its count, most events first (ties by SHA). One app that
+/// cannot be read is listed with why ([`AppCount::unreadable`]) and never hides the others.
 pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
     data.check_layout()?;
     let mut out = Vec::new();
@@ -91,17 +130,27 @@ pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
         else {
             return Ok(());
         };
-        let mut count = 0u64;
+        let mut entry = AppCount::new(app, 0);
         let mut logs = 0;
-        for_each_log(&app_entry.path(), |log| {
-            if let Some(summary) = scan_log_file(&log, |_, _| {})? {
-                count += summary.events;
-                logs += 1;
-            }
-            Ok(())
-        })?;
-        if logs > 0 {
-            out.push(AppCount { app, count });
+        let dir = app_entry.path();
+        let listed = plain_dir(&dir).and_then(|_| {
+            for_each_log(&dir, |log| {
+                match scan_log_file(&log, |_, _| {}) {
+                    Ok(Some(summary)) => {
+                        entry.count += summary.events;
+                        logs += 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) => entry.unreadable = Some(e.to_string()),
+                }
+                Ok(())
+            })
+        });
+        if let Err(e) = listed {
+            entry.unreadable = Some(e.to_string());
+        }
+        if logs > 0 || entry.unreadable.is_some() {
+            out.push(entry);
         }
         Ok(())
     })?;
@@ -137,12 +186,19 @@ pub(crate) fn count_app_dirs(data: &DataDir) -> Result<u64, StoreError> {
 
 /// Calls `each` with every entry of every fan-out directory under `events/`: the app
 /// directories, and whatever else was put there.
+/// Fan-out entries that are not plain directories are skipped with a warning: readers do not
+/// follow links.
 fn for_each_app_dir(
     data: &DataDir,
     mut each: impl FnMut(&fs::DirEntry) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     for_each_entry(&data.events_dir(), |fan| {
-        for_each_entry(&fan.path(), &mut each).map(drop)
+        let path = fan.path();
+        if let Err(e) = plain_dir(&path) {
+            log::warn!("{e}");
+            return Ok(());
+        }
+        for_each_entry(&path, &mut each).map(drop)
     })
     .map(drop)
 }

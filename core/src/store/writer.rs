@@ -89,6 +89,8 @@ pub struct StoreWriter {
     apps: u64,
     /// When free space was last looked at, and whether it was below the thresholds.
     free_checked: Option<(std::time::Instant, bool)>,
+    /// Times the bookkeeping reached [`MAX_TRACKED_LOGS`] and was forgotten.
+    tracked_logs_forgotten: u64,
 }
 
 impl StoreWriter {
@@ -106,6 +108,7 @@ impl StoreWriter {
             limits: StoreLimits::default(),
             apps: 0,
             free_checked: None,
+            tracked_logs_forgotten: 0,
         })
     }
 
@@ -205,6 +208,7 @@ impl StoreWriter {
     fn remember(&mut self, app: &AppSha, state: LogState) {
         if self.logs.len() >= MAX_TRACKED_LOGS && !self.logs.contains_key(app) {
             self.logs.clear();
+            self.tracked_logs_forgotten += 1;
         }
         self.logs.insert(*app, state);
     }
@@ -291,6 +295,10 @@ impl StoreWriter {
 }
 
 impl AppendBlocks for StoreWriter {
+    fn tracked_logs_forgotten(&self) -> u64 {
+        self.tracked_logs_forgotten
+    }
+
     /// Forgets everything known of the logs (after a reset moved the tree away).
     fn forget_logs(&mut self) {
         self.logs.clear();
@@ -489,16 +497,7 @@ mod tests {
         let list = list_apps(&data).unwrap();
         assert_eq!(
             list,
-            vec![
-                AppCount {
-                    app: app(2),
-                    count: 9
-                },
-                AppCount {
-                    app: app(1),
-                    count: 1
-                }
-            ]
+            vec![AppCount::new(app(2), 9), AppCount::new(app(1), 1)]
         );
     }
 }
