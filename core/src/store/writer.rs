@@ -7,10 +7,10 @@ use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
+use super::backend::AppendBlocks;
 use super::fsio::{io_err, open_new, StoreError, DIR_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK};
 use super::layout::{validate_writer_id, DataDir};
 use super::reader::{count_app_dirs, scan_log_file};
-use super::AppendBlocks;
 use crate::block::{self, AddrStats, BlockBuilder, Tail};
 use crate::wire::AppSha;
 

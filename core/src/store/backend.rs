@@ -1,0 +1,58 @@
+//! What a storage backend offers: [`Store`] for readers (one app, every app) and
+//! [`AppendBlocks`] for a writer (a flush's blocks). The file tree implements both ([`DataDir`]
+//! and [`StoreWriter`](super::StoreWriter)); another backend (object storage) would sit beside
+//! it without touching the receiver, the query CLI or the API.
+
+use super::fsio::StoreError;
+use super::layout::DataDir;
+use super::reader::{self, AppCount, AppData};
+use crate::block::AddrStats;
+use crate::wire::AppSha;
+
+/// Where the events are kept, as every binary reads them: one app's data merged over all
+/// writers, and every app with its count. The file tree ([`DataDir`]) is one; another backend
+/// (object storage) implements the same.
+pub trait Store {
+    /// Reads and merges every writer's data of `app`. `Ok(None)` when the store has never
+    /// seen the app.
+    fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, StoreError>;
+
+    /// Every app in the store with its count, most events first (ties by SHA).
+    fn list_apps(&self) -> Result<Vec<AppCount>, StoreError>;
+}
+
+/// One writer's side of a store: where a flush's blocks go, one block per app and flush.
+pub trait AppendBlocks {
+    /// Appends one block of flush `epoch` holding `records` (sorted by address, non-empty) to
+    /// `app`'s data. On error nothing counts twice: the caller keeps the records and retries
+    /// later.
+    fn append(
+        &mut self,
+        app: &AppSha,
+        epoch: u64,
+        records: &[(u32, AddrStats)],
+    ) -> Result<(), StoreError>;
+
+    /// The highest epoch among the verified blocks this writer holds for `app` (0 when none):
+    /// journaled records of that epoch or earlier are already stored.
+    fn log_max_epoch(&mut self, app: &AppSha) -> Result<u64, StoreError>;
+
+    /// Forgets everything known of the stored data (after a reset moved it away).
+    fn forget_logs(&mut self);
+
+    /// Times the writer's bookkeeping reached its bound and was forgotten (a counter for
+    /// operators; 0 for a backend without such a bound).
+    fn tracked_logs_forgotten(&self) -> u64 {
+        0
+    }
+}
+
+impl Store for DataDir {
+    fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, StoreError> {
+        reader::read_app(self, app)
+    }
+
+    fn list_apps(&self) -> Result<Vec<AppCount>, StoreError> {
+        reader::list_apps(self)
+    }
+}
