@@ -62,6 +62,7 @@ FULL = {
     "query_runs": 100,
     "query_sync_runs": 20,
     "threads_count": 4_000_000,
+    "ratio_events": 3_000_000,
 }
 QUICK = {
     "events": 1_000_000,
@@ -74,11 +75,16 @@ QUICK = {
     "query_runs": 30,
     "query_sync_runs": 5,
     "threads_count": 1_000_000,
+    "ratio_events": 1_000_000,
 }
 
 TARGETS = {
     "loss_10m": 0,
     "cpu_ratio_max": 1.3,
+    # Receiver CPU per datagram over the blocking recvmmsg floor's, same traffic: at the
+    # fastest rate one sender core offers, and at 200k datagrams/s.
+    "floor_ratio_max_fastest": 1.25,
+    "floor_ratio_max_200k": 1.15,
     "rss_3_apps_mib_max": 64,
     "rss_1m_apps_mib_max": 512,
     "query_ms_max": 20,
@@ -236,12 +242,14 @@ class Bench:
 
     # --- sender -------------------------------------------------------------------------------
 
-    def client(self, to, count, seed, scenario="lookout", apps=None, data_dir=None, extra=()):
-        """Starts one ipevent-test-client run (at --rate, default as fast as it can) on the
-        sender core."""
+    def client(self, to, count, seed, scenario="lookout", apps=None, data_dir=None, extra=(),
+               rate=None):
+        """Starts one ipevent-test-client run (at `rate`, default --rate: as fast as it can) on
+        the sender core."""
+        rate = self.args.rate if rate is None else rate
         cmd = self.pinned(self.args.sender_cpu) + [
             str(RELEASE / "ipevent-test-client"), "run",
-            "--to", to, "--scenario", scenario, "--count", str(count), "--rate", str(self.args.rate),
+            "--to", to, "--scenario", scenario, "--count", str(count), "--rate", str(rate),
             "--seed", str(seed), "--json", "--no-progress",
         ]
         if apps is not None:
@@ -265,12 +273,12 @@ class Bench:
 
     # --- receivers ----------------------------------------------------------------------------
 
-    def start_receiver(self, data, extra=(), stats_ms=STATS_INTERVAL_MS):
+    def start_receiver(self, data, extra=(), stats_ms=STATS_INTERVAL_MS, binary=None):
         data.mkdir(parents=True, exist_ok=True)
         stats_path = data / "receivers" / "bench" / "stats.json"
         logf = open(data.parent / f"{data.name}.receiver.log", "w")
         cmd = self.pinned(self.args.receiver_cpu) + [
-            str(self.receiver_bin), "--listen", "127.0.0.1:0",
+            str(binary or self.receiver_bin), "--listen", "127.0.0.1:0",
             "--writer-id", "bench", "--data-dir", str(data),
             "--stats-interval-ms", str(stats_ms), "--log-interval-s", "0", *extra,
         ]
@@ -286,11 +294,13 @@ class Bench:
         )
         return Running(proc, stats["pid"], stats["listen"][0], stats_path, stats, logf.name)
 
-    def start_drain(self, name):
+    def start_drain(self, name, mode="poll"):
         stats_path = self.work / f"{name}.json"
+        # A stats file from an earlier round must not pass for this drain's.
+        stats_path.unlink(missing_ok=True)
         logf = open(self.work / f"{name}.log", "w")
         cmd = self.pinned(self.args.receiver_cpu) + [
-            str(TOOLS / "ipevent-drain"), "--stats-file", str(stats_path),
+            str(TOOLS / "ipevent-drain"), "--mode", mode, "--stats-file", str(stats_path),
             "--stats-interval-ms", str(STATS_INTERVAL_MS),
         ]
         proc = self.spawn(cmd, stdout=subprocess.PIPE, stderr=logf, text=True)
@@ -327,13 +337,14 @@ class Bench:
 
     # --- cases --------------------------------------------------------------------------------
 
-    def case_drain(self):
-        """Case 1: the bare recvmmsg drain on the 10M-event traffic."""
-        n = self.sizes["events"]
-        drain = self.start_drain("drain")
+    def case_drain(self, mode="poll", n=None, rate=None):
+        """Case 1: a baseline on the 10M-event traffic: the recvmmsg drain set up like the
+        receiver (mode "poll") or the kernel's floor, a blocking recvmmsg loop ("floor")."""
+        n = n or self.sizes["events"]
+        drain = self.start_drain(mode, mode)
         port = drain.port
         drops0, cpu0 = udp_drops(port), cpu_secs(drain.pid)
-        sent = self.send(drain.addr, n, self.seed)
+        sent = self.send(drain.addr, n, self.seed, rate=rate)
         def all_in():
             s = read_json(drain.stats_path)
             drops = udp_drops(port) - drops0
@@ -348,6 +359,7 @@ class Bench:
         # The drain decodes nothing: the valid datagrams among those it got, by the sender's share.
         valid_received = received * sent["valid"] / sent["sent"]
         return {
+            "mode": mode, "batch": final["batch"],
             "sent": sent["sent"], "valid_sent": sent["valid"],
             "offered_per_sec": sent["rate_per_sec"], "sender_secs": sent["elapsed_secs"],
             "received": received, "kernel_drops": drops,
@@ -362,13 +374,13 @@ class Bench:
             "stats_seen": stats["datagrams"],
         }
 
-    def case_receiver(self, baseline):
+    def case_receiver(self, baseline, floor=None, n=None, rate=None, binary=None):
         """Case 2: ipevent-receiver on the same traffic (same seed and count)."""
-        n = self.sizes["events"]
+        n = n or self.sizes["events"]
         data = self.work / "rx"
-        rx = self.start_receiver(data)
+        rx = self.start_receiver(data, binary=binary)
         drops0, cpu0 = udp_drops(rx.port), cpu_secs(rx.pid)
-        sent = self.send(rx.addr, n, self.seed, data_dir=data)
+        sent = self.send(rx.addr, n, self.seed, data_dir=data, rate=rate)
         stored = {a["sha"]: self.query(data, a["sha"])["count"] for a in sent["apps"]}
         cpu = cpu_secs(rx.pid) - cpu0
         threads = thread_cpu(rx.pid)
@@ -379,6 +391,10 @@ class Bench:
         result = self._receiver_result(sent, sum(stored.values()), drops, cpu, threads, stats,
                                        peak_mib, code, baseline)
         result["stored_per_app"] = stored
+        result["receiver_bin"] = str(binary or self.receiver_bin)
+        if floor:
+            result["cpu_ratio_to_floor"] = (result["cpu_us_per_datagram"]
+                                            / floor["cpu_us_per_datagram"])
         shutil.rmtree(data, ignore_errors=True)
         return result
 
@@ -392,7 +408,7 @@ class Bench:
             "received": stats["datagrams_received"], "accepted": stats["events_accepted"],
             "rejected": stats["rejected_total"], "stored": stored,
             "loss": valid - stored, "loss_pct": 100.0 * (valid - stored) / max(valid, 1),
-            "kernel_drops": drops, "kernel_drops_so_rxq_ovfl": stats["kernel_drops"],
+            "kernel_drops": drops, "kernel_drops_counted": stats["kernel_drops"],
             "flushes": stats["flushes"], "flush_max_ms": stats["flush_max_ms"],
             "cpu_secs": cpu, "cpu_by_thread": threads,
             "cpu_us_per_datagram": cpu * 1e6 / max(stats["datagrams_received"], 1),
@@ -402,6 +418,27 @@ class Bench:
         if baseline:
             result["cpu_ratio_to_drain"] = per_m / baseline["cpu_secs_per_m_valid"]
         return result
+
+    def case_ratio(self):
+        """Case 6: the receiver against both baselines on the same traffic, at each rate of
+        --ratio-rates, --repeat times in turn (floor, drain, receiver, and --compare-bin when
+        given), for the medians of CPU per datagram and of the ratios of each round."""
+        n = self.sizes["ratio_events"]
+        bins = [("receiver", self.receiver_bin)]
+        if self.args.compare_bin:
+            bins.append(("compare", Path(self.args.compare_bin)))
+        out = {}
+        for rate in self.args.ratio_rates:
+            rounds = []
+            for r in range(self.args.repeat):
+                log(f"ratio: {rate or 'fastest'}/s, round {r + 1} of {self.args.repeat}")
+                one = {"floor": self.case_drain("floor", n, rate),
+                       "drain": self.case_drain("poll", n, rate)}
+                for name, binary in bins:
+                    one[name] = self.case_receiver(one["drain"], one["floor"], n, rate, binary)
+                rounds.append(one)
+            out[str(rate)] = ratio_summary(rounds, [name for name, _ in bins])
+        return {"rates": out}
 
     def case_many_apps(self, root, apps, count, label, all_pending):
         """Case 3: `apps` distinct apps (the random scenario) at the fastest rate.
@@ -567,6 +604,69 @@ class Bench:
         return out
 
 
+def ratio_summary(rounds, receivers):
+    """Medians over the rounds of the ratio case (and every round's figures)."""
+    med = statistics.median
+    summary = {"rounds": len(rounds)}
+    for side in ["floor", "drain"] + receivers:
+        rs = [one[side] for one in rounds]
+        row = {
+            "offered_per_sec": med(r["offered_per_sec"] for r in rs),
+            "cpu_us_per_datagram": med(r["cpu_us_per_datagram"] for r in rs),
+            "cpu_us_per_datagram_each": [r["cpu_us_per_datagram"] for r in rs],
+            "kernel_drops_max": max(r["kernel_drops"] for r in rs),
+            "peak_rss_mib": med(r["peak_rss_mib"] for r in rs),
+        }
+        if side in receivers:
+            row.update({
+                "loss_max": max(r["loss"] for r in rs),
+                "kernel_drops_reported_max": max(r["kernel_drops_counted"] for r in rs),
+                "drops_counted_exactly": all(
+                    r["kernel_drops"] == r["kernel_drops_counted"] for r in rs),
+                "ratio_to_floor": med(r["cpu_ratio_to_floor"] for r in rs),
+                "ratio_to_floor_each": [r["cpu_ratio_to_floor"] for r in rs],
+                "ratio_to_drain": med(r["cpu_us_per_datagram"] / d["cpu_us_per_datagram"]
+                                      for r, d in zip(rs, (o["drain"] for o in rounds))),
+                "cpu_by_thread": {k: med(r["cpu_by_thread"].get(k, 0.0) for r in rs)
+                                  for k in rs[0]["cpu_by_thread"]},
+                "receiver_bin": rs[0]["receiver_bin"],
+            })
+        else:
+            row["datagrams_per_recv_call"] = med(r["datagrams_per_recv_call"] for r in rs)
+        summary[side] = row
+    if "compare" in receivers:
+        summary["receiver_over_compare"] = med(
+            one["receiver"]["cpu_us_per_datagram"] / one["compare"]["cpu_us_per_datagram"]
+            for one in rounds)
+    summary["each_round"] = rounds
+    return summary
+
+
+def ratio_table(ratio):
+    """The ratio case as a markdown table: one row per receiving side and rate."""
+    lines = [
+        "| receiving side | offered/s (median) | loss (max) | kernel drops (max) "
+        "| CPU µs per datagram (median) | each round | × floor | × drain | peak RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    names = {"floor": "blocking `recvmmsg(256)` floor", "drain": "epoll + SO_RXQ_OVFL drain",
+             "receiver": "ipevent-receiver", "compare": "ipevent-receiver (--compare-bin)"}
+    for rate, summary in ratio["rates"].items():
+        for side in ("floor", "drain", "receiver", "compare"):
+            if side not in summary:
+                continue
+            r = summary[side]
+            each = ", ".join(f"{v:.2f}" for v in r["cpu_us_per_datagram_each"])
+            lines.append(
+                f"| {names[side]} at {'the fastest rate' if rate == '0' else rate + '/s'} "
+                f"| {fmt(r['offered_per_sec'], 0)} | {fmt(r.get('loss_max', '–'))} "
+                f"| {fmt(r['kernel_drops_max'])} | {r['cpu_us_per_datagram']:.3f} | {each} "
+                f"| {fmt(r.get('ratio_to_floor', 1.0 if side == 'floor' else None))} "
+                f"| {fmt(r.get('ratio_to_drain', 1.0 if side == 'drain' else None))} "
+                f"| {fmt(r['peak_rss_mib'], 1)} |")
+    return "\n".join(lines)
+
+
 class Running:
     def __init__(self, proc, pid, addr, stats_path, stats, log_path):
         self.proc, self.pid, self.addr = proc, pid, addr
@@ -680,6 +780,13 @@ def table(results):
             f"| {fmt(d['valid_sent'])} | {fmt(d['received'])} datagrams received | – "
             f"| {fmt(d['kernel_drops'])} | {fmt(d['cpu_secs'])} "
             f"| {fmt(d['cpu_secs_per_m_valid'])} per M valid | 1.00 | {fmt(d['peak_rss_mib'], 1)} |")
+    if "floor" in c:
+        d = c["floor"]
+        lines.append(
+            f"| blocking recvmmsg(256) floor | {fmt(d['offered_per_sec'], 0)} | {fmt(d['sent'])} "
+            f"| {fmt(d['valid_sent'])} | {fmt(d['received'])} datagrams received | – "
+            f"| {fmt(d['kernel_drops'])} | {fmt(d['cpu_secs'])} "
+            f"| {fmt(d['cpu_secs_per_m_valid'])} per M valid | – | {fmt(d['peak_rss_mib'], 1)} |")
     rows = [("receiver", "ipevent-receiver, 3 apps, 30% corrupted")]
     rows += [(k, f"--threads {v['threads']}, {v['flows']} sender flow{'s' if v['flows'] > 1 else ''}")
              for k, v in c.items() if k.startswith("threads")]
@@ -702,15 +809,18 @@ def table(results):
                 f"| {fmt(r['kernel_drops'])} | {fmt(r['cpu_secs_total'])} (whole life) | – | – "
                 f"| {fmt(r['peak_rss_mib'], 1)} |")
     extra = []
-    if "drain" in c:
-        d = c["drain"]
-        extra.append(f"- drain: {fmt(d['cpu_us_per_datagram'])} µs CPU per datagram, "
-                     f"{fmt(d['datagrams_per_recv_call'], 1)} datagrams per recvmmsg call")
+    for key in ("drain", "floor"):
+        if key in c:
+            d = c[key]
+            extra.append(f"- {key}: {fmt(d['cpu_us_per_datagram'])} µs CPU per datagram, "
+                         f"{fmt(d['datagrams_per_recv_call'], 1)} datagrams per recvmmsg call")
     if "receiver" in c:
         r = c["receiver"]
         split = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(r["cpu_by_thread"].items()))
-        extra.append(f"- receiver: {fmt(r['cpu_us_per_datagram'])} µs CPU per datagram; by "
-                     f"thread: {split}; test client verification "
+        floor = (f" ({r['cpu_ratio_to_floor']:.2f}× the floor)"
+                 if "cpu_ratio_to_floor" in r else "")
+        extra.append(f"- receiver: {fmt(r['cpu_us_per_datagram'])} µs CPU per datagram{floor}; "
+                     f"by thread: {split}; test client verification "
                      f"{'passed' if r['verified_by_test_client'] else 'FAILED'}")
     for key in ("many_apps", "many_apps_disk"):
         if key not in c:
@@ -755,6 +865,8 @@ def table(results):
                          f"(median)")
     checks = [f"| {t['name']} | {t['target']} | {t['measured']} | {t['verdict']} |"
               for t in results["targets"]]
+    if "ratio" in c:
+        extra.append("\n" + ratio_table(c["ratio"]))
     return ("\n".join(lines) + "\n\n" + "\n".join(extra)
             + "\n\n| target | wanted | measured | verdict |\n| --- | --- | --- | --- |\n"
             + "\n".join(checks))
@@ -777,6 +889,18 @@ def verdicts(cases):
                 r["cpu_ratio_to_drain"] <= TARGETS["cpu_ratio_max"])
         add("peak RSS, 3 apps", f"≤ {TARGETS['rss_3_apps_mib_max']} MiB",
             f"{r['peak_rss_mib']:.1f} MiB", r["peak_rss_mib"] <= TARGETS["rss_3_apps_mib_max"])
+    for rate, summary in cases.get("ratio", {}).get("rates", {}).items():
+        r = summary["receiver"]
+        fastest = rate == "0"
+        limit = TARGETS["floor_ratio_max_fastest" if fastest else "floor_ratio_max_200k"]
+        where = "the fastest rate" if fastest else f"{int(rate):,}/s"
+        add(f"receiver CPU per datagram / blocking recvmmsg floor, {where} (median of "
+            f"{summary['rounds']})", f"≤ {limit}×", f"{r['ratio_to_floor']:.2f}×",
+            r["ratio_to_floor"] <= limit)
+        add(f"loss and kernel drops counted, {where}", "0 loss; drops = /proc/net/udp",
+            f"loss {r['loss_max']}, drops {r['kernel_drops_max']} "
+            f"({'exact' if r['drops_counted_exactly'] else 'MISCOUNTED'})",
+            r["loss_max"] == 0 and r["drops_counted_exactly"])
     if "many_apps" in cases:
         r = cases["many_apps"]
         add(f"peak RSS, {r['apps']:,} apps all pending", f"≤ {TARGETS['rss_1m_apps_mib_max']} MiB",
@@ -801,7 +925,8 @@ def main():
     parser.add_argument("--seed", type=int, default=20240601, help="seed of all traffic")
     parser.add_argument("--sender-cpu", type=int, default=0, help="core of the senders")
     parser.add_argument("--receiver-cpu", type=int, default=1, help="core of the receivers")
-    parser.add_argument("--cases", default="drain,receiver,many_apps,many_apps_disk,query,threads,criterion",
+    parser.add_argument("--cases", default="drain,floor,receiver,ratio,many_apps,many_apps_disk,"
+                        "query,threads,criterion",
                         help="comma-separated subset of the cases to run")
     parser.add_argument("--many-apps-root", default="/dev/shm",
                         help="filesystem for the many-apps case (default tmpfs: a million "
@@ -817,10 +942,20 @@ def main():
     parser.add_argument("--no-build", action="store_true", help="use the binaries already built")
     parser.add_argument("--receiver-bin", help="an ipevent-receiver to measure instead of "
                         "target/release's (to compare a change against the same baseline)")
+    parser.add_argument("--ratio-rates", default="0,200000",
+                        type=lambda v: [int(x) for x in v.split(",")],
+                        help="offered rates of the ratio case, comma-separated (0: fastest)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of the ratio case at each rate (medians are reported)")
+    parser.add_argument("--ratio-events", type=int,
+                        help="datagrams per run of the ratio case (default 3M, 1M with --quick)")
+    parser.add_argument("--compare-bin", help="a second ipevent-receiver measured in every "
+                        "round of the ratio case (before and after a change, same traffic)")
     parser.add_argument("--out", help="JSON output path (default bench/results/<date>.json)")
     args = parser.parse_args()
     sizes = dict(QUICK if args.quick else FULL)
-    for key, value in (("events", args.events), ("disk_apps", args.disk_apps),
+    for key, value in (("events", args.events), ("ratio_events", args.ratio_events),
+                       ("disk_apps", args.disk_apps),
                        ("disk_apps_count", args.disk_count)):
         if value:
             sizes[key] = value
@@ -850,7 +985,10 @@ def main():
     # (result key, the --cases name that selects it, how to run it)
     plan = [
         ("drain", "drain", lambda: bench.case_drain()),
-        ("receiver", "receiver", lambda: bench.case_receiver(cases.get("drain"))),
+        ("floor", "floor", lambda: bench.case_drain("floor")),
+        ("receiver", "receiver", lambda: bench.case_receiver(cases.get("drain"),
+                                                             cases.get("floor"))),
+        ("ratio", "ratio", lambda: bench.case_ratio()),
         ("many_apps", "many_apps", lambda: bench.case_many_apps(
             many_root, sizes["many_apps"], sizes["many_apps_count"], "many_apps", True)),
         ("query", "query", lambda: bench.case_query()),

@@ -9,10 +9,7 @@ use std::mem;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
-use socket2::SockAddr;
-
-/// Largest datagram a slot holds; a longer one is reported as truncated.
-pub const SLOT_BYTES: usize = crate::wire::MAX_DATAGRAM_BYTES + 1;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Room for one `SO_RXQ_OVFL` control message (a `u32`) with its header and padding.
 const CMSG_BYTES: usize = 64;
@@ -108,15 +105,50 @@ fn setsockopt_int(
     }
 }
 
-/// Asks for `SO_RXQ_OVFL`: every received datagram then carries the socket's running count
-/// of datagrams the kernel dropped for lack of buffer space.
-pub fn enable_drop_counter(socket: &impl AsRawFd) -> io::Result<()> {
-    setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)
+/// How [`bind_udp`] sets a UDP socket up.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpSetup {
+    /// Receive buffer to ask for, in bytes; forced past `net.core.rmem_max` when the process
+    /// has `CAP_NET_ADMIN`, otherwise whatever the kernel grants.
+    pub rcvbuf_bytes: usize,
+    /// `SO_REUSEPORT`: several sockets share the address and the kernel spreads flows.
+    pub reuse_port: bool,
+    /// Non-blocking (for a poll loop) or blocking (for a loop that waits in `recvmmsg`).
+    pub nonblocking: bool,
+    /// `SO_RXQ_OVFL`: every datagram carries the socket's drop count as ancillary data, which
+    /// the kernel builds for each datagram received. [`socket_drops`] reads the same count
+    /// without it.
+    pub drop_counter_per_datagram: bool,
+}
+
+/// A bound UDP socket and the receive buffer the kernel granted it (as the kernel reports it:
+/// twice the usable size it books).
+pub fn bind_udp(addr: SocketAddr, setup: &UdpSetup) -> io::Result<(std::net::UdpSocket, usize)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // `[::]` takes IPv4 too, whatever the host's bindv6only default.
+        socket.set_only_v6(false)?;
+    }
+    if setup.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(setup.nonblocking)?;
+    let _ = socket.set_recv_buffer_size(setup.rcvbuf_bytes);
+    if socket.recv_buffer_size()? / 2 < setup.rcvbuf_bytes {
+        // Needs CAP_NET_ADMIN; without it the socket keeps what rmem_max allows.
+        let _ = force_recv_buffer(&socket, setup.rcvbuf_bytes);
+    }
+    if setup.drop_counter_per_datagram {
+        setsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
+    }
+    socket.bind(&addr.into())?;
+    let granted = socket.recv_buffer_size()?;
+    Ok((socket.into(), granted))
 }
 
 /// Sets the receive buffer with `SO_RCVBUFFORCE`, which may exceed `net.core.rmem_max` but
 /// needs `CAP_NET_ADMIN`.
-pub fn force_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+fn force_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     setsockopt_int(
         socket.as_raw_fd(),
@@ -126,10 +158,41 @@ pub fn force_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> 
     )
 }
 
+/// The socket's running count of datagrams the kernel dropped because its receive buffer was
+/// full (`SK_MEMINFO_DROPS` of `SO_MEMINFO`, the `drops` column of `/proc/net/udp`). It counts
+/// every drop, including the ones after the last datagram queued, and wraps at 2^32.
+pub fn socket_drops(socket: &impl AsRawFd) -> io::Result<u32> {
+    let mut meminfo = [0u32; 16];
+    let mut len = mem::size_of_val(&meminfo) as libc::socklen_t;
+    // SAFETY: `meminfo` is a live buffer of `len` bytes; the kernel writes at most `len` bytes
+    // into it and stores the length it wrote in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            meminfo.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let at = libc::SK_MEMINFO_DROPS as usize;
+    if (len as usize) < (at + 1) * mem::size_of::<u32>() {
+        return Err(io::Error::from(io::ErrorKind::Unsupported));
+    }
+    Ok(meminfo[at])
+}
+
 /// Preallocated buffers for receiving up to `capacity` datagrams with one `recvmmsg` call.
-/// Steady state allocates nothing.
+/// The message headers point into the batch's own buffers and are built once, so a call only
+/// resets what the kernel wrote. Steady state allocates nothing.
 pub struct RecvBatch {
-    bufs: Vec<[u8; SLOT_BYTES]>,
+    /// `capacity` slots of `slot_bytes`, one per datagram.
+    bufs: Vec<u8>,
+    slot_bytes: usize,
+    /// Room for one `SO_RXQ_OVFL` control message per slot, or empty (no ancillary data).
     cmsgs: Vec<[u64; CMSG_BYTES / 8]>,
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
@@ -137,53 +200,93 @@ pub struct RecvBatch {
 }
 
 // SAFETY: the raw pointers in `iovecs` and `headers` only ever point into this struct's own
-// heap buffers and are rebuilt before every call; nothing else shares them.
+// heap buffers, which are never reallocated; nothing else shares them.
 unsafe impl Send for RecvBatch {}
 
 /// One datagram of a [`RecvBatch`].
 #[derive(Debug, Clone, Copy)]
 pub struct Datagram<'a> {
-    /// The bytes received (at most [`SLOT_BYTES`]).
+    /// The bytes received (at most the batch's largest datagram).
     pub bytes: &'a [u8],
-    /// The datagram was longer than a slot, so `bytes` is only its beginning.
+    /// The datagram was longer than the batch's largest datagram, so `bytes` is only its
+    /// beginning.
     pub truncated: bool,
-    /// The socket's cumulative kernel drop count, when `SO_RXQ_OVFL` reported one.
+    /// The socket's cumulative kernel drop count, when `SO_RXQ_OVFL` reported one (only in a
+    /// batch made by [`RecvBatch::with_drop_counter`]).
     pub drops: Option<u32>,
 }
 
 impl RecvBatch {
-    /// Buffers for `capacity` datagrams.
-    pub fn new(capacity: usize) -> RecvBatch {
+    /// Buffers for `capacity` datagrams of up to `max_datagram_bytes` each (a longer one is
+    /// received cut and flagged as truncated), without room for ancillary data.
+    pub fn new(capacity: usize, max_datagram_bytes: usize) -> RecvBatch {
+        RecvBatch::build(capacity, max_datagram_bytes, false)
+    }
+
+    /// Like [`RecvBatch::new`], with room for the `SO_RXQ_OVFL` drop count of each datagram.
+    pub fn with_drop_counter(capacity: usize, max_datagram_bytes: usize) -> RecvBatch {
+        RecvBatch::build(capacity, max_datagram_bytes, true)
+    }
+
+    fn build(capacity: usize, max_datagram_bytes: usize, cmsg: bool) -> RecvBatch {
         assert!(capacity > 0 && capacity <= 1024, "recvmmsg batch capacity");
-        RecvBatch {
-            bufs: vec![[0u8; SLOT_BYTES]; capacity],
-            cmsgs: vec![[0u64; CMSG_BYTES / 8]; capacity],
+        let slot_bytes = max_datagram_bytes + 1;
+        let mut batch = RecvBatch {
+            bufs: vec![0u8; capacity * slot_bytes],
+            slot_bytes,
+            cmsgs: vec![[0u64; CMSG_BYTES / 8]; if cmsg { capacity } else { 0 }],
             // SAFETY: iovec and mmsghdr are plain C structs for which all-zero is valid.
             iovecs: vec![unsafe { mem::zeroed() }; capacity],
             headers: vec![unsafe { mem::zeroed() }; capacity],
             received: 0,
-        }
-    }
-
-    /// Receives as many datagrams as are queued, up to the capacity, without blocking.
-    /// Returns how many; `WouldBlock` when none are queued.
-    pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
-        let n = self.bufs.len();
-        for i in 0..n {
-            self.iovecs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: SLOT_BYTES,
+        };
+        for i in 0..capacity {
+            batch.iovecs[i] = libc::iovec {
+                iov_base: batch.bufs[i * slot_bytes..].as_mut_ptr().cast(),
+                iov_len: slot_bytes,
             };
-            // SAFETY: zero is a valid msghdr; every pointer set below outlives the call.
+            // SAFETY: zero is a valid msghdr; the pointers set below point into the batch's
+            // heap buffers, which live (and stay put) as long as the batch.
             let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
-            hdr.msg_iov = &mut self.iovecs[i];
+            hdr.msg_iov = &mut batch.iovecs[i];
             hdr.msg_iovlen = 1;
-            hdr.msg_control = self.cmsgs[i].as_mut_ptr().cast();
-            hdr.msg_controllen = CMSG_BYTES as _;
-            self.headers[i] = libc::mmsghdr {
+            if cmsg {
+                hdr.msg_control = batch.cmsgs[i].as_mut_ptr().cast();
+                hdr.msg_controllen = CMSG_BYTES as _;
+            }
+            batch.headers[i] = libc::mmsghdr {
                 msg_hdr: hdr,
                 msg_len: 0,
             };
+        }
+        batch
+    }
+
+    /// Datagrams one call receives at most.
+    pub fn capacity(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Receives as many datagrams as are queued, up to the capacity, without blocking.
+    /// Returns how many; `WouldBlock` when none are queued. Fewer than the capacity means the
+    /// socket's queue was empty when the call returned.
+    pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
+        self.recv_with(socket, libc::MSG_DONTWAIT)
+    }
+
+    /// On a blocking socket: waits for one datagram (up to the socket's `SO_RCVTIMEO`, then
+    /// `WouldBlock`), then takes as many more as are queued, up to the capacity.
+    pub fn recv_wait(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
+        self.recv_with(socket, libc::MSG_WAITFORONE)
+    }
+
+    fn recv_with(&mut self, socket: &impl AsRawFd, flags: libc::c_int) -> io::Result<usize> {
+        let n = self.headers.len();
+        if !self.cmsgs.is_empty() {
+            // The kernel shrinks msg_controllen to what it wrote.
+            for header in &mut self.headers[..n] {
+                header.msg_hdr.msg_controllen = CMSG_BYTES as _;
+            }
         }
         self.received = 0;
         // SAFETY: `headers` holds `n` initialised mmsghdr whose iovecs and control buffers
@@ -194,7 +297,7 @@ impl RecvBatch {
                 socket.as_raw_fd(),
                 self.headers.as_mut_ptr(),
                 n as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -205,21 +308,24 @@ impl RecvBatch {
         Ok(self.received)
     }
 
-    /// Datagram `i` of the last [`RecvBatch::recv`] (`i` below what it returned).
+    /// Datagram `i` of the last receive (`i` below what it returned).
     pub fn get(&self, i: usize) -> Datagram<'_> {
         assert!(i < self.received);
         let header = &self.headers[i];
-        let len = (header.msg_len as usize).min(SLOT_BYTES);
-        let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0
-            || len > crate::wire::MAX_DATAGRAM_BYTES;
+        let len = (header.msg_len as usize).min(self.slot_bytes);
+        let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len >= self.slot_bytes;
+        let start = i * self.slot_bytes;
         Datagram {
-            bytes: &self.bufs[i][..len],
+            bytes: &self.bufs[start..start + len],
             truncated,
             drops: self.drops(i),
         }
     }
 
     fn drops(&self, i: usize) -> Option<u32> {
+        if self.cmsgs.is_empty() {
+            return None;
+        }
         let hdr = &self.headers[i].msg_hdr;
         // SAFETY: `hdr` was filled by the kernel in the last recvmmsg; CMSG_FIRSTHDR and
         // CMSG_NXTHDR stay within `msg_control[..msg_controllen]`, and the data read is the
@@ -311,11 +417,19 @@ mod tests {
     use super::*;
     use std::net::UdpSocket;
 
-    #[test]
-    fn send_batch_and_recv_batch_round_trip() {
-        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_nonblocking(true).unwrap();
-        enable_drop_counter(&rx).unwrap();
+    const MAX: usize = 1024;
+
+    fn receiver(drop_counter_per_datagram: bool, nonblocking: bool) -> UdpSocket {
+        let setup = UdpSetup {
+            rcvbuf_bytes: 1 << 20,
+            reuse_port: false,
+            nonblocking,
+            drop_counter_per_datagram,
+        };
+        bind_udp("127.0.0.1:0".parse().unwrap(), &setup).unwrap().0
+    }
+
+    fn round_trip(mut recv: RecvBatch, rx: &UdpSocket) {
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; usize::from(i) + 1]).collect();
         let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
@@ -324,39 +438,76 @@ mod tests {
             send.send(&tx, &slices, rx.local_addr().unwrap()).unwrap(),
             10
         );
-        let mut recv = RecvBatch::new(4);
         let mut got = Vec::new();
         while got.len() < 10 {
-            match recv.recv(&rx) {
-                Ok(n) => {
-                    for i in 0..n {
-                        let d = recv.get(i);
-                        assert!(!d.truncated);
-                        assert_eq!(d.drops.unwrap_or(0), 0);
-                        got.push(d.bytes.to_vec());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
-                Err(e) => panic!("{e}"),
+            // Blocks for the first datagram, then takes what is queued.
+            rx.set_nonblocking(false).unwrap();
+            let n = recv.recv_wait(rx).unwrap();
+            for i in 0..n {
+                let d = recv.get(i);
+                assert!(!d.truncated);
+                assert_eq!(d.drops.unwrap_or(0), 0);
+                got.push(d.bytes.to_vec());
             }
         }
         assert_eq!(got, payloads);
-        assert_eq!(
-            recv.recv(&rx).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        assert_eq!(recv.recv(rx).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(socket_drops(rx).unwrap(), 0);
+    }
+
+    #[test]
+    fn send_batch_and_recv_batch_round_trip() {
+        round_trip(RecvBatch::new(4, MAX), &receiver(false, true));
+    }
+
+    #[test]
+    fn recv_batch_with_drop_counter_round_trip() {
+        round_trip(RecvBatch::with_drop_counter(4, MAX), &receiver(true, true));
     }
 
     #[test]
     fn oversize_datagrams_are_flagged() {
-        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx = receiver(false, false);
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        tx.send_to(&[7u8; 3000], rx.local_addr().unwrap()).unwrap();
-        rx.set_nonblocking(false).unwrap();
-        let mut peek = [0u8; 1];
-        rx.peek_from(&mut peek).unwrap();
-        let mut recv = RecvBatch::new(2);
-        assert_eq!(recv.recv(&rx).unwrap(), 1);
-        assert!(recv.get(0).truncated);
+        let to = rx.local_addr().unwrap();
+        tx.send_to(&[7u8; 3000], to).unwrap();
+        tx.send_to(&[8u8; 101], to).unwrap();
+        tx.send_to(&[9u8; 100], to).unwrap();
+        let mut recv = RecvBatch::new(1, 100);
+        let mut truncated = Vec::new();
+        for _ in 0..3 {
+            assert_eq!(recv.recv_wait(&rx).unwrap(), 1);
+            truncated.push((recv.get(0).bytes.len(), recv.get(0).truncated));
+        }
+        assert_eq!(truncated, [(101, true), (101, true), (100, false)]);
+    }
+
+    #[test]
+    fn socket_drops_counts_what_a_full_buffer_refused() {
+        // The smallest buffer the kernel allows holds a few datagrams; nothing reads while
+        // 200 are sent, so the rest are dropped, and every one is either queued or counted.
+        let setup = UdpSetup {
+            rcvbuf_bytes: 1,
+            reuse_port: false,
+            nonblocking: true,
+            drop_counter_per_datagram: false,
+        };
+        let rx = bind_udp("127.0.0.1:0".parse().unwrap(), &setup).unwrap().0;
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..200 {
+            tx.send_to(&[1u8; 200], rx.local_addr().unwrap()).unwrap();
+        }
+        let mut recv = RecvBatch::new(64, MAX);
+        let mut queued = 0;
+        loop {
+            match recv.recv(&rx) {
+                Ok(n) => queued += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let drops = socket_drops(&rx).unwrap() as usize;
+        assert!(drops > 0);
+        assert_eq!(queued + drops, 200);
     }
 }

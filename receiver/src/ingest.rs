@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use crossbeam_channel::{Receiver, Sender};
-use ipevent_core::sys::RecvBatch;
+use ipevent_core::sys::{self, RecvBatch};
 use ipevent_core::{wire, Reject};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -40,6 +40,11 @@ const DRAIN_CALLS: usize = 1 << 14;
 /// traffic is light, events still reach the writer within this delay. Control requests and
 /// shutdown hand over at once.
 const HANDOFF_DELAY: Duration = Duration::from_millis(5);
+
+/// How often a socket that received datagrams has its kernel drop count read
+/// (`sys::socket_drops`, one `getsockopt`); a drain for a control request or shutdown always
+/// reads it, so the count a sync or the last stats report is exact.
+const DROPS_INTERVAL: Duration = Duration::from_millis(100);
 
 const WAKER: Token = Token(1 << 20);
 const SIGNALS: Token = Token((1 << 20) + 1);
@@ -90,8 +95,12 @@ pub struct Ingest {
     sockets: Vec<UdpSocket>,
     /// Sockets that may still hold datagrams (readiness is edge-triggered).
     readable: Vec<bool>,
-    /// Last SO_RXQ_OVFL value seen per socket.
+    /// The socket's kernel drop count when last read, per socket.
     last_drops: Vec<u32>,
+    /// Sockets that received datagrams since their drop count was last read.
+    drops_unread: Vec<bool>,
+    /// When the drop counts are read next, if any is unread.
+    drops_due: Option<Instant>,
     recv: RecvBatch,
     batch: Vec<Record>,
     /// When the first record of `batch` arrived.
@@ -136,7 +145,9 @@ impl Ingest {
                 // Datagrams may have arrived before registration: look once.
                 readable: vec![true; n],
                 last_drops: vec![0; n],
-                recv: RecvBatch::new(RECV_BATCH),
+                drops_unread: vec![false; n],
+                drops_due: None,
+                recv: RecvBatch::new(RECV_BATCH, wire::MAX_DATAGRAM_BYTES),
                 batch,
                 batch_since: None,
                 to_writer,
@@ -193,6 +204,9 @@ impl Ingest {
             {
                 self.hand_off()?;
             }
+            if self.drops_due.is_some_and(|due| Instant::now() >= due) {
+                self.read_drops();
+            }
         }
         if let Some(lead) = &self.lead {
             for peer in &lead.peers {
@@ -206,8 +220,8 @@ impl Ingest {
     }
 
     /// How long the next poll may wait: not at all while a socket may hold datagrams, else
-    /// until a partly filled batch is due to the writer or a control connection is due to
-    /// close.
+    /// until a partly filled batch is due to the writer, drop counts are due to be read or a
+    /// control connection is due to close.
     fn poll_timeout(&self) -> Option<Duration> {
         if self.readable.iter().any(|r| *r) {
             return Some(Duration::ZERO);
@@ -216,16 +230,31 @@ impl Ingest {
         let control = self.lead.as_ref().and_then(|l| l.control.next_deadline());
         handoff
             .into_iter()
+            .chain(self.drops_due)
             .chain(control)
             .min()
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
-    /// Reads up to `max_calls` batches from socket `i`; clears its readiness once it would block.
+    /// Reads up to `max_calls` batches from socket `i`; clears its readiness once its queue is
+    /// empty: a call that found fewer datagrams than a batch holds emptied it, and any datagram
+    /// queued after that raises a new readiness event (epoll is edge-triggered on every
+    /// arrival), so no further call is needed to learn that it would block.
     fn drain_socket(&mut self, i: usize, max_calls: usize) -> Result<()> {
         for _ in 0..max_calls {
             match self.recv.recv(&self.sockets[i]) {
-                Ok(n) => self.process(i, n)?,
+                Ok(n) => {
+                    self.process(n)?;
+                    if !self.drops_unread[i] {
+                        self.drops_unread[i] = true;
+                        self.drops_due
+                            .get_or_insert(Instant::now() + DROPS_INTERVAL);
+                    }
+                    if n < self.recv.capacity() {
+                        self.readable[i] = false;
+                        return Ok(());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable[i] = false;
                     return Ok(());
@@ -241,23 +270,41 @@ impl Ingest {
         Ok(())
     }
 
+    /// Drains every socket and reads every drop count: afterwards the counters hold every
+    /// datagram that was in a socket and every one the kernel dropped before.
     fn drain_all(&mut self) -> Result<()> {
         for i in 0..self.sockets.len() {
             self.drain_socket(i, DRAIN_CALLS)?;
+            self.drops_unread[i] = true;
         }
+        self.read_drops();
         Ok(())
     }
 
-    /// Validates the `n` datagrams just received from socket `sock`.
-    fn process(&mut self, sock: usize, n: usize) -> Result<()> {
+    /// Adds what each socket that received since its last reading dropped since then.
+    fn read_drops(&mut self) {
+        for i in 0..self.sockets.len() {
+            if !std::mem::take(&mut self.drops_unread[i]) {
+                continue;
+            }
+            match sys::socket_drops(&self.sockets[i]) {
+                Ok(drops) => {
+                    let last = &mut self.last_drops[i];
+                    self.local.kernel_drops += u64::from(drops.wrapping_sub(*last));
+                    *last = drops;
+                }
+                Err(e) => log::warn!("reading the drop count of a UDP socket: {e}"),
+            }
+        }
+        self.drops_due = None;
+        self.local.publish(&self.counters);
+    }
+
+    /// Validates the `n` datagrams just received.
+    fn process(&mut self, n: usize) -> Result<()> {
         let now = u32::try_from(unix_now()).unwrap_or(u32::MAX);
         for i in 0..n {
             let datagram = self.recv.get(i);
-            if let Some(drops) = datagram.drops {
-                let last = &mut self.last_drops[sock];
-                self.local.kernel_drops += u64::from(drops.wrapping_sub(*last));
-                *last = drops;
-            }
             let verdict = if datagram.truncated {
                 Err(Reject::Oversize)
             } else {

@@ -1,10 +1,10 @@
-//! Building the UDP sockets: dual stack, large receive buffer, kernel drop counter.
+//! Building the UDP sockets: dual stack, large receive buffer, one socket per thread.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, Result};
-use socket2::{Domain, Protocol, Socket, Type};
+use ipevent_core::sys::UdpSetup;
 
 /// A bound, non-blocking UDP socket and what the kernel granted it.
 pub struct BoundSocket {
@@ -38,37 +38,21 @@ fn is_no_ipv6(e: &anyhow::Error) -> bool {
 }
 
 fn bind_exact(addr: SocketAddr, rcvbuf_bytes: usize, reuse_port: bool) -> Result<BoundSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        // `[::]` takes IPv4 too, whatever the host's bindv6only default.
-        socket.set_only_v6(false)?;
-    }
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    let granted = grow_recv_buffer(&socket, rcvbuf_bytes);
-    ipevent_core::sys::enable_drop_counter(&socket).context("enabling SO_RXQ_OVFL")?;
-    socket.bind(&addr.into())?;
-    let socket: std::net::UdpSocket = socket.into();
+    let setup = UdpSetup {
+        rcvbuf_bytes,
+        reuse_port,
+        nonblocking: true,
+        // Drops are read from the socket once per pass (`sys::socket_drops`), not carried by
+        // every datagram.
+        drop_counter_per_datagram: false,
+    };
+    let (socket, granted) = ipevent_core::sys::bind_udp(addr, &setup)?;
     let local = socket.local_addr()?;
     Ok(BoundSocket {
         socket,
         local,
         rcvbuf_bytes: granted,
     })
-}
-
-/// Asks for `wanted` bytes of receive buffer, forcing past `net.core.rmem_max` when allowed,
-/// and returns what the kernel granted. Linux reports twice the usable size it books.
-fn grow_recv_buffer(socket: &Socket, wanted: usize) -> usize {
-    let _ = socket.set_recv_buffer_size(wanted);
-    let granted = socket.recv_buffer_size().unwrap_or(0);
-    if granted / 2 < wanted {
-        // Needs CAP_NET_ADMIN; quietly keep what we have otherwise.
-        let _ = ipevent_core::sys::force_recv_buffer(socket, wanted);
-    }
-    socket.recv_buffer_size().unwrap_or(granted)
 }
 
 /// Logs what each socket got and how to get more when it is short of what was asked.

@@ -4,7 +4,8 @@
 //! Event `i` goes to app `i % apps` and to that app's address `(i / apps) % addrs`, so with
 //! `count` a multiple of `apps * addrs` every app sees every one of its addresses equally
 //! often. An app's first 14 addresses are the hosts of its own /28 (they classify as good);
-//! the others are distinct addresses spread over the whole IPv4 space (bad). SHAs and
+//! the others are distinct addresses outside that /28 (bad), placed with the test client's
+//! `scenario` geometry (`in_block`, `HOSTS_PER_BLOCK`). SHAs and
 //! addresses derive from `--seed`, so a run is repeatable. Datagrams are encoded with
 //! `ipevent_core::wire::encode` and sent with `sendmmsg` as fast as the kernel takes them.
 
@@ -20,13 +21,11 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ipevent_core::sys::SendBatch;
 use ipevent_core::wire::{self, AppSha, IpEvent, ENCODED_MAX_BYTES};
+use ipevent_test_client::scenario::{in_block, splitmix64 as mix, HOSTS_PER_BLOCK};
 use serde_json::json;
 
 /// Datagrams per `sendmmsg` call.
 const SEND_BATCH: usize = 256;
-
-/// Hosts of a /28 (.1 to .14): an app's first addresses.
-const HOSTS_PER_BLOCK: u32 = 14;
 
 /// Apps listed one by one in the JSON summary at most.
 const LISTED_APPS_MAX: u64 = 16;
@@ -60,14 +59,6 @@ struct Args {
     seed: u64,
 }
 
-/// A well-mixed 64-bit function of `x` (splitmix64's finaliser).
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 /// App `index`'s SHA: four mixed words of the seed and the index.
 fn app_sha(seed: u64, index: u64) -> AppSha {
     let mut bytes = [0u8; 32];
@@ -86,11 +77,11 @@ fn app_addrs(seed: u64, index: u64, addrs: u64) -> Vec<u32> {
     let mut out = Vec::with_capacity(addrs as usize);
     let mut k = 0u64;
     while (out.len() as u64) < addrs {
-        let ip = if k < u64::from(HOSTS_PER_BLOCK) {
+        let ip = if k < HOSTS_PER_BLOCK as u64 {
             block | (k as u32 + 1)
         } else {
             let ip = mix(seed ^ mix(index ^ (k << 24))) as u32;
-            if ip & !0xf == block {
+            if in_block(ip, block) {
                 k += 1;
                 continue;
             }
@@ -117,32 +108,73 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<()> {
     let shas: Vec<AppSha> = (0..args.apps).map(|a| app_sha(args.seed, a)).collect();
-    // One address table per app when there are few apps; with many, they share app 0's table
-    // (a table per app would cost `apps * addrs` words).
-    let tables: Vec<Vec<u32>> = if args.apps <= LISTED_APPS_MAX {
-        (0..args.apps)
-            .map(|a| app_addrs(args.seed, a, args.addrs))
-            .collect()
-    } else {
-        vec![app_addrs(args.seed, 0, args.addrs)]
-    };
+    let tables = address_tables(args);
     let bind = if args.to.is_ipv6() {
         "[::]:0"
     } else {
         "0.0.0.0:0"
     };
     let socket = UdpSocket::bind(bind).with_context(|| format!("binding UDP {bind}"))?;
-    let mut send = SendBatch::new(SEND_BATCH);
-    let mut slots = vec![[0u8; ENCODED_MAX_BYTES]; SEND_BATCH];
-    let mut lens = vec![0usize; SEND_BATCH];
+    let mut batch = Batch::new();
     let mut per_app = vec![0u64; shas.len().min(LISTED_APPS_MAX as usize)];
 
     let started = Instant::now();
     let mut sent = 0u64;
     while sent < args.count {
         let n = (args.count - sent).min(SEND_BATCH as u64) as usize;
+        batch.encode(args, &shas, &tables, sent, n, &mut per_app);
+        batch.send_all(&socket, args.to)?;
+        sent += n as u64;
+    }
+    println!(
+        "{}",
+        summary(args, &shas, &per_app, sent, started.elapsed().as_secs_f64())
+    );
+    Ok(())
+}
+
+/// One address table per app when there are few apps; with many, they share app 0's table
+/// (a table per app would cost `apps * addrs` words).
+fn address_tables(args: &Args) -> Vec<Vec<u32>> {
+    if args.apps <= LISTED_APPS_MAX {
+        (0..args.apps)
+            .map(|a| app_addrs(args.seed, a, args.addrs))
+            .collect()
+    } else {
+        vec![app_addrs(args.seed, 0, args.addrs)]
+    }
+}
+
+/// One `sendmmsg` batch of encoded datagrams.
+struct Batch {
+    send: SendBatch,
+    slots: Vec<[u8; ENCODED_MAX_BYTES]>,
+    lens: Vec<usize>,
+    n: usize,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            send: SendBatch::new(SEND_BATCH),
+            slots: vec![[0u8; ENCODED_MAX_BYTES]; SEND_BATCH],
+            lens: vec![0usize; SEND_BATCH],
+            n: 0,
+        }
+    }
+
+    /// Encodes events `first..first + n` and counts them per listed app.
+    fn encode(
+        &mut self,
+        args: &Args,
+        shas: &[AppSha],
+        tables: &[Vec<u32>],
+        first: u64,
+        n: usize,
+        per_app: &mut [u64],
+    ) {
         for j in 0..n {
-            let i = sent + j as u64;
+            let i = first + j as u64;
             let app = i % args.apps;
             let addr = (i / args.apps) % args.addrs;
             let table = &tables[(app as usize).min(tables.len() - 1)];
@@ -150,16 +182,24 @@ fn run(args: &Args) -> Result<()> {
                 app: shas[app as usize],
                 ip: table[addr as usize],
             };
-            lens[j] = wire::encode(&event, &mut slots[j]);
+            self.lens[j] = wire::encode(&event, &mut self.slots[j]);
             if let Some(count) = per_app.get_mut(app as usize) {
                 *count += 1;
             }
         }
+        self.n = n;
+    }
+
+    /// Sends the whole batch, retrying what the kernel refuses for lack of buffer for up to
+    /// [`SEND_STALL_LIMIT`].
+    fn send_all(&mut self, socket: &UdpSocket, to: SocketAddr) -> Result<()> {
         let mut done = 0;
         let mut stalled: Option<Instant> = None;
-        while done < n {
-            let refs: Vec<&[u8]> = (done..n).map(|j| &slots[j][..lens[j]]).collect();
-            match send.send(&socket, &refs, args.to) {
+        while done < self.n {
+            let refs: Vec<&[u8]> = (done..self.n)
+                .map(|j| &self.slots[j][..self.lens[j]])
+                .collect();
+            match self.send.send(socket, &refs, to) {
                 Ok(k) => {
                     done += k;
                     stalled = None;
@@ -172,19 +212,25 @@ fn run(args: &Args) -> Result<()> {
                 {
                     let since = *stalled.get_or_insert_with(Instant::now);
                     if since.elapsed() > SEND_STALL_LIMIT {
-                        bail!(
-                            "sending to {}: stalled for {SEND_STALL_LIMIT:?}: {e}",
-                            args.to
-                        );
+                        bail!("sending to {to}: stalled for {SEND_STALL_LIMIT:?}: {e}");
                     }
                     std::thread::yield_now();
                 }
-                Err(e) => return Err(e).with_context(|| format!("sending to {}", args.to)),
+                Err(e) => return Err(e).with_context(|| format!("sending to {to}")),
             }
         }
-        sent += n as u64;
+        Ok(())
     }
-    let elapsed = started.elapsed().as_secs_f64();
+}
+
+/// The JSON summary printed at the end.
+fn summary(
+    args: &Args,
+    shas: &[AppSha],
+    per_app: &[u64],
+    sent: u64,
+    elapsed: f64,
+) -> serde_json::Value {
     let apps: Vec<_> = per_app
         .iter()
         .enumerate()
@@ -196,16 +242,12 @@ fn run(args: &Args) -> Result<()> {
             })
         })
         .collect();
-    println!(
-        "{}",
-        json!({
-            "sent": sent,
-            "elapsed_secs": elapsed,
-            "rate_per_sec": sent as f64 / elapsed.max(1e-9),
-            "apps_total": args.apps,
-            "addrs_per_app": args.addrs,
-            "apps": apps,
-        })
-    );
-    Ok(())
+    json!({
+        "sent": sent,
+        "elapsed_secs": elapsed,
+        "rate_per_sec": sent as f64 / elapsed.max(1e-9),
+        "apps_total": args.apps,
+        "addrs_per_app": args.addrs,
+        "apps": apps,
+    })
 }

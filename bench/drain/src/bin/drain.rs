@@ -1,11 +1,14 @@
-//! `ipevent-drain`: the benchmark's baseline receiver.
+//! `ipevent-drain`: the benchmark's baselines, receivers that count datagrams and do nothing
+//! else (no decoding, no hand-off, no store). Their CPU time per datagram is what the
+//! receiver's cost is compared to, on the same traffic in the same benchmark run.
 //!
-//! It binds one UDP socket the way `ipevent-receiver` does (large receive buffer, forced past
-//! `net.core.rmem_max` when allowed, `SO_RXQ_OVFL`), waits on it with one mio `Poll`, and on
-//! readiness calls `recvmmsg` with the receiver's batch size until the socket would block. It
-//! counts datagrams and bytes and does nothing else: no decoding, no hand-off, no store. Its
-//! CPU time per datagram is the floor the receiver's cost is compared to, on the same traffic
-//! in the same benchmark run.
+//! - `--mode poll` (the default) sets its socket up the way `ipevent-receiver` did before it
+//!   read drops from the socket (large receive buffer, `SO_RXQ_OVFL` on every datagram), waits
+//!   on it with one mio `Poll`, and on readiness calls `recvmmsg` of 64 until the socket would
+//!   block.
+//! - `--mode floor` is the kernel's floor: one blocking socket, `recvmmsg` of 256 that waits
+//!   for the first datagram and takes what else is queued, in a loop; no poll, no ancillary
+//!   data. The drop count is read from the socket (`SO_MEMINFO`) when the stats are written.
 //!
 //! Counters go to `--stats-file` (JSON, replaced atomically) every `--stats-interval-ms` and
 //! at exit; SIGTERM or SIGINT stops it after one last drain, and the final counters are also
@@ -17,22 +20,29 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::builder::TypedValueParser;
-use clap::Parser;
-use ipevent_core::sys::{self, RecvBatch};
+use clap::{Parser, ValueEnum};
+use ipevent_core::sys::{self, RecvBatch, UdpSetup};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use serde_json::json;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use socket2::{Domain, Protocol, Socket, Type};
 
-/// Datagrams per `recvmmsg` call by default: the receiver's `RECV_BATCH`, so both make the
-/// same number of system calls for the same traffic.
-const DEFAULT_RECV_BATCH: usize = 64;
+/// Datagrams per `recvmmsg` call in poll mode: what the receiver took per call before it read
+/// drops from the socket.
+const POLL_RECV_BATCH: usize = 64;
+
+/// Datagrams per `recvmmsg` call of the floor.
+const FLOOR_RECV_BATCH: usize = 256;
+
+/// Largest datagram received whole: the protocol's limit, as in the receiver.
+const MAX_DATAGRAM_BYTES: usize = ipevent_core::wire::MAX_DATAGRAM_BYTES;
 
 /// Largest batch `RecvBatch` accepts.
 const MAX_RECV_BATCH: usize = 1024;
@@ -56,10 +66,14 @@ struct Args {
     #[arg(long, default_value_t = 32 << 20)]
     rcvbuf_bytes: usize,
 
-    /// Datagrams per recvmmsg call (1-1024).
-    #[arg(long, default_value_t = DEFAULT_RECV_BATCH,
-          value_parser = clap::value_parser!(u16).range(1..=MAX_RECV_BATCH as i64).map(usize::from))]
-    batch: usize,
+    /// How to receive: `poll` (epoll, non-blocking recvmmsg, SO_RXQ_OVFL) or `floor`
+    /// (blocking recvmmsg, nothing else).
+    #[arg(long, value_enum, default_value_t = Mode::Poll)]
+    mode: Mode,
+
+    /// Datagrams per recvmmsg call (1-1024; default 64 in poll mode, 256 for the floor).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_RECV_BATCH as i64).map(usize::from))]
+    batch: Option<usize>,
 
     /// Where to write the counters (JSON). Its appearance means the socket is bound.
     #[arg(long)]
@@ -71,12 +85,19 @@ struct Args {
     stats_interval_ms: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Poll,
+    Floor,
+}
+
 /// What the drain has seen.
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     datagrams: u64,
     bytes: u64,
-    /// Cumulative kernel drop count last reported by `SO_RXQ_OVFL`.
+    /// Cumulative kernel drop count last reported by `SO_RXQ_OVFL` (poll mode) or read from
+    /// the socket (floor).
     kernel_drops: u64,
     recv_calls: u64,
     wakeups: u64,
@@ -93,119 +114,194 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<()> {
-    let (socket, granted_bytes) = bind(args.listen, args.rcvbuf_bytes)
-        .with_context(|| format!("binding UDP {}", args.listen))?;
-    let local = socket.local_addr()?;
-    let mut socket = UdpSocket::from_std(socket);
-    let mut poll = Poll::new().context("creating the poll")?;
-    poll.registry()
-        .register(&mut socket, SOCKET, Interest::READABLE)?;
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)?;
+/// The drain's socket, counters and stats file.
+struct Drain<'a> {
+    args: &'a Args,
+    socket: std::net::UdpSocket,
+    local: SocketAddr,
+    granted_bytes: usize,
+    batch: usize,
+    recv: RecvBatch,
+    counts: Counts,
+    started: Instant,
+}
 
-    let mut recv = RecvBatch::new(args.batch);
-    let mut counts = Counts::default();
-    let started = Instant::now();
-    let report = |counts: &Counts| {
+impl Drain<'_> {
+    fn open(args: &Args) -> Result<Drain<'_>> {
+        let floor = args.mode == Mode::Floor;
+        let setup = UdpSetup {
+            rcvbuf_bytes: args.rcvbuf_bytes,
+            reuse_port: false,
+            nonblocking: !floor,
+            drop_counter_per_datagram: !floor,
+        };
+        let (socket, granted_bytes) = sys::bind_udp(args.listen, &setup)
+            .with_context(|| format!("binding UDP {}", args.listen))?;
+        let batch = args.batch.unwrap_or(if floor {
+            FLOOR_RECV_BATCH
+        } else {
+            POLL_RECV_BATCH
+        });
+        let recv = if floor {
+            RecvBatch::new(batch, MAX_DATAGRAM_BYTES)
+        } else {
+            RecvBatch::with_drop_counter(batch, MAX_DATAGRAM_BYTES)
+        };
+        Ok(Drain {
+            args,
+            local: socket.local_addr()?,
+            socket,
+            granted_bytes,
+            batch,
+            recv,
+            counts: Counts::default(),
+            started: Instant::now(),
+        })
+    }
+
+    fn report(&self) -> serde_json::Value {
         json!({
             "pid": std::process::id(),
-            "listen": local.to_string(),
-            "rcvbuf_bytes": granted_bytes,
-            "batch": args.batch,
-            "datagrams": counts.datagrams,
-            "bytes": counts.bytes,
-            "kernel_drops": counts.kernel_drops,
-            "recv_calls": counts.recv_calls,
-            "wakeups": counts.wakeups,
-            "uptime_secs": started.elapsed().as_secs_f64(),
+            "listen": self.local.to_string(),
+            "mode": format!("{:?}", self.args.mode).to_lowercase(),
+            "rcvbuf_bytes": self.granted_bytes,
+            "batch": self.batch,
+            "datagrams": self.counts.datagrams,
+            "bytes": self.counts.bytes,
+            "kernel_drops": self.counts.kernel_drops,
+            "recv_calls": self.counts.recv_calls,
+            "wakeups": self.counts.wakeups,
+            "uptime_secs": self.started.elapsed().as_secs_f64(),
         })
-    };
-    let interval = Duration::from_millis(args.stats_interval_ms);
-    write_atomic(&args.stats_file, &report(&counts))?;
-    let mut next_stats = Instant::now() + interval;
+    }
 
-    let mut events = Events::with_capacity(16);
-    // Datagrams may have arrived between bind and registration: look once.
-    let mut readable = true;
-    let mut stop = false;
-    while !stop {
-        if readable {
-            drain(&mut recv, &socket, &mut counts, usize::MAX)?;
-            readable = false;
-        }
-        let now = Instant::now();
-        if now >= next_stats {
-            write_atomic(&args.stats_file, &report(&counts))?;
-            next_stats = now + interval;
-        }
-        match poll.poll(&mut events, Some(next_stats.saturating_duration_since(now))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("polling"),
-        }
-        for event in events.iter() {
-            match event.token() {
-                SOCKET => {
-                    counts.wakeups += 1;
-                    readable = true;
-                }
-                SIGNALS => stop |= signals.pending().next().is_some(),
-                _ => {}
+    fn write_stats(&self) -> Result<()> {
+        write_atomic(&self.args.stats_file, &self.report())
+    }
+
+    fn count(&mut self, n: usize) {
+        self.counts.recv_calls += 1;
+        self.counts.datagrams += n as u64;
+        for i in 0..n {
+            let datagram = self.recv.get(i);
+            self.counts.bytes += datagram.bytes.len() as u64;
+            if let Some(drops) = datagram.drops {
+                self.counts.kernel_drops = u64::from(drops);
             }
         }
     }
-    drain(&mut recv, &socket, &mut counts, FINAL_DRAIN_CALLS)?;
-    let last = report(&counts);
-    write_atomic(&args.stats_file, &last)?;
-    println!("{last}");
-    Ok(())
-}
 
-/// Calls `recvmmsg` until the socket would block (or `max_calls` calls), counting.
-fn drain(
-    recv: &mut RecvBatch,
-    socket: &UdpSocket,
-    counts: &mut Counts,
-    max_calls: usize,
-) -> Result<()> {
-    for _ in 0..max_calls {
-        match recv.recv(socket) {
-            Ok(n) => {
-                counts.recv_calls += 1;
-                counts.datagrams += n as u64;
-                for i in 0..n {
-                    let datagram = recv.get(i);
-                    counts.bytes += datagram.bytes.len() as u64;
-                    if let Some(drops) = datagram.drops {
-                        counts.kernel_drops = u64::from(drops);
+    /// Calls `recvmmsg` without waiting until the socket would block (or `max_calls` calls).
+    fn drain(&mut self, max_calls: usize) -> Result<()> {
+        for _ in 0..max_calls {
+            match self.recv.recv(&self.socket) {
+                Ok(n) => self.count(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("recvmmsg"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Poll mode: one mio poll over the socket and the signals.
+    fn run_poll(mut self) -> Result<()> {
+        let mut poll = Poll::new().context("creating the poll")?;
+        let mut socket = UdpSocket::from_std(self.socket.try_clone()?);
+        poll.registry()
+            .register(&mut socket, SOCKET, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let interval = Duration::from_millis(self.args.stats_interval_ms);
+        self.write_stats()?;
+        let mut next_stats = Instant::now() + interval;
+        let mut events = Events::with_capacity(16);
+        // Datagrams may have arrived between bind and registration: look once.
+        let mut readable = true;
+        let mut stop = false;
+        while !stop {
+            if readable {
+                self.drain(usize::MAX)?;
+                readable = false;
+            }
+            let now = Instant::now();
+            if now >= next_stats {
+                self.write_stats()?;
+                next_stats = now + interval;
+            }
+            match poll.poll(&mut events, Some(next_stats.saturating_duration_since(now))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("polling"),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SOCKET => {
+                        self.counts.wakeups += 1;
+                        readable = true;
                     }
+                    SIGNALS => stop |= signals.pending().next().is_some(),
+                    _ => {}
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).context("recvmmsg"),
         }
+        self.finish()
     }
-    Ok(())
+
+    /// The floor: a blocking `recvmmsg` in a loop. The socket's receive timeout (the stats
+    /// interval) bounds each wait, so the stats are written and a signal is seen while idle.
+    fn run_floor(mut self) -> Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(signal, stop.clone())
+                .context("installing signal handlers")?;
+        }
+        let interval = Duration::from_millis(self.args.stats_interval_ms);
+        self.socket.set_read_timeout(Some(interval))?;
+        self.write_stats()?;
+        let mut next_stats = Instant::now() + interval;
+        while !stop.load(Relaxed) {
+            match self.recv.recv_wait(&self.socket) {
+                Ok(n) => {
+                    self.counts.wakeups += 1;
+                    self.count(n);
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("recvmmsg"),
+            }
+            let now = Instant::now();
+            if now >= next_stats {
+                self.counts.kernel_drops = u64::from(sys::socket_drops(&self.socket)?);
+                self.write_stats()?;
+                next_stats = now + interval;
+            }
+        }
+        self.socket.set_nonblocking(true)?;
+        self.finish()
+    }
+
+    /// One last drain, then the final counters to the stats file and stdout.
+    fn finish(mut self) -> Result<()> {
+        self.drain(FINAL_DRAIN_CALLS)?;
+        if self.args.mode == Mode::Floor {
+            self.counts.kernel_drops = u64::from(sys::socket_drops(&self.socket)?);
+        }
+        let last = self.report();
+        write_atomic(&self.args.stats_file, &last)?;
+        println!("{last}");
+        Ok(())
+    }
 }
 
-/// Binds a non-blocking UDP socket with the receiver's options; returns it and the receive
-/// buffer the kernel granted (as the kernel reports it: twice the usable size).
-fn bind(addr: SocketAddr, rcvbuf_bytes: usize) -> Result<(std::net::UdpSocket, usize)> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_nonblocking(true)?;
-    let _ = socket.set_recv_buffer_size(rcvbuf_bytes);
-    if socket.recv_buffer_size()? / 2 < rcvbuf_bytes {
-        // Needs CAP_NET_ADMIN; without it the drain keeps what rmem_max allows, as the
-        // receiver does.
-        let _ = sys::force_recv_buffer(&socket, rcvbuf_bytes);
+fn run(args: &Args) -> Result<()> {
+    let drain = Drain::open(args)?;
+    match args.mode {
+        Mode::Poll => drain.run_poll(),
+        Mode::Floor => drain.run_floor(),
     }
-    sys::enable_drop_counter(&socket).context("enabling SO_RXQ_OVFL")?;
-    socket.bind(&addr.into())?;
-    let granted = socket.recv_buffer_size()?;
-    Ok((socket.into(), granted))
 }
 
 /// Replaces `path` with `value` so a reader never sees half a file.
