@@ -354,15 +354,19 @@ impl Writer {
         }
     }
 
+    /// Serves one request. The stats file is rewritten before each answer, so a client that
+    /// reads it after the answer sees what the request did.
     fn serve(&mut self, op: Op) {
         match op {
             Op::Sync { reply } if !self.holds.is_empty() => self.held_syncs.push(reply),
             Op::Sync { reply } => {
                 let failed = self.flush();
+                self.write_stats();
                 control::answer(&reply, &self.sync_reply(failed));
             }
             Op::BeginHold { hold, reply } => {
                 let dropped = self.begin_hold(hold);
+                self.write_stats();
                 control::answer(
                     &reply,
                     &Reply::ResetBegun(ResetBegun {
@@ -376,16 +380,17 @@ impl Writer {
                 } else {
                     Reply::Refused("this reset's hold had already ended (lease)".into())
                 };
+                self.write_stats();
                 if let Some(reply) = reply {
                     control::answer(&reply, &reply_line);
                 }
                 if self.holds.is_empty() && !self.held_syncs.is_empty() {
                     let failed = self.flush();
+                    self.write_stats();
                     self.answer_held_syncs(failed);
                 }
             }
         }
-        self.write_stats();
     }
 
     /// `reset-begin`: drops what is pending, zeroes the counters and holds flushes. Returns
