@@ -254,3 +254,68 @@ fn replaying_a_full_journal_keeps_memory_low() {
     assert_eq!(count_of(dir.path(), &apps[0]), written / 4);
     rx.stop();
 }
+
+fn list_counts(data_dir: &Path) -> Vec<(String, u64)> {
+    let out = ipevent_testkit::query(data_dir, &["list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["app_sha256"].as_str().unwrap().to_string(),
+                r["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn queries_count_what_a_stopped_receiver_journaled_exactly_once() {
+    let stored = AppSha([0x61; 32]);
+    let journaled_only = AppSha([0x62; 32]);
+    let expected = vec![(stored.to_hex(), 40), (journaled_only.to_hex(), 20)];
+    let tx = sender();
+    let mut rx = Receiver::start(LONG_FLUSH);
+    let dir = rx.take_tmp().unwrap();
+    send_events(&tx, rx.addr, &stored, 0..10);
+    let out = rx.query(&["--sync", &stored.to_hex()]);
+    assert_eq!(stdout_json(&out)["count"], 10);
+    send_events(&tx, rx.addr, &stored, 100..130);
+    send_events(&tx, rx.addr, &journaled_only, 0..20);
+    rx.wait_stats("every event to be accepted", |s| s.events_accepted == 60);
+    assert!(!rx.stop_with(libc::SIGKILL).success());
+
+    // No receiver runs: what its journal holds beyond its logs is counted, once.
+    for _ in 0..2 {
+        assert_eq!(count_of(dir.path(), &stored), 40);
+        assert_eq!(count_of(dir.path(), &journaled_only), 20);
+        assert_eq!(list_counts(dir.path()), expected);
+    }
+    // The restart replays it into the logs: still exact while it runs and after it stops.
+    let mut rx = Receiver::start_in(dir.path(), LONG_FLUSH);
+    assert_eq!(rx.stats().unwrap().events_replayed, 50);
+    assert_eq!(count_of(dir.path(), &stored), 40);
+    assert_eq!(list_counts(dir.path()), expected);
+    rx.stop();
+    assert_eq!(count_of(dir.path(), &journaled_only), 20);
+    assert_eq!(list_counts(dir.path()), expected);
+
+    // A crash in the middle of a flush: one app is in its log and still in the journal.
+    let mut rx = Receiver::start_in(
+        dir.path(),
+        &[LONG_FLUSH[0], LONG_FLUSH[1], "--test-crash-after-apps", "1"],
+    );
+    send_events(&tx, rx.addr, &stored, 200..205);
+    send_events(&tx, rx.addr, &journaled_only, 200..205);
+    rx.wait_stats("every event to be accepted", |s| s.events_accepted == 10);
+    let _ = rx.query(&["--sync", "list"]);
+    assert!(!rx.wait_exit().success(), "the hook aborts the flush");
+    assert_eq!(count_of(dir.path(), &stored), 45, "never twice");
+    assert_eq!(count_of(dir.path(), &journaled_only), 25, "never twice");
+}

@@ -144,20 +144,42 @@ impl DataDir {
     }
 
     /// Takes `writer_id`'s lock, so that each log has one writer at a time whichever process
-    /// (receiver or API) claims the id. Held until the returned value is dropped.
+    /// (receiver or API) claims the id. Held until the returned value is dropped. A lock held
+    /// for a moment by a reader probing it ([`DataDir::writer_running`]) is waited for, up to
+    /// [`LOCK_PROBE_WAIT`].
     pub fn lock_writer(&self, writer_id: &str) -> Result<WriterLock, StoreError> {
         validate_writer_id(writer_id)?;
         create_dir_all(&self.receiver_dir(writer_id))?;
         let path = self.lock_path(writer_id);
         let file = super::fsio::open_read_write(&path)?;
-        match file.try_lock() {
-            Ok(()) => Ok(WriterLock { _file: file }),
-            Err(fs::TryLockError::WouldBlock) => Err(StoreError::WriterBusy {
-                writer_id: writer_id.to_string(),
-                root: self.root.clone(),
-                lock: path,
-            }),
-            Err(fs::TryLockError::Error(e)) => Err(io_err("locking", &path)(e)),
+        let started = std::time::Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(WriterLock { _file: file }),
+                Err(fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_PROBE_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::WriterBusy {
+                        writer_id: writer_id.to_string(),
+                        root: self.root.clone(),
+                        lock: path,
+                    })
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_err("locking", &path)(e)),
+            }
+        }
+    }
+
+    /// True when a process holds `writer_id`'s lock: a receiver (or the API) runs as that
+    /// writer. Probes with a shared lock it drops at once; a writer starting at that moment
+    /// waits for it ([`DataDir::lock_writer`]). A lock that cannot be probed counts as held.
+    pub fn writer_running(&self, writer_id: &str) -> bool {
+        let path = self.lock_path(writer_id);
+        match super::fsio::open_read(&path) {
+            Ok(Some(file)) => !matches!(file.try_lock_shared(), Ok(())),
+            Ok(None) => false,
+            Err(_) => true,
         }
     }
 
@@ -201,6 +223,10 @@ impl DataDir {
         })
     }
 }
+
+/// Longest a starting writer waits for a reader's probe of its lock to end (a probe lasts
+/// microseconds; another process running as the same writer holds it for ever).
+pub const LOCK_PROBE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A writer id's lock, released when dropped.
 #[derive(Debug)]

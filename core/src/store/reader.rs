@@ -37,6 +37,9 @@ pub struct AppData {
     /// Logs that could not be read at all (a directory or a symlink planted in their place, an
     /// I/O error), with why; the other logs of the app are counted.
     pub unreadable: Vec<(PathBuf, String)>,
+    /// Events read from the journals of writers that are not running: accepted, not yet in
+    /// their logs, and replayed by their next start.
+    pub journaled: u64,
 }
 
 impl AppData {
@@ -50,16 +53,20 @@ impl AppData {
 /// An app directory (or its fan-out directory) that is a symlink is refused, as writers
 /// refuse it; a log that cannot be read is listed in [`AppData::unreadable`] and the others
 /// are counted.
+///
+/// Events still in the journal of a writer that is not running are counted too (see
+/// [`for_each_stopped_journal_record`]), so a query never under-reports while a receiver is
+/// down, and never counts an event twice.
 pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreError> {
     data.check_layout()?;
     let dir = data.app_dir(app);
     let fan = dir.parent().expect("an app dir has a parent");
-    if !plain_dir(fan)? || !plain_dir(&dir)? {
-        return Ok(None);
-    }
+    let has_dir = plain_dir(fan)? && plain_dir(&dir)?;
     let mut merged: FxHashMap<u32, AddrStats> = FxHashMap::default();
     let mut out = AppData::default();
-    for_each_log(&dir, |path| {
+    // Per writer, the highest epoch its log of this app holds, as read.
+    let mut log_epochs: FxHashMap<String, u64> = FxHashMap::default();
+    let logs = |path: PathBuf| {
         let scanned = scan_log_file(&path, |ip, stats| {
             merged.entry(ip).or_default().merge(&stats);
         });
@@ -73,12 +80,29 @@ pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreEr
         };
         out.logs += 1;
         out.blocks += summary.blocks;
+        if let Some(writer) = writer_of_log(&path) {
+            log_epochs.insert(writer, summary.max_epoch);
+        }
         if let Tail::Torn { offset, .. } = summary.tail {
             out.torn.push((path, offset));
         }
         Ok(())
-    })?;
-    if out.logs == 0 {
+    };
+    if has_dir {
+        for_each_log(&dir, logs)?;
+    }
+    // After the logs: a record read here with an epoch above what its writer's log held when
+    // read is in no block read above, whatever that writer did in between.
+    for_each_stopped_journal_record(data, |writer, epoch, record| {
+        if record.app == *app && epoch > log_epochs.get(writer).copied().unwrap_or(0) {
+            merged
+                .entry(record.ip)
+                .or_default()
+                .merge(&AddrStats::one(record.unix_secs));
+            out.journaled += 1;
+        }
+    });
+    if out.logs == 0 && out.journaled == 0 {
         if let Some((path, why)) = out.unreadable.first() {
             // Nothing to count, and something the operator must see: not "no events".
             return Err(StoreError::Io {
@@ -92,6 +116,45 @@ pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreEr
     out.addrs = merged.into_iter().collect();
     out.addrs.sort_unstable_by_key(|(ip, _)| *ip);
     Ok(Some(out))
+}
+
+/// The writer id a log belongs to: its file name without `.log`.
+fn writer_of_log(path: &Path) -> Option<String> {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .map(str::to_string)
+}
+
+/// Calls `each` with every record still in the journal of a writer that is not running
+/// (`writer id, epoch, record`): events it accepted and had not written to its logs when it
+/// stopped, which its next start replays. Journals are only read, never changed. A journal
+/// that cannot be read is skipped with a warning.
+pub fn for_each_stopped_journal_record(
+    data: &DataDir,
+    mut each: impl FnMut(&str, u64, &crate::aggregate::Record),
+) {
+    let Ok(ids) = data.writer_ids() else {
+        return;
+    };
+    for id in ids {
+        let path = data.journal_path(&id);
+        // Most writers have no journal (the API) or are running: look before probing the lock.
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() > 0 => {}
+            _ => continue,
+        }
+        if data.writer_running(&id) {
+            continue;
+        }
+        let read = crate::journal::read(&path, |epoch, records| {
+            for record in records {
+                each(&id, epoch, record);
+            }
+        });
+        if let Err(e) = read {
+            log::warn!("not counting the journal of stopped writer {id}: {e}");
+        }
+    }
 }
 
 /// One app known to the store and its event count.
@@ -119,8 +182,12 @@ impl AppCount {
 
 /// Every app in the store with its count, most events first (ties by SHA). One app that
 /// cannot be read is listed with why ([`AppCount::unreadable`]) and never hides the others.
+///
+/// Events still in the journals of writers that are not running are counted too, as
+/// [`read_app`] counts them.
 pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
     data.check_layout()?;
+    let mut tails = JournalTails::read(data);
     let mut out = Vec::new();
     for_each_app_dir(data, |app_entry| {
         let Some(app) = app_entry
@@ -132,6 +199,7 @@ pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
         };
         let mut entry = AppCount::new(app, 0);
         let mut logs = 0;
+        let mut log_epochs: FxHashMap<String, u64> = FxHashMap::default();
         let dir = app_entry.path();
         let listed = plain_dir(&dir).and_then(|_| {
             for_each_log(&dir, |log| {
@@ -139,6 +207,9 @@ pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
                     Ok(Some(summary)) => {
                         entry.count += summary.events;
                         logs += 1;
+                        if let Some(writer) = writer_of_log(&log) {
+                            log_epochs.insert(writer, summary.max_epoch);
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => entry.unreadable = Some(e.to_string()),
@@ -149,11 +220,21 @@ pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
         if let Err(e) = listed {
             entry.unreadable = Some(e.to_string());
         }
-        if logs > 0 || entry.unreadable.is_some() {
+        let journaled = tails.take(&app, &log_epochs);
+        entry.count += journaled;
+        if logs > 0 || journaled > 0 || entry.unreadable.is_some() {
             out.push(entry);
         }
         Ok(())
     })?;
+    // Apps that so far exist only in a stopped writer's journal.
+    let no_logs = FxHashMap::default();
+    for app in tails.apps() {
+        let count = tails.take(&app, &no_logs);
+        if count > 0 {
+            out.push(AppCount::new(app, count));
+        }
+    }
     out.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.app.cmp(&b.app)));
     Ok(out)
 }
@@ -172,6 +253,51 @@ pub fn max_epoch_of_writer(data: &DataDir, writer_id: &str) -> Result<u64, Store
         Ok(())
     })?;
     Ok(max_epoch)
+}
+
+/// Event counts of stopped writers' journals, per app, writer and epoch.
+struct JournalTails {
+    writers: Vec<String>,
+    by_app: FxHashMap<AppSha, Vec<(usize, u64, u64)>>,
+}
+
+impl JournalTails {
+    fn read(data: &DataDir) -> JournalTails {
+        let mut tails = JournalTails {
+            writers: Vec::new(),
+            by_app: FxHashMap::default(),
+        };
+        for_each_stopped_journal_record(data, |writer, epoch, record| {
+            if tails.writers.last().map(String::as_str) != Some(writer) {
+                tails.writers.push(writer.to_string());
+            }
+            let w = tails.writers.len() - 1;
+            let counts = tails.by_app.entry(record.app).or_default();
+            match counts.last_mut() {
+                Some((lw, le, n)) if *lw == w && *le == epoch => *n += 1,
+                _ => counts.push((w, epoch, 1)),
+            }
+        });
+        tails
+    }
+
+    /// The events of `app` above the epoch each writer's log holds, once: they are forgotten.
+    fn take(&mut self, app: &AppSha, log_epochs: &FxHashMap<String, u64>) -> u64 {
+        let Some(counts) = self.by_app.remove(app) else {
+            return 0;
+        };
+        counts
+            .into_iter()
+            .filter(|(w, epoch, _)| {
+                *epoch > log_epochs.get(&self.writers[*w]).copied().unwrap_or(0)
+            })
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
+    fn apps(&self) -> Vec<AppSha> {
+        self.by_app.keys().copied().collect()
+    }
 }
 
 /// Counts the app directories under `events/`.
