@@ -1,7 +1,7 @@
 //! `ipevent-query`: the operator's CLI. Prints the report of one app, lists the known apps.
 //!
 //! Exit codes: 0 success; 1 unknown app; 2 malformed SHA or usage; 3 the store could not be
-//! read.
+//! read, or the result could not be written.
 
 #![forbid(unsafe_code)]
 
@@ -103,13 +103,24 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match run(&cli) {
-        Ok(output) => {
-            println!("{output}");
-            ExitCode::SUCCESS
-        }
+        Ok(output) => print_output(&output),
         Err(failure) => {
             eprintln!("ipevent-query: {}", failure.message);
             ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// Writes the result to stdout. A reader that went away (`ipevent-query list | head -1`) ends
+/// the output quietly; any other failure to write is a one-line error, exit 3.
+fn print_output(output: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{output}").and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipevent-query: writing the result to stdout: {e}");
+            ExitCode::from(3)
         }
     }
 }

@@ -165,3 +165,28 @@ fn capacity_estimates_and_refuses_nonsense() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("apps must be at least 1"));
 }
+
+#[test]
+fn a_reader_that_went_away_ends_the_output_quietly() {
+    // A pipe whose reading end is closed before the query writes: every write fails with EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin("ipevent-query"))
+        .args([
+            "capacity",
+            "--apps",
+            "1000",
+            "--addresses-per-app",
+            "14",
+            "--events-per-sec",
+            "100",
+            "--days",
+            "1",
+        ])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
