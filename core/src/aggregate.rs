@@ -6,7 +6,7 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::store::AddrStats;
+use crate::block::AddrStats;
 use crate::wire::AppSha;
 
 /// A validated event with its arrival second: what ingest hands to the writer (40 bytes).

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::store::{AddrStats, AppData, Store, StoreError};
+use crate::block::AddrStats;
+use crate::store::{AppData, Store, StoreError};
 use crate::wire::AppSha;
 
 /// Mask of a /28 network.
