@@ -9,7 +9,12 @@
 //!
 //! [`decode`] is the only decoder in the project: the receiver, the API, the test client and the
 //! fuzz targets all call it, so every binary agrees on what is valid (contract 1). It works in
-//! place on the received bytes and never allocates.
+//! place on the received bytes and never allocates. Its verdict is Google's protobuf runtime's
+//! for the message above, plus the limits of [`decode`]; `core/tests/protobuf.rs` checks that
+//! against `prost` and against verdicts recorded from Google's runtime.
+//!
+//! The field encoders (`encode_*`) write protobuf fields for [`encode`] and for tests and tools
+//! that build datagrams, valid or not, by hand.
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,16 +30,59 @@ pub const ENCODED_MAX_BYTES: usize = 2 + 64 + 1 + 5;
 /// Number of hex digits in an app's SHA-256.
 pub const SHA_HEX_LEN: usize = 64;
 
-/// A varint is never longer than this many bytes (64 bits in 7-bit groups).
-const VARINT_MAX_BYTES: usize = 10;
+/// A varint is never longer than this many bytes (64 bits in 7-bit groups). Protobuf readers
+/// take the low 64 bits of a ten-byte varint whatever its last byte holds.
+pub const VARINT_MAX_BYTES: usize = 10;
 
-const FIELD_APP_SHA256: u64 = 1;
-const FIELD_IP: u64 = 2;
+/// A tag (field number and wire type) is a varint of at most this many bytes whose value fits
+/// in 32 bits; Google's runtimes refuse a longer one.
+pub const TAG_MAX_BYTES: usize = 5;
 
-const WIRE_VARINT: u64 = 0;
-const WIRE_FIXED64: u64 = 1;
-const WIRE_LEN: u64 = 2;
-const WIRE_FIXED32: u64 = 5;
+/// A length prefix is a varint of at most this many bytes; Google's runtimes refuse a longer
+/// one (whatever the value).
+pub const LENGTH_MAX_BYTES: usize = 5;
+
+/// Largest field number protobuf allows (2^29 - 1).
+pub const FIELD_NUMBER_MAX: u32 = (1 << 29) - 1;
+
+/// Deepest nesting of groups protobuf readers accept (Google's default recursion limit): an
+/// unknown group may hold groups down to this depth, counting itself.
+pub const GROUP_DEPTH_MAX: usize = 100;
+
+/// Field number of `app_sha256`.
+pub const FIELD_APP_SHA256: u32 = 1;
+/// Field number of `ip`.
+pub const FIELD_IP: u32 = 2;
+
+/// The wire type in a protobuf tag: how the field's value is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WireType {
+    /// A varint (`int64`, `bool`, ...).
+    Varint = 0,
+    /// Eight little-endian bytes.
+    Fixed64 = 1,
+    /// A varint length, then that many bytes (`string`, `bytes`, messages).
+    Len = 2,
+    /// The start of a group; its fields follow up to the matching [`WireType::EndGroup`].
+    StartGroup = 3,
+    /// The end of a group.
+    EndGroup = 4,
+    /// Four little-endian bytes.
+    Fixed32 = 5,
+}
+
+const WIRE_VARINT: u32 = WireType::Varint as u32;
+const WIRE_FIXED64: u32 = WireType::Fixed64 as u32;
+const WIRE_LEN: u32 = WireType::Len as u32;
+const WIRE_START_GROUP: u32 = WireType::StartGroup as u32;
+const WIRE_END_GROUP: u32 = WireType::EndGroup as u32;
+const WIRE_FIXED32: u32 = WireType::Fixed32 as u32;
+
+/// The tag value of field `field` with wire type `wire_type` (`(field << 3) | wire_type`).
+/// `field` must be in `1..=FIELD_NUMBER_MAX` for the tag to be valid protobuf.
+pub const fn tag(field: u32, wire_type: WireType) -> u32 {
+    (field << 3) | wire_type as u32
+}
 
 /// An app's SHA-256, held as 32 binary bytes. Its textual form is always lower case.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -142,13 +190,17 @@ pub enum Reject {
     Empty,
     /// Larger than [`MAX_DATAGRAM_BYTES`]; not parsed at all.
     Oversize,
-    /// A field or length prefix runs past the end of the datagram.
+    /// A field's value or length prefix runs past the end of the datagram.
     Truncated,
-    /// Not protobuf: bad tag, field number 0, group wire types, over-long varints, garbage.
+    /// Not protobuf: a tag cut short, longer than five bytes, above 32 bits or naming field 0;
+    /// wire type 6 or 7; a varint longer than ten bytes; a length prefix longer than five; an end of group with no group open or
+    /// naming another field; a group still open at the end or nested deeper than
+    /// [`GROUP_DEPTH_MAX`].
     Malformed,
-    /// A known field with the wrong wire type.
+    /// `app_sha256` or `ip` is missing and a field of that number came with another wire type
+    /// (which protobuf skips as an unknown field).
     WireType,
-    /// `app_sha256` or `ip` absent.
+    /// `app_sha256` or `ip` is missing.
     MissingField,
     /// `app_sha256` is not exactly 64 hex digits.
     ShaFormat,
@@ -203,25 +255,54 @@ impl fmt::Display for Reject {
     }
 }
 
-/// Reads a varint at `buf[*pos..]`. `cut` is the reason to give when the buffer ends inside it.
+/// Reads a varint of at most `MAX` bytes at `buf[*pos..]`, of which the low 64 bits count (as
+/// protobuf readers do with a tenth byte). `cut` is the reason to give when the buffer ends
+/// inside it; a longer varint is malformed.
 #[inline]
-fn read_varint(buf: &[u8], pos: &mut usize, cut: Reject) -> Result<u64, Reject> {
+fn read_varint_of<const MAX: usize>(
+    buf: &[u8],
+    pos: &mut usize,
+    cut: Reject,
+) -> Result<u64, Reject> {
     let mut value = 0u64;
-    for i in 0..VARINT_MAX_BYTES {
+    for i in 0..MAX {
         let Some(&byte) = buf.get(*pos) else {
             return Err(cut);
         };
         *pos += 1;
-        if i == VARINT_MAX_BYTES - 1 && byte > 1 {
-            // The tenth group may only carry the 64th bit.
-            return Err(Reject::Malformed);
-        }
+        // The shift drops what a tenth byte holds above bit 63.
         value |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
             return Ok(value);
         }
     }
     Err(Reject::Malformed)
+}
+
+/// Reads a value varint (at most [`VARINT_MAX_BYTES`]).
+#[inline]
+fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, Reject> {
+    read_varint_of::<VARINT_MAX_BYTES>(buf, pos, Reject::Truncated)
+}
+
+/// Reads a length prefix (at most [`LENGTH_MAX_BYTES`]).
+#[inline]
+fn read_length(buf: &[u8], pos: &mut usize) -> Result<u64, Reject> {
+    read_varint_of::<LENGTH_MAX_BYTES>(buf, pos, Reject::Truncated)
+}
+
+/// Reads a tag at `buf[*pos..]` and returns its field number and wire type. A tag cut short,
+/// longer than [`TAG_MAX_BYTES`], above 32 bits or naming field 0 is bytes that are no field
+/// at all: malformed, not truncated.
+#[inline]
+fn read_tag(buf: &[u8], pos: &mut usize) -> Result<(u32, u32), Reject> {
+    let tag = read_varint_of::<TAG_MAX_BYTES>(buf, pos, Reject::Malformed)?;
+    let tag = u32::try_from(tag).map_err(|_| Reject::Malformed)?;
+    let field = tag >> 3;
+    if field == 0 {
+        return Err(Reject::Malformed);
+    }
+    Ok((field, tag & 7))
 }
 
 /// Skips `len` bytes at `buf[*pos..]`.
@@ -235,11 +316,60 @@ fn skip(buf: &[u8], pos: &mut usize, len: u64) -> Result<(), Reject> {
     Ok(())
 }
 
-/// Decodes and validates one datagram (contract 1).
+/// Skips the value of a field `IpEvent` does not read (an unknown field, or one of its own sent
+/// with another wire type), whose tag was just read. `depth` counts the groups open around it.
+fn skip_value(
+    buf: &[u8],
+    pos: &mut usize,
+    field: u32,
+    wire_type: u32,
+    depth: usize,
+) -> Result<(), Reject> {
+    match wire_type {
+        WIRE_VARINT => read_varint(buf, pos).map(drop),
+        WIRE_FIXED64 => skip(buf, pos, 8),
+        WIRE_LEN => {
+            let len = read_length(buf, pos)?;
+            skip(buf, pos, len)
+        }
+        WIRE_FIXED32 => skip(buf, pos, 4),
+        WIRE_START_GROUP => skip_group(buf, pos, field, depth + 1),
+        // An end of group where no group is open, or wire type 6 or 7, which do not exist.
+        _ => Err(Reject::Malformed),
+    }
+}
+
+/// Skips the fields of a group whose start tag (field `field`) was just read, up to and
+/// including its end tag. `depth` counts this group and those around it.
+fn skip_group(buf: &[u8], pos: &mut usize, field: u32, depth: usize) -> Result<(), Reject> {
+    if depth > GROUP_DEPTH_MAX {
+        return Err(Reject::Malformed);
+    }
+    while *pos < buf.len() {
+        let (inner, wire_type) = read_tag(buf, pos)?;
+        if wire_type == WIRE_END_GROUP {
+            // The end tag must name the group it closes.
+            return if inner == field {
+                Ok(())
+            } else {
+                Err(Reject::Malformed)
+            };
+        }
+        skip_value(buf, pos, inner, wire_type, depth)?;
+    }
+    // The datagram ended with the group still open.
+    Err(Reject::Malformed)
+}
+
+/// Decodes and validates one datagram (contract 1: wire validation).
 ///
-/// Protobuf semantics: fields in any order, unknown fields skipped, the last of a repeated
-/// field wins, non-minimal varints accepted. Both fields are required; the SHA must be 64 hex
-/// digits (upper case accepted) and the address must fit in 32 bits.
+/// The verdict is the one Google's protobuf runtime reaches for the proto2 message above, plus
+/// our own limits: at most [`MAX_DATAGRAM_BYTES`], a SHA of 64 hex digits (upper case
+/// accepted) and an address that fits in 32 bits. So fields come in any order; unknown fields
+/// are skipped, groups included; a field of ours sent with another wire type is an unknown
+/// field too; the last of a repeated field wins; varints may be non-minimal (up to five bytes
+/// for tags and lengths, ten for values), and a ten-byte varint counts for its low 64 bits.
+/// Both fields are required.
 pub fn decode(buf: &[u8]) -> Result<IpEvent, Reject> {
     if buf.is_empty() {
         return Err(Reject::Empty);
@@ -250,40 +380,37 @@ pub fn decode(buf: &[u8]) -> Result<IpEvent, Reject> {
     let mut pos = 0usize;
     let mut sha: Option<&[u8]> = None;
     let mut ip: Option<u64> = None;
+    // Bit `1 << n` set: field n of ours came with another wire type (and was skipped).
+    let mut other_wire_type = 0u8;
     while pos < buf.len() {
-        // A tag cut short is bytes that are no field at all, hence malformed, not truncated.
-        let tag = read_varint(buf, &mut pos, Reject::Malformed)?;
-        let field = tag >> 3;
-        let wire_type = tag & 7;
-        if field == 0 || field > u64::from(u32::MAX >> 3) {
-            return Err(Reject::Malformed);
-        }
+        let (field, wire_type) = read_tag(buf, &mut pos)?;
         match (field, wire_type) {
             (FIELD_APP_SHA256, WIRE_LEN) => {
-                let len = read_varint(buf, &mut pos, Reject::Truncated)?;
+                let len = read_length(buf, &mut pos)?;
                 let start = pos;
                 skip(buf, &mut pos, len)?;
                 sha = Some(&buf[start..pos]);
             }
             (FIELD_IP, WIRE_VARINT) => {
-                ip = Some(read_varint(buf, &mut pos, Reject::Truncated)?);
+                ip = Some(read_varint(buf, &mut pos)?);
             }
-            (FIELD_APP_SHA256 | FIELD_IP, _) => return Err(Reject::WireType),
-            (_, WIRE_VARINT) => {
-                read_varint(buf, &mut pos, Reject::Truncated)?;
+            _ => {
+                if field <= FIELD_IP {
+                    other_wire_type |= 1 << field;
+                }
+                skip_value(buf, &mut pos, field, wire_type, 0)?;
             }
-            (_, WIRE_FIXED64) => skip(buf, &mut pos, 8)?,
-            (_, WIRE_LEN) => {
-                let len = read_varint(buf, &mut pos, Reject::Truncated)?;
-                skip(buf, &mut pos, len)?;
-            }
-            (_, WIRE_FIXED32) => skip(buf, &mut pos, 4)?,
-            // Groups (3, 4) are deprecated and never part of IpEvent; 6 and 7 do not exist.
-            _ => return Err(Reject::Malformed),
         }
     }
     let (Some(sha), Some(ip)) = (sha, ip) else {
-        return Err(Reject::MissingField);
+        // A required field is missing. When it came, but with another wire type, say so.
+        let missing =
+            (u8::from(sha.is_none()) << FIELD_APP_SHA256) | (u8::from(ip.is_none()) << FIELD_IP);
+        return Err(if missing & other_wire_type != 0 {
+            Reject::WireType
+        } else {
+            Reject::MissingField
+        });
     };
     let app = AppSha::from_hex(sha).ok_or(Reject::ShaFormat)?;
     // int64 on the wire: a negative address arrives as a huge u64 and is out of range too.
@@ -291,35 +418,73 @@ pub fn decode(buf: &[u8]) -> Result<IpEvent, Reject> {
     Ok(IpEvent { app, ip })
 }
 
-/// Appends a varint to `out` at `*pos`.
-fn put_varint(out: &mut [u8], pos: &mut usize, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out[*pos] = byte;
-            *pos += 1;
-            return;
-        }
-        out[*pos] = byte | 0x80;
+/// Number of bytes [`encode_varint`] writes for `value`.
+pub const fn varint_len(value: u64) -> usize {
+    let bits = 64 - (value | 1).leading_zeros() as usize;
+    bits.div_ceil(7)
+}
+
+// Encoders of protobuf fields. Each writes at `out[*pos..]` and advances `*pos`; each panics if
+// `out` is too short, so callers size their buffers for what they write.
+
+/// Writes `value` as a minimal varint.
+pub fn encode_varint(out: &mut [u8], pos: &mut usize, mut value: u64) {
+    while value >= 0x80 {
+        out[*pos] = (value as u8) | 0x80;
         *pos += 1;
+        value >>= 7;
     }
+    out[*pos] = value as u8;
+    *pos += 1;
+}
+
+/// Writes the tag of field `field` with wire type `wire_type`.
+pub fn encode_tag(out: &mut [u8], pos: &mut usize, field: u32, wire_type: WireType) {
+    encode_varint(out, pos, u64::from(tag(field, wire_type)));
+}
+
+/// Writes field `field` as a varint (`int64`, `uint64`, `bool`...; a negative `int64` is its
+/// two's complement as a `u64`).
+pub fn encode_varint_field(out: &mut [u8], pos: &mut usize, field: u32, value: u64) {
+    encode_tag(out, pos, field, WireType::Varint);
+    encode_varint(out, pos, value);
+}
+
+/// Writes field `field` as length-delimited bytes (`string`, `bytes`).
+pub fn encode_len_field(out: &mut [u8], pos: &mut usize, field: u32, bytes: &[u8]) {
+    encode_tag(out, pos, field, WireType::Len);
+    encode_varint(out, pos, bytes.len() as u64);
+    out[*pos..*pos + bytes.len()].copy_from_slice(bytes);
+    *pos += bytes.len();
+}
+
+/// Writes field `field` as eight little-endian bytes (`fixed64`, `double`...).
+pub fn encode_fixed64_field(out: &mut [u8], pos: &mut usize, field: u32, value: u64) {
+    encode_tag(out, pos, field, WireType::Fixed64);
+    out[*pos..*pos + 8].copy_from_slice(&value.to_le_bytes());
+    *pos += 8;
+}
+
+/// Writes field `field` as four little-endian bytes (`fixed32`, `float`...).
+pub fn encode_fixed32_field(out: &mut [u8], pos: &mut usize, field: u32, value: u32) {
+    encode_tag(out, pos, field, WireType::Fixed32);
+    out[*pos..*pos + 4].copy_from_slice(&value.to_le_bytes());
+    *pos += 4;
+}
+
+/// Writes the `app_sha256` field of `app`: its 64 lower-case hex digits.
+pub fn encode_sha_field(out: &mut [u8], pos: &mut usize, app: &AppSha) {
+    let mut hex = [0u8; SHA_HEX_LEN];
+    app.write_hex(&mut hex);
+    encode_len_field(out, pos, FIELD_APP_SHA256, &hex);
 }
 
 /// Encodes `event` as protoc would (field 1, then field 2, minimal varints) into `out` and
 /// returns the length used.
 pub fn encode(event: &IpEvent, out: &mut [u8; ENCODED_MAX_BYTES]) -> usize {
     let mut pos = 0;
-    out[pos] = ((FIELD_APP_SHA256 << 3) | WIRE_LEN) as u8;
-    out[pos + 1] = SHA_HEX_LEN as u8;
-    pos += 2;
-    let mut hex = [0u8; SHA_HEX_LEN];
-    event.app.write_hex(&mut hex);
-    out[pos..pos + SHA_HEX_LEN].copy_from_slice(&hex);
-    pos += SHA_HEX_LEN;
-    out[pos] = ((FIELD_IP << 3) | WIRE_VARINT) as u8;
-    pos += 1;
-    put_varint(out, &mut pos, u64::from(event.ip));
+    encode_sha_field(out, &mut pos, &event.app);
+    encode_varint_field(out, &mut pos, FIELD_IP, u64::from(event.ip));
     pos
 }
 
@@ -368,11 +533,31 @@ mod tests {
     }
 
     #[test]
-    fn tenth_varint_byte_may_only_hold_one_bit() {
+    fn a_tenth_varint_byte_counts_for_its_lowest_bit_only() {
         let mut bytes = encode_to_vec(&IpEvent { app: sha(1), ip: 0 });
         bytes.pop();
-        bytes.extend_from_slice(&[0x80; 9]);
-        bytes.push(0x02);
-        assert_eq!(decode(&bytes), Err(Reject::Malformed));
+        bytes.extend_from_slice(&[0x85, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x7e]);
+        assert_eq!(decode(&bytes), Ok(IpEvent { app: sha(1), ip: 5 }));
+        bytes.push(0x01);
+        assert_eq!(decode(&bytes), Err(Reject::Malformed), "eleven bytes");
+    }
+
+    #[test]
+    fn varint_len_matches_encode_varint() {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = [0u8; VARINT_MAX_BYTES];
+            let mut pos = 0;
+            encode_varint(&mut out, &mut pos, value);
+            assert_eq!(pos, varint_len(value), "{value}");
+        }
     }
 }

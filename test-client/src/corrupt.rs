@@ -9,7 +9,7 @@
 use std::fmt;
 
 use ipevent_core::wire::{
-    self, IpEvent, Reject, ENCODED_MAX_BYTES, MAX_DATAGRAM_BYTES, SHA_HEX_LEN,
+    self, IpEvent, Reject, WireType, ENCODED_MAX_BYTES, FIELD_IP, MAX_DATAGRAM_BYTES, SHA_HEX_LEN,
 };
 use rand::Rng;
 
@@ -23,14 +23,16 @@ const RANDOM_BYTES_MAX: usize = 2 * ENCODED_MAX_BYTES;
 /// Candidates tried before the kind's fixed, known-invalid form is used.
 const CANDIDATE_ATTEMPTS_MAX: usize = 32;
 
-/// Tag of field 1 (`app_sha256`), length-delimited.
-pub(crate) const TAG_SHA: u8 = 0x0a;
 /// Tag of field 2 (`ip`), varint.
-pub(crate) const TAG_IP: u8 = 0x10;
-/// Tag of field 3, varint: a field `IpEvent` does not have.
-pub(crate) const TAG_UNKNOWN_VARINT: u8 = 0x18;
-/// Tag of field 15, length-delimited: padding for oversize datagrams.
-const TAG_PADDING: u8 = 0x7a;
+pub(crate) const TAG_IP: u8 = wire::tag(FIELD_IP, WireType::Varint) as u8;
+/// A field `IpEvent` does not have.
+const FIELD_UNKNOWN: u32 = 3;
+/// Tag of field 3, varint.
+pub(crate) const TAG_UNKNOWN_VARINT: u8 = wire::tag(FIELD_UNKNOWN, WireType::Varint) as u8;
+/// The field that pads oversize datagrams, length-delimited.
+const FIELD_PADDING: u32 = 15;
+/// What oversize datagrams are padded with.
+const PADDING: [u8; DATAGRAM_MAX_BYTES] = [b'x'; DATAGRAM_MAX_BYTES];
 
 /// The ways a datagram is broken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,25 +98,13 @@ impl fmt::Display for CorruptKind {
 }
 
 /// Appends a minimal varint.
-pub(crate) fn put_varint(out: &mut [u8], pos: &mut usize, mut value: u64) {
-    while value >= 0x80 {
-        out[*pos] = (value as u8) | 0x80;
-        *pos += 1;
-        value >>= 7;
-    }
-    out[*pos] = value as u8;
-    *pos += 1;
+pub(crate) fn put_varint(out: &mut [u8], pos: &mut usize, value: u64) {
+    wire::encode_varint(out, pos, value);
 }
 
 /// Writes `0x0a 0x40 <64 digits>` at `out[*pos..]`.
 pub(crate) fn put_sha_field(event: &IpEvent, out: &mut [u8], pos: &mut usize) {
-    out[*pos] = TAG_SHA;
-    out[*pos + 1] = SHA_HEX_LEN as u8;
-    *pos += 2;
-    let mut hex = [0u8; SHA_HEX_LEN];
-    event.app.write_hex(&mut hex);
-    out[*pos..*pos + SHA_HEX_LEN].copy_from_slice(&hex);
-    *pos += SHA_HEX_LEN;
+    wire::encode_sha_field(out, pos, &event.app);
 }
 
 /// The canonical encoding of `event` at the start of `out`; returns its length.
@@ -187,31 +177,24 @@ fn candidate(kind: CorruptKind, event: &IpEvent, rng: &mut impl Rng, out: &mut [
         CorruptKind::IpOutOfRange => {
             let mut pos = 0;
             put_sha_field(event, out, &mut pos);
-            out[pos] = TAG_IP;
-            pos += 1;
             // int64 on the wire: either above u32::MAX or negative (a ten-byte varint).
             let value = if rng.gen_bool(0.5) {
                 rng.gen_range((1u64 << 32)..=i64::MAX as u64)
             } else {
                 rng.gen_range(i64::MIN..0) as u64
             };
-            put_varint(out, &mut pos, value);
+            wire::encode_varint_field(out, &mut pos, FIELD_IP, value);
             pos
         }
         CorruptKind::MissingField => {
             let mut pos = 0;
             match rng.gen_range(0..3) {
                 0 => put_sha_field(event, out, &mut pos),
-                1 => {
-                    out[0] = TAG_IP;
-                    pos = 1;
-                    put_varint(out, &mut pos, u64::from(event.ip));
-                }
+                1 => wire::encode_varint_field(out, &mut pos, FIELD_IP, u64::from(event.ip)),
                 _ => {
                     put_sha_field(event, out, &mut pos);
-                    out[pos] = TAG_UNKNOWN_VARINT;
-                    pos += 1;
-                    put_varint(out, &mut pos, u64::from(event.ip));
+                    let ip = u64::from(event.ip);
+                    wire::encode_varint_field(out, &mut pos, FIELD_UNKNOWN, ip);
                 }
             }
             pos
@@ -230,11 +213,7 @@ fn oversize(event: &IpEvent, target: usize, out: &mut [u8]) -> usize {
     let mut pos = put_valid(event, out);
     // Tag (1 byte) and a two-byte length: targets are above 1024 and below 16384 bytes.
     let padding = target - pos - 3;
-    out[pos] = TAG_PADDING;
-    pos += 1;
-    put_varint(out, &mut pos, padding as u64);
-    out[pos..pos + padding].fill(b'x');
-    pos += padding;
+    wire::encode_len_field(out, &mut pos, FIELD_PADDING, &PADDING[..padding]);
     debug_assert_eq!(pos, target);
     pos
 }
@@ -266,9 +245,7 @@ fn fallback(kind: CorruptKind, event: &IpEvent, out: &mut [u8]) -> usize {
         CorruptKind::IpOutOfRange => {
             let mut pos = 0;
             put_sha_field(event, out, &mut pos);
-            out[pos] = TAG_IP;
-            pos += 1;
-            put_varint(out, &mut pos, 1 << 32);
+            wire::encode_varint_field(out, &mut pos, FIELD_IP, 1 << 32);
             pos
         }
         CorruptKind::MissingField => {
@@ -376,7 +353,7 @@ mod tests {
             ip: 0x0a00_0001,
         };
         let want = [
-            (CorruptKind::BitFlip, Reject::WireType),
+            (CorruptKind::BitFlip, Reject::Malformed),
             (CorruptKind::RandomBytes, Reject::Malformed),
             (CorruptKind::Truncation, Reject::Truncated),
             (CorruptKind::BadShaChar, Reject::ShaFormat),
