@@ -1,6 +1,7 @@
 //! Writes the seed corpus: `corpus/decode/<vector name>` for every datagram of
-//! `testdata/ipevent.json`, and `corpus/block_reader/<name>` for a few logs built with the
-//! store's own `BlockBuilder` (clean, torn, corrupted, with a split count).
+//! `testdata/ipevent.json` (in `corpus/differential/` too, with a few datagrams on which
+//! protobuf implementations differ), and `corpus/block_reader/<name>` for a few logs built
+//! with the store's own `BlockBuilder` (clean, torn, corrupted, with a split count).
 //!
 //! Run with `cargo run --manifest-path fuzz/Cargo.toml --example gen_corpus`.
 
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use ipevent_core::block::{BlockBuilder, BLOCK_HEADER_BYTES};
 use ipevent_core::store::AddrStats;
 use ipevent_core::testdata;
+use ipevent_core::wire::{self, AppSha, IpEvent};
 
 /// Records in the largest seed log: enough for several pages of records, small enough to keep
 /// every seed well under libFuzzer's default input length.
@@ -35,6 +37,8 @@ fn run() -> Result<usize, String> {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR"));
     let vectors = fuzz.join("../testdata/ipevent.json");
     let mut written = write_decode_seeds(&vectors, &fuzz.join("corpus/decode"))?;
+    written += write_decode_seeds(&vectors, &fuzz.join("corpus/differential"))?;
+    written += write_differential_seeds(&fuzz.join("corpus/differential"))?;
     written += write_block_seeds(&fuzz.join("corpus/block_reader"))?;
     Ok(written)
 }
@@ -55,6 +59,38 @@ fn write_decode_seeds(vectors: &Path, dir: &Path) -> Result<usize, String> {
         write(dir, name, &vector.bytes)?;
     }
     Ok(list.len())
+}
+
+/// Datagrams where protobuf implementations are known to differ: groups, fields of ours with
+/// another wire type, long tags, lengths and varints.
+fn write_differential_seeds(dir: &Path) -> Result<usize, String> {
+    let event = IpEvent {
+        app: AppSha([0xa5; 32]),
+        ip: 0x0a00_0001,
+    };
+    let valid = wire::encode_to_vec(&event);
+    let with = |tail: &[u8]| [valid.as_slice(), tail].concat();
+    let seeds: [(&str, Vec<u8>); 7] = [
+        ("unknown_group", with(&[0x1b, 0x20, 0x01, 0x2a, 0x00, 0x1c])),
+        ("nested_groups", with(&[0x1b, 0x23, 0x2b, 0x2c, 0x24, 0x1c])),
+        ("ip_as_fixed64", with(&[0x11, 1, 2, 3, 4, 5, 6, 7, 8])),
+        ("sha_as_varint", with(&[0x08, 0x05])),
+        (
+            "ten_byte_ip",
+            with(&[
+                0x10, 0x85, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x7e,
+            ]),
+        ),
+        ("five_byte_tag", with(&[0x98, 0x80, 0x80, 0x80, 0x00, 0x01])),
+        (
+            "five_byte_length",
+            with(&[0x1a, 0x81, 0x80, 0x80, 0x80, 0x00, b'x']),
+        ),
+    ];
+    for (name, bytes) in &seeds {
+        write(dir, name, bytes)?;
+    }
+    Ok(seeds.len())
 }
 
 fn stats(count: u64, first_seen: u32, last_seen: u32) -> AddrStats {

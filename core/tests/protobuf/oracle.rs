@@ -144,6 +144,7 @@ pub fn parse(mut bytes: &[u8]) -> Result<IpEventProto, String> {
 }
 
 /// The raw prost parse, without Google's rules: what `prost` alone says.
+#[allow(dead_code)] // The tests compare it; the fuzz target does not.
 pub fn parse_prost_only(bytes: &[u8]) -> Result<IpEventProto, String> {
     IpEventProto::decode(bytes).map_err(|e| e.to_string())
 }
