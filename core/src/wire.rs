@@ -292,8 +292,8 @@ fn read_length(buf: &[u8], pos: &mut usize) -> Result<u64, Reject> {
 }
 
 /// Reads a tag at `buf[*pos..]` and returns its field number and wire type. A tag cut short,
-/// longer than [`TAG_MAX_BYTES`], above 32 bits or naming field 0 is bytes that are no field
-/// at all: malformed, not truncated.
+/// longer than [`TAG_MAX_BYTES`], above 32 bits (a field number above [`FIELD_NUMBER_MAX`]) or
+/// naming field 0 is bytes that are no field at all: malformed, not truncated.
 #[inline]
 fn read_tag(buf: &[u8], pos: &mut usize) -> Result<(u32, u32), Reject> {
     let tag = read_varint_of::<TAG_MAX_BYTES>(buf, pos, Reject::Malformed)?;
@@ -540,6 +540,28 @@ mod tests {
         assert_eq!(decode(&bytes), Ok(IpEvent { app: sha(1), ip: 5 }));
         bytes.push(0x01);
         assert_eq!(decode(&bytes), Err(Reject::Malformed), "eleven bytes");
+    }
+
+    #[test]
+    fn field_encoders_write_protobuf_fields() {
+        let mut out = [0u8; 64];
+        let mut pos = 0;
+        encode_varint_field(&mut out, &mut pos, FIELD_IP, 300);
+        encode_len_field(&mut out, &mut pos, 15, b"xy");
+        encode_fixed64_field(&mut out, &mut pos, 3, 0x0102_0304_0506_0708);
+        encode_fixed32_field(&mut out, &mut pos, 4, 0x0a0b_0c0d);
+        encode_tag(&mut out, &mut pos, 5, WireType::StartGroup);
+        encode_tag(&mut out, &mut pos, 5, WireType::EndGroup);
+        encode_tag(&mut out, &mut pos, FIELD_NUMBER_MAX, WireType::Varint);
+        let want: &[u8] = &[
+            0x10, 0xac, 0x02, // field 2, varint 300
+            0x7a, 0x02, b'x', b'y', // field 15, two bytes
+            0x19, 8, 7, 6, 5, 4, 3, 2, 1, // field 3, fixed64
+            0x25, 0x0d, 0x0c, 0x0b, 0x0a, // field 4, fixed32
+            0x2b, 0x2c, // group 5
+            0xf8, 0xff, 0xff, 0xff, 0x0f, // the largest field number, five bytes
+        ];
+        assert_eq!(&out[..pos], want);
     }
 
     #[test]
