@@ -11,6 +11,7 @@ mod oracle;
 use std::fmt::Write as _;
 
 use ipevent_core::wire::{self, AppSha, IpEvent, WireType, FIELD_APP_SHA256, FIELD_IP};
+use ipevent_core::{hex, testdata};
 use oracle::Verdict;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -25,18 +26,12 @@ const SEED: [u8; 32] = *b"ipevent wire against protobuf 01";
 
 const SHA: &str = "a3f1c0de00000000000000000000000000000000000000000000000000000001";
 
-fn unhex(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
+fn unhex(text: &str) -> Vec<u8> {
+    hex::decode(text.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e}"))
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    hex::encode(bytes)
 }
 
 /// Builds a datagram from protobuf fields with the library's field encoders.
@@ -541,18 +536,10 @@ fn every_class_gets_googles_verdict() {
 
 #[test]
 fn every_shared_vector_agrees_with_protobuf() {
-    let path = format!("{}/../testdata/ipevent.json", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let vectors: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for v in vectors["vectors"].as_array().unwrap() {
-        let name = v["name"].as_str().unwrap();
-        let bytes = unhex(v["hex"].as_str().unwrap());
-        let reference = assert_agrees(name, &bytes);
-        assert_eq!(
-            matches!(reference, Verdict::Valid { .. }),
-            v["valid"].as_bool().unwrap(),
-            "{name}"
-        );
+    for v in testdata::wire_vectors().unwrap() {
+        let reference = assert_agrees(&v.name, &v.bytes);
+        let valid = matches!(reference, Verdict::Valid { .. });
+        assert_eq!(valid, v.verdict.is_ok(), "{}", v.name);
     }
 }
 
@@ -793,17 +780,9 @@ fn prost_alone_departs_from_google_only_as_documented() {
 #[ignore = "writes the inputs for recording Google's verdicts"]
 fn write_inputs_for_google() {
     let path = std::env::var("IPEVENT_PROTOBUF_INPUTS").expect("IPEVENT_PROTOBUF_INPUTS=<file>");
-    let vectors: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!(
-            "{}/../testdata/ipevent.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
     let mut out = String::new();
-    for v in vectors["vectors"].as_array().unwrap() {
-        writeln!(out, "{}", v["hex"].as_str().unwrap()).unwrap();
+    for v in testdata::wire_vectors().unwrap() {
+        writeln!(out, "{}", hex(&v.bytes)).unwrap();
     }
     for (_, bytes, _) in classes() {
         writeln!(out, "{}", hex(&bytes)).unwrap();
