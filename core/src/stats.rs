@@ -57,11 +57,14 @@ pub struct ReceiverStats {
     /// Times the writer's bookkeeping of its logs reached its cap (262,144 apps) and was
     /// forgotten; each log is verified again the next time it is appended to.
     pub tracked_logs_forgotten: u64,
-    /// Accepted events dropped because their app was new and `--max-apps` or the free-space
-    /// threshold stopped new app directories, or because something other than a plain
+    /// Accepted events dropped by a store limit, or because something other than a plain
     /// directory or file (a planted symlink, say) stands where the app's directory or log
-    /// belongs.
+    /// belongs (all reasons together, see `refused`).
     pub events_refused: u64,
+    /// Refused events per reason: `app_limit` (`--max-apps`), `low_disk`, `not_a_directory`
+    /// (something planted where an app's directory belongs), `address_limit`
+    /// (`--max-addresses-per-app`: a new address of an app that has as many as allowed).
+    pub refused: BTreeMap<String, u64>,
     /// Events written to the store.
     pub events_flushed: u64,
     /// Events accepted but not yet written.
@@ -76,6 +79,12 @@ pub struct ReceiverStats {
     pub flush_max_ms: f64,
     /// All flushes together, milliseconds.
     pub flush_total_ms: f64,
+    /// Bytes of blocks appended to logs.
+    pub store_appended_bytes: u64,
+    /// Bytes written by compactions (logs rewritten whole and renamed over).
+    pub store_rewritten_bytes: u64,
+    /// Compactions (and repairs of a torn tail) done.
+    pub compactions: u64,
     /// Current flush epoch.
     pub epoch: u64,
     /// Accepted events the previous run had not flushed, recovered from the journal at start.

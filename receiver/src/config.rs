@@ -68,6 +68,12 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_MAX_APPS", default_value_t = 0)]
     pub max_apps: u64,
 
+    /// Most distinct addresses this receiver stores for one app; events of further new
+    /// addresses of that app are counted (events_refused, reason address_limit) and dropped,
+    /// so that no single app can grow a log without bound. 0: no limit.
+    #[arg(long, env = "IPEVENT_MAX_ADDRESSES_PER_APP", default_value_t = 1 << 24)]
+    pub max_addresses_per_app: u64,
+
     /// No directory for a new app is created while the data dir's file system has less free
     /// space than this, in bytes; such events are counted (events_refused) and dropped.
     #[arg(long, env = "IPEVENT_MIN_FREE_BYTES", default_value_t = 100 << 20)]

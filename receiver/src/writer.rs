@@ -188,7 +188,10 @@ impl Writer {
             }
             if now >= next_flush {
                 self.flush();
-                next_flush = now + self.settings.flush_interval;
+                // Measured from the end of the flush: a flush longer than the interval is
+                // followed by a whole interval of taking in batches, never by another flush
+                // after one batch.
+                next_flush = Instant::now() + self.settings.flush_interval;
             }
             let deadline = next_flush.min(next_stats);
             if let Some(records) = self.stalled.take() {
