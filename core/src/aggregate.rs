@@ -75,6 +75,11 @@ impl Pending {
         self.apps.len()
     }
 
+    /// The apps held, in the order they arrived.
+    pub fn app_list(&self) -> &[AppSha] {
+        &self.apps
+    }
+
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
         self.apps.is_empty()

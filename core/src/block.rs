@@ -8,7 +8,7 @@
 //!   4  version       2  1
 //!   6  record_bytes  2  16
 //!   8  record_count  4  1 ..= MAX_RECORDS_PER_BLOCK
-//!  12  flags         4  0 (reserved)
+//!  12  flags         4  bit 0: FLAG_CONTINUES_RUN; other bits 0 (reserved)
 //!  16  epoch         8  the writer's flush epoch
 //!  24  reserved      4  0
 //!  28  crc32c        4  CRC-32C of header bytes 0..28 followed by the records
@@ -21,6 +21,12 @@
 //!
 //! A reader verifies each block's header and checksum before it counts a single record, and
 //! stops at the first block that fails: a torn or corrupted tail is never counted.
+//!
+//! Blocks group into *runs*: a run is a block without [`FLAG_CONTINUES_RUN`] and the blocks
+//! with that flag that follow it; the records of a run are sorted by ip across its blocks.
+//! Counting needs no run boundaries (every record counts), so logs written before the flag
+//! existed (all flags 0: every block its own run) read the same; the writer uses runs to
+//! decide when to compact (`store::compact`).
 
 /// First four bytes of every block.
 pub const BLOCK_MAGIC: [u8; 4] = *b"IPEB";
@@ -33,6 +39,10 @@ pub const BLOCK_RECORD_BYTES: usize = 16;
 /// Largest record count in one block (16 MiB of records); bounds what a corrupt header can
 /// make a reader look at, and what the writer builds in memory at once.
 pub const MAX_RECORDS_PER_BLOCK: usize = 1 << 20;
+
+/// Flags bit: this block continues the sorted run of the block before it (a run too large
+/// for one block).
+pub const FLAG_CONTINUES_RUN: u32 = 1;
 
 const CRC_OFFSET: usize = 28;
 
@@ -90,6 +100,17 @@ impl BlockBuilder {
         self.records = 0;
     }
 
+    /// Starts a block for `epoch` that continues the run of the block written before it.
+    pub fn begin_continuing(&mut self, epoch: u64) {
+        self.begin(epoch);
+        self.buf[12..16].copy_from_slice(&FLAG_CONTINUES_RUN.to_le_bytes());
+    }
+
+    /// Records in the block so far.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
     /// True when the block cannot take another record.
     pub fn is_full(&self) -> bool {
         self.records >= MAX_RECORDS_PER_BLOCK
@@ -142,6 +163,8 @@ pub enum BlockParse {
         epoch: u64,
         /// Records in it.
         records: usize,
+        /// Its flags ([`FLAG_CONTINUES_RUN`]).
+        flags: u32,
     },
     /// Fewer bytes than the header announces: a write in progress or a torn tail.
     Incomplete,
@@ -181,6 +204,7 @@ pub fn parse_block(bytes: &[u8]) -> BlockParse {
         len,
         epoch: u64::from_le_bytes(epoch),
         records,
+        flags: u32_at(block, 12),
     }
 }
 
@@ -233,6 +257,7 @@ pub fn scan_log(bytes: &[u8], mut on_record: impl FnMut(u32, AddrStats)) -> Scan
                 len,
                 epoch,
                 records,
+                ..
             } => (len, epoch, records),
             BlockParse::Incomplete => {
                 summary.tail = Tail::Torn {

@@ -132,6 +132,8 @@ fn run(config: Config) -> Result<()> {
             max_apps: (config.max_apps > 0).then_some(config.max_apps),
             min_free_bytes: config.min_free_bytes,
             min_free_inodes: config.min_free_inodes,
+            max_addresses_per_app: (config.max_addresses_per_app > 0)
+                .then_some(config.max_addresses_per_app),
         },
         stats_base,
         state_epoch: previous.epoch,

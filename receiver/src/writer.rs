@@ -224,6 +224,9 @@ impl Writer {
             }
         }
         self.holds.clear();
+        // A stop writes what is pending and compacts nothing, so it never waits for a
+        // large rewrite.
+        self.store.set_compaction(false);
         if let Some(records) = self.stalled.take() {
             self.accept(records);
         }
@@ -452,6 +455,15 @@ impl Writer {
             return 0;
         }
         let started = Instant::now();
+        // The store learns which apps this flush is about to write (its app index) before
+        // any log changes; if it cannot, nothing is written and everything stays pending.
+        if let Err(e) = self.store.begin_flush(self.pending.app_list()) {
+            self.stats.flush_errors += 1;
+            self.complain(&format!(
+                "flush: {e}; everything is kept for the next flush"
+            ));
+            return self.pending.apps();
+        }
         let epoch = self.epoch + 1;
         // Write-ahead: the journal records the epoch before any block of it is in the store.
         if let Err(e) = self.journal.begin_epoch(epoch, self.settings.fsync) {
@@ -477,9 +489,15 @@ impl Writer {
             apps_done += 1;
             let events: u64 = addrs.iter().map(|(_, s)| s.count).sum();
             match self.store.append(app, epoch, addrs) {
-                Ok(()) => written_events += events,
+                Ok(()) => {
+                    let refused = self.store.take_refused_addresses();
+                    written_events += events - refused;
+                    if refused > 0 {
+                        self.count_refused(store::REFUSED_ADDRESS_LIMIT, refused);
+                    }
+                }
                 Err(e) if e.refused_reason().is_some() => {
-                    self.stats.events_refused += events;
+                    self.count_refused(e.refused_reason().unwrap_or_default(), events);
                     self.complain(&format!(
                         "{e}; dropping its {events} events (counted as events_refused)"
                     ));
@@ -492,6 +510,11 @@ impl Writer {
         });
         self.sorted = sorted;
         drop(drained);
+        if let Err(e) = self.store.end_flush() {
+            // The logs are written; only the index lags, and readers read the logs of the
+            // apps it left unsettled until the next flush settles it.
+            self.complain(&format!("flush {epoch}: {e}"));
+        }
         let failed_apps = failed.len();
         for (app, addrs) in failed {
             for (ip, stats) in addrs {
@@ -519,9 +542,19 @@ impl Writer {
         failed_apps
     }
 
+    /// Counts `events` refused by a store limit under `reason`.
+    fn count_refused(&mut self, reason: &str, events: u64) {
+        self.stats.events_refused += events;
+        *self.stats.refused.entry(reason.to_string()).or_default() += events;
+    }
+
     fn snapshot(&mut self) -> ReceiverStats {
+        let store = self.store.store_counters();
         let c = &self.counters;
         let s = &mut self.stats;
+        s.store_appended_bytes = store.appended_bytes;
+        s.store_rewritten_bytes = store.rewritten_bytes;
+        s.compactions = store.rewrites;
         s.updated_unix = unix_now();
         s.datagrams_received = c.datagrams_received.load(Relaxed);
         s.kernel_drops = c.kernel_drops.load(Relaxed);

@@ -229,6 +229,7 @@ fn allowed(relative: &Path) -> bool {
             "journal",
         ]
         .contains(file),
+        ["events", "index"] | ["events", "index", "test.idx"] => true,
         ["events", fan] => hex(fan, 2),
         ["events", fan, app] => hex(fan, 2) && hex(app, 64) && app.starts_with(fan),
         ["events", fan, app, "test.log"] => hex(fan, 2) && hex(app, 64) && app.starts_with(fan),

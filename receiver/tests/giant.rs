@@ -30,9 +30,7 @@ fn blast(to: SocketAddr, app: AppSha, ips: impl Iterator<Item = u32>) -> u64 {
             match batch.send(&socket, &refs, to) {
                 Ok(n) => done += n,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => std::thread::yield_now(),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::yield_now()
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
                 Err(e) => panic!("sending: {e}"),
             }
         }
@@ -135,7 +133,12 @@ fn send_all(rx: &mut Receiver, tx: &UdpSocket, sent: &mut u64, app: AppSha, ips:
 
 #[test]
 fn the_address_cap_refuses_exactly_the_new_addresses_beyond_it() {
-    let flags = ["--max-addresses-per-app", "100", "--flush-interval-ms", "3600000"];
+    let flags = [
+        "--max-addresses-per-app",
+        "100",
+        "--flush-interval-ms",
+        "3600000",
+    ];
     let mut rx = Receiver::start(&flags);
     let tx = sender();
     let mut sent = 0;

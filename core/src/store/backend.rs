@@ -6,6 +6,7 @@
 use super::fsio::StoreError;
 use super::layout::DataDir;
 use super::reader::{self, AppCount, AppData};
+use super::writer::StoreCounters;
 use crate::block::AddrStats;
 use crate::wire::AppSha;
 
@@ -44,6 +45,31 @@ pub trait AppendBlocks {
     /// operators; 0 for a backend without such a bound).
     fn tracked_logs_forgotten(&self) -> u64 {
         0
+    }
+
+    /// Events that [`AppendBlocks::append`] dropped for the per-app address limit since the
+    /// last call ([`super::REFUSED_ADDRESS_LIMIT`]).
+    fn take_refused_addresses(&mut self) -> u64 {
+        0
+    }
+
+    /// Announces a flush that will append to `apps` (before any of its appends).
+    fn begin_flush(&mut self, _apps: &[AppSha]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Ends the flush [`AppendBlocks::begin_flush`] announced.
+    fn end_flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Turns compaction on or off (off for the last flush before exit, so that a stop never
+    /// waits for a large rewrite).
+    fn set_compaction(&mut self, _on: bool) {}
+
+    /// What this writer has appended and rewritten so far.
+    fn store_counters(&self) -> StoreCounters {
+        StoreCounters::default()
     }
 }
 

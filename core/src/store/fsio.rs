@@ -225,6 +225,18 @@ pub fn open_append(path: &Path) -> Result<File, StoreError> {
     Ok(file)
 }
 
+/// Creates a file for appending, failing if anything is at `path` already (no symlink is
+/// followed): for a log whose directory was just made.
+pub fn open_create_new(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("creating", path))
+}
+
 /// Reads a whole (small) file without following a symlink. `Ok(None)` when it does not exist.
 pub fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     use std::io::Read;

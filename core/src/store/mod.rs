@@ -24,7 +24,9 @@
 //! another backend can sit beside it.
 
 pub mod backend;
+pub mod compact;
 pub mod fsio;
+pub mod index;
 pub mod layout;
 pub mod reader;
 pub mod writer;
@@ -42,4 +44,7 @@ pub use layout::{
     MAX_WRITER_ID_BYTES,
 };
 pub use reader::{list_apps, max_epoch_of_writer, read_app, scan_log_file, AppCount, AppData};
-pub use writer::{StoreLimits, StoreWriter, COMPACT_AFTER_BLOCKS, MAX_TRACKED_LOGS};
+pub use writer::{
+    StoreCounters, StoreLimits, StoreWriter, COMPACT_AFTER_BLOCKS, MAX_TRACKED_LOGS,
+    REFUSED_ADDRESS_LIMIT,
+};

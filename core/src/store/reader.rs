@@ -188,6 +188,11 @@ impl AppCount {
 pub fn list_apps(data: &DataDir) -> Result<Vec<AppCount>, StoreError> {
     data.check_layout()?;
     let mut tails = JournalTails::read(data);
+    if let Some(mut out) = super::index::list_from_indexes(data)? {
+        tails.add_to(data, &mut out);
+        out.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.app.cmp(&b.app)));
+        return Ok(out);
+    }
     let mut out = Vec::new();
     for_each_app_dir(data, |app_entry| {
         let Some(app) = app_entry
@@ -298,6 +303,35 @@ impl JournalTails {
     fn apps(&self) -> Vec<AppSha> {
         self.by_app.keys().copied().collect()
     }
+
+    /// Adds the journaled events to `out` (counts from the app indexes): for each app in a
+    /// journal, the epochs its writers' logs hold decide what is not in them yet.
+    fn add_to(&mut self, data: &DataDir, out: &mut Vec<AppCount>) {
+        if self.by_app.is_empty() {
+            return;
+        }
+        let mut at: FxHashMap<AppSha, usize> = FxHashMap::default();
+        for (i, entry) in out.iter().enumerate() {
+            at.insert(entry.app, i);
+        }
+        for app in self.apps() {
+            let mut log_epochs: FxHashMap<String, u64> = FxHashMap::default();
+            let readable = plain_dir(&data.app_dir(&app)).unwrap_or(false);
+            for writer in self.writers.iter().filter(|_| readable) {
+                if let Ok(Some(summary)) = scan_log_file(&data.log_path(&app, writer), |_, _| {}) {
+                    log_epochs.insert(writer.clone(), summary.max_epoch);
+                }
+            }
+            let journaled = self.take(&app, &log_epochs);
+            if journaled == 0 {
+                continue;
+            }
+            match at.get(&app) {
+                Some(&i) => out[i].count += journaled,
+                None => out.push(AppCount::new(app, journaled)),
+            }
+        }
+    }
 }
 
 /// Counts the app directories under `events/`.
@@ -310,16 +344,21 @@ pub(crate) fn count_app_dirs(data: &DataDir) -> Result<u64, StoreError> {
     Ok(count)
 }
 
-/// Calls `each` with every entry of every fan-out directory under `events/`: the app
-/// directories, and whatever else was put there.
-/// Fan-out entries that are not plain directories are skipped with a warning: readers do not
-/// follow links.
-fn for_each_app_dir(
+/// Calls `each` with every entry of every fan-out directory (two hex digits) under
+/// `events/`: the app directories, and whatever else was put there. Fan-out entries that are
+/// not plain directories are skipped with a warning: readers do not follow links.
+pub(crate) fn for_each_app_dir(
     data: &DataDir,
     mut each: impl FnMut(&fs::DirEntry) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     for_each_entry(&data.events_dir(), |fan| {
         let path = fan.path();
+        let name = fan.file_name();
+        let is_fan = name.len() == 2 && name.as_encoded_bytes().iter().all(u8::is_ascii_hexdigit);
+        if !is_fan {
+            // The writers' app indexes (`index/`), or something no writer made.
+            return Ok(());
+        }
         if let Err(e) = plain_dir(&path) {
             log::warn!("{e}");
             return Ok(());

@@ -1,0 +1,446 @@
+//! The app index: one append-only file per writer, `events/index/<writer-id>.idx`, that says
+//! which apps the writer's logs hold and how many events each, so that `list` reads one file
+//! per writer instead of every log in the tree.
+//!
+//! ```text
+//! block header, 24 bytes, little-endian
+//!   0  magic         4  "IPEX"
+//!   4  version       2  1
+//!   6  kind          2  1 = begin, 2 = counts
+//!   8  record_count  4  1 ..= MAX_INDEX_RECORDS
+//!  12  sequence      8  the writer's index sequence: a flush's begin and counts share it
+//!  20  crc32c        4  CRC-32C of header bytes 0..20 followed by the records
+//! records
+//!   begin:  32 bytes each, an app's SHA-256
+//!   counts: 40 bytes each, an app's SHA-256, then u64: events in the writer's log of that app
+//! ```
+//!
+//! A flush first appends *begin* blocks naming every app it is about to write, then the
+//! logs, then *counts* blocks (same sequence) with each written app's total. A reader takes,
+//! per app, the last count it finds. A begin that no counts block of its sequence follows (a
+//! flush in progress, or a crash in the middle of one) names the only apps whose logs may
+//! disagree with the index: the reader reads those logs themselves, and a writer that opens
+//! its index with such apps reads their logs and rewrites the index settled. Readers verify every block and stop at the first
+//! that fails, so a torn tail costs nothing but those apps' logs being read directly. The
+//! writer rewrites the file (beside it, renamed over) with one count per app when it has
+//! grown to twice its size after the last rewrite.
+//!
+//! The index moves with `events/` (a reset renames the whole tree away), and its directory
+//! holds no two-hex-digit name, so no reader takes it for a fan-out directory.
+
+use rustc_hash::FxHashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+
+use super::fsio::{
+    for_each_entry, io_err, open_append, open_read, write_atomic, StoreError, DIR_MODE,
+};
+use super::layout::{validate_writer_id, DataDir};
+use super::reader::{for_each_app_dir, scan_log_file, AppCount};
+use crate::wire::AppSha;
+
+/// First four bytes of every index block.
+pub const INDEX_MAGIC: [u8; 4] = *b"IPEX";
+/// Index format version.
+pub const INDEX_VERSION: u16 = 1;
+/// Size of an index block header.
+pub const INDEX_HEADER_BYTES: usize = 24;
+/// Most records in one index block (64 Ki apps: 2.5 MiB of counts); a flush of more apps
+/// writes several blocks.
+pub const MAX_INDEX_RECORDS: usize = 1 << 16;
+
+const KIND_BEGIN: u16 = 1;
+const KIND_COUNTS: u16 = 2;
+const BEGIN_RECORD_BYTES: usize = 32;
+const COUNTS_RECORD_BYTES: usize = 40;
+
+/// What a reader learns from one writer's index.
+#[derive(Debug, Default)]
+pub struct IndexView {
+    /// Events per app, as the last counts block says.
+    pub counts: FxHashMap<AppSha, u64>,
+    /// Apps of begin blocks no counts block of the same sequence followed: their logs must
+    /// be read directly.
+    pub unsettled: Vec<AppSha>,
+    /// Highest sequence in the index (0 when empty).
+    pub last_sequence: u64,
+}
+
+/// Appends the blocks for `kind` holding `records` (each `record_bytes`) to `out`.
+fn encode(out: &mut Vec<u8>, kind: u16, sequence: u64, records: &[u8], record_bytes: usize) {
+    for chunk in records.chunks(MAX_INDEX_RECORDS * record_bytes) {
+        let start = out.len();
+        out.extend_from_slice(&INDEX_MAGIC);
+        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&((chunk.len() / record_bytes) as u32).to_le_bytes());
+        out.extend_from_slice(&sequence.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 20]), chunk);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+}
+
+/// The bytes of a begin block (or blocks) naming `apps`.
+pub fn encode_begin(out: &mut Vec<u8>, sequence: u64, apps: &[AppSha]) {
+    let mut records = Vec::with_capacity(apps.len() * BEGIN_RECORD_BYTES);
+    for app in apps {
+        records.extend_from_slice(&app.0);
+    }
+    encode(out, KIND_BEGIN, sequence, &records, BEGIN_RECORD_BYTES);
+}
+
+/// The bytes of a counts block (or blocks) for `counts`.
+pub fn encode_counts(out: &mut Vec<u8>, sequence: u64, counts: &[(AppSha, u64)]) {
+    let mut records = Vec::with_capacity(counts.len() * COUNTS_RECORD_BYTES);
+    for (app, events) in counts {
+        records.extend_from_slice(&app.0);
+        records.extend_from_slice(&events.to_le_bytes());
+    }
+    encode(out, KIND_COUNTS, sequence, &records, COUNTS_RECORD_BYTES);
+}
+
+/// One verified index block at the start of `bytes`: (kind, records, length).
+fn parse(bytes: &[u8]) -> Option<(u16, u64, &[u8], usize)> {
+    if bytes.len() < INDEX_HEADER_BYTES || bytes[0..4] != INDEX_MAGIC {
+        return None;
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    if u16_at(4) != INDEX_VERSION {
+        return None;
+    }
+    let kind = u16_at(6);
+    let record_bytes = match kind {
+        KIND_BEGIN => BEGIN_RECORD_BYTES,
+        KIND_COUNTS => COUNTS_RECORD_BYTES,
+        _ => return None,
+    };
+    let records = u32_at(8) as usize;
+    if records == 0 || records > MAX_INDEX_RECORDS {
+        return None;
+    }
+    let len = INDEX_HEADER_BYTES + records * record_bytes;
+    if bytes.len() < len {
+        return None;
+    }
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&bytes[..20]),
+        &bytes[INDEX_HEADER_BYTES..len],
+    );
+    if crc != u32_at(20) {
+        return None;
+    }
+    let sequence = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    Some((kind, sequence, &bytes[INDEX_HEADER_BYTES..len], len))
+}
+
+/// Reads an index: per app the last count, and the apps of begins that no counts block
+/// followed. Stops at the first block that does not verify. Also returns the bytes verified.
+pub fn read_index(bytes: &[u8]) -> (IndexView, u64) {
+    let mut view = IndexView::default();
+    let mut open: Vec<AppSha> = Vec::new();
+    let mut open_sequence = None;
+    let mut pos = 0;
+    while let Some((kind, sequence, records, len)) = parse(&bytes[pos..]) {
+        view.last_sequence = view.last_sequence.max(sequence);
+        if kind == KIND_BEGIN {
+            if open_sequence != Some(sequence) {
+                // A new flush: what the previous one began and never counted stays unsettled.
+                view.unsettled.append(&mut open);
+                open_sequence = Some(sequence);
+            }
+            for sha in records.chunks_exact(BEGIN_RECORD_BYTES) {
+                open.push(AppSha(sha.try_into().expect("32 bytes")));
+            }
+        } else {
+            if open_sequence == Some(sequence) {
+                open.clear();
+            }
+            for record in records.chunks_exact(COUNTS_RECORD_BYTES) {
+                let app = AppSha(record[..32].try_into().expect("32 bytes"));
+                let events = u64::from_le_bytes(record[32..].try_into().expect("8 bytes"));
+                view.counts.insert(app, events);
+            }
+        }
+        pos += len;
+    }
+    view.unsettled.append(&mut open);
+    view.unsettled.sort_unstable();
+    view.unsettled.dedup();
+    (view, pos as u64)
+}
+
+/// `<data-dir>/events/index`: where every writer's index lives.
+pub fn index_dir(data: &DataDir) -> PathBuf {
+    data.events_dir().join(INDEX_DIR)
+}
+
+/// The name of the index directory inside `events/`.
+pub const INDEX_DIR: &str = "index";
+
+/// `<data-dir>/events/index/<writer-id>.idx`.
+pub fn index_path(data: &DataDir, writer_id: &str) -> PathBuf {
+    index_dir(data).join(format!("{writer_id}.idx"))
+}
+
+/// The index grows by appends until it is this many times the size of its last rewrite
+/// (and at least [`INDEX_REWRITE_MIN_BYTES`]), then it is rewritten with one count per app:
+/// its size stays within a constant of one record per app, and the cost of the rewrites
+/// within a constant of the bytes appended.
+const INDEX_GROWTH: u64 = 2;
+/// Smallest index that gets rewritten.
+const INDEX_REWRITE_MIN_BYTES: u64 = 1 << 20;
+
+/// Events in `writer_id`'s log of `app` (`None`: no log).
+fn log_events(data: &DataDir, writer_id: &str, app: &AppSha) -> Result<Option<u64>, StoreError> {
+    Ok(scan_log_file(&data.log_path(app, writer_id), |_, _| {})?.map(|s| s.events))
+}
+
+/// One writer's side of its index.
+#[derive(Debug)]
+pub(crate) struct IndexWriter {
+    path: PathBuf,
+    file: Option<File>,
+    fsync: bool,
+    /// Bytes in the file (all verified).
+    len: u64,
+    /// Size right after the last rewrite.
+    rewritten_len: u64,
+    sequence: u64,
+    /// A begin was written and its counts were not yet.
+    in_flush: bool,
+    /// The file may not be what we think (a failed write, a reset moved the tree away):
+    /// read it again, settle it and rewrite it before the next flush.
+    stale: bool,
+    counts: Vec<(AppSha, u64)>,
+    buf: Vec<u8>,
+}
+
+impl IndexWriter {
+    /// Opens `writer_id`'s index, settling what a crash left unsettled, or builds it from the
+    /// writer's logs when there is none.
+    pub(crate) fn open(
+        data: &DataDir,
+        writer_id: &str,
+        fsync: bool,
+    ) -> Result<IndexWriter, StoreError> {
+        let mut index = IndexWriter {
+            path: index_path(data, writer_id),
+            file: None,
+            fsync,
+            len: 0,
+            rewritten_len: 0,
+            sequence: 0,
+            in_flush: false,
+            stale: true,
+            counts: Vec::new(),
+            buf: Vec::new(),
+        };
+        index.settle(data, writer_id)?;
+        Ok(index)
+    }
+
+    /// Reads the index (or the writer's logs, when there is none), reads the logs of every
+    /// unsettled app, and rewrites the index with one count per app.
+    fn settle(&mut self, data: &DataDir, writer_id: &str) -> Result<(), StoreError> {
+        self.file = None;
+        let dir = index_dir(data);
+        match fs::DirBuilder::new().mode(DIR_MODE).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("creating directory", &dir)(e)),
+        }
+        let meta = fs::symlink_metadata(&dir).map_err(io_err("inspecting", &dir))?;
+        if !meta.is_dir() {
+            return Err(StoreError::NotADirectory(dir));
+        }
+        let mut counts: FxHashMap<AppSha, u64> = FxHashMap::default();
+        match open_read(&self.path)? {
+            Some(file) => {
+                let map =
+                    crate::sys::map_read_only(&file).map_err(io_err("mapping", &self.path))?;
+                let (view, _) = read_index(map.as_ref());
+                self.sequence = view.last_sequence;
+                counts = view.counts;
+                for app in view.unsettled {
+                    match log_events(data, writer_id, &app)? {
+                        Some(events) if events > 0 => counts.insert(app, events),
+                        _ => counts.remove(&app),
+                    };
+                }
+            }
+            None => {
+                let name = format!("{writer_id}.log");
+                for_each_app_dir(data, |entry| {
+                    let Some(app) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                        return Ok(());
+                    };
+                    let log = entry.path().join(&name);
+                    if let Some(summary) = scan_log_file(&log, |_, _| {})? {
+                        if summary.events > 0 {
+                            counts.insert(app, summary.events);
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        let mut sorted: Vec<(AppSha, u64)> = counts.into_iter().collect();
+        sorted.sort_unstable();
+        self.buf.clear();
+        encode_counts(&mut self.buf, self.sequence, &sorted);
+        write_atomic(&self.path, &self.buf)?;
+        self.len = self.buf.len() as u64;
+        self.rewritten_len = self.len;
+        self.stale = false;
+        Ok(())
+    }
+
+    /// True between [`IndexWriter::begin`] and [`IndexWriter::end`].
+    pub(crate) fn in_flush(&self) -> bool {
+        self.in_flush
+    }
+
+    /// After a reset moved the tree away: the next flush starts a new index.
+    pub(crate) fn forget(&mut self) {
+        self.stale = true;
+        self.in_flush = false;
+        self.file = None;
+    }
+
+    fn write(&mut self) -> Result<(), StoreError> {
+        if self.file.is_none() {
+            let file = open_append(&self.path)?;
+            self.file = Some(file);
+        }
+        let file = self.file.as_mut().expect("opened above");
+        let result =
+            file.write_all(&self.buf)
+                .and_then(|()| if self.fsync { file.sync_data() } else { Ok(()) });
+        match result {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of a block may be there: settle and rewrite before the next flush.
+                self.stale = true;
+                Err(io_err("appending to", &self.path)(e))
+            }
+        }
+    }
+
+    /// Records that a flush is about to write the logs of `apps`.
+    pub(crate) fn begin(
+        &mut self,
+        data: &DataDir,
+        writer_id: &str,
+        apps: &[AppSha],
+    ) -> Result<(), StoreError> {
+        if !self.stale && !self.still_in_place() {
+            self.stale = true;
+        }
+        if self.stale || self.len >= INDEX_REWRITE_MIN_BYTES.max(self.rewritten_len * INDEX_GROWTH)
+        {
+            self.settle(data, writer_id)?;
+        }
+        self.sequence += 1;
+        self.counts.clear();
+        self.buf.clear();
+        if !apps.is_empty() {
+            encode_begin(&mut self.buf, self.sequence, apps);
+            self.write()?;
+        }
+        self.in_flush = true;
+        Ok(())
+    }
+
+    /// The file at the index's path is the one this writer has open (a reset did not move
+    /// the tree away).
+    fn still_in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some(file) = &self.file else {
+            return fs::symlink_metadata(&self.path).is_ok();
+        };
+        match (file.metadata(), fs::symlink_metadata(&self.path)) {
+            (Ok(open), Ok(there)) => open.ino() == there.ino() && open.dev() == there.dev(),
+            _ => false,
+        }
+    }
+
+    /// Records `app`'s total events after this flush wrote its log.
+    pub(crate) fn count(&mut self, app: &AppSha, events: u64) {
+        self.counts.push((*app, events));
+    }
+
+    /// Records the totals of every app the flush wrote.
+    pub(crate) fn end(&mut self) -> Result<(), StoreError> {
+        self.in_flush = false;
+        if self.counts.is_empty() {
+            return Ok(());
+        }
+        self.buf.clear();
+        encode_counts(&mut self.buf, self.sequence, &self.counts);
+        self.counts.clear();
+        self.write()
+    }
+}
+
+/// Every app with its count from the writers' indexes: `Ok(None)` when there is no index,
+/// or some writer under `receivers/` has none (logs written by an older version), and the
+/// caller must read every log instead. Every writer registers under `receivers/` (its lock)
+/// before it writes a log, so no writer's logs are missed.
+pub fn list_from_indexes(data: &DataDir) -> Result<Option<Vec<AppCount>>, StoreError> {
+    let dir = index_dir(data);
+    let mut indexed = Vec::new();
+    for_each_entry(&dir, |entry| {
+        let name = entry.file_name();
+        if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".idx")) {
+            if validate_writer_id(id).is_ok() {
+                indexed.push(id.to_string());
+            }
+        }
+        Ok(())
+    })?;
+    if indexed.is_empty() || data.writer_ids()?.iter().any(|id| !indexed.contains(id)) {
+        return Ok(None);
+    }
+    let mut totals: FxHashMap<AppSha, u64> = FxHashMap::default();
+    let mut unreadable: FxHashMap<AppSha, String> = FxHashMap::default();
+    for writer_id in &indexed {
+        let path = index_path(data, writer_id);
+        let Some(file) = open_read(&path)? else {
+            return Ok(None);
+        };
+        let map = crate::sys::map_read_only(&file).map_err(io_err("mapping", &path))?;
+        let (mut view, _) = read_index(map.as_ref());
+        for app in std::mem::take(&mut view.unsettled) {
+            match log_events(data, writer_id, &app) {
+                Ok(Some(events)) if events > 0 => view.counts.insert(app, events),
+                Ok(_) => view.counts.remove(&app),
+                Err(e) => {
+                    unreadable.insert(app, e.to_string());
+                    view.counts.remove(&app)
+                }
+            };
+        }
+        for (app, events) in view.counts {
+            *totals.entry(app).or_default() += events;
+        }
+    }
+    for app in unreadable.keys() {
+        totals.entry(*app).or_default();
+    }
+    let mut out: Vec<AppCount> = totals
+        .into_iter()
+        .map(|(app, count)| AppCount {
+            unreadable: unreadable.remove(&app),
+            ..AppCount::new(app, count)
+        })
+        .collect();
+    out.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.app.cmp(&b.app)));
+    Ok(Some(out))
+}
