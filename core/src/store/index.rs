@@ -6,12 +6,14 @@
 //! block header, 24 bytes, little-endian
 //!   0  magic         4  "IPEX"
 //!   4  version       2  1
-//!   6  kind          2  1 = begin, 2 = counts
+//!   6  kind          2  1 = begin, 2 = counts, 3 = check
 //!   8  record_count  4  1 ..= MAX_INDEX_RECORDS
 //!  12  sequence      8  the writer's index sequence: a flush's begin and counts share it
 //!  20  crc32c        4  CRC-32C of header bytes 0..20 followed by the records
 //! records
 //!   begin:  32 bytes each, an app's SHA-256
+//!   check:  32 bytes each, an app whose log the writer could not write (something not a
+//!           plain directory or file stands in its place): readers read it themselves
 //!   counts: 40 bytes each, an app's SHA-256, then u64: events in the writer's log of that app
 //! ```
 //!
@@ -35,7 +37,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 use super::fsio::{
-    for_each_entry, io_err, open_append, open_read, write_atomic, StoreError, DIR_MODE,
+    for_each_entry, io_err, open_append, open_read, plain_dir, write_atomic, StoreError, DIR_MODE,
 };
 use super::layout::{validate_writer_id, DataDir};
 use super::reader::{for_each_app_dir, scan_log_file, AppCount};
@@ -53,6 +55,7 @@ pub const MAX_INDEX_RECORDS: usize = 1 << 16;
 
 const KIND_BEGIN: u16 = 1;
 const KIND_COUNTS: u16 = 2;
+const KIND_CHECK: u16 = 3;
 const BEGIN_RECORD_BYTES: usize = 32;
 const COUNTS_RECORD_BYTES: usize = 40;
 
@@ -64,6 +67,8 @@ pub struct IndexView {
     /// Apps of begin blocks no counts block of the same sequence followed: their logs must
     /// be read directly.
     pub unsettled: Vec<AppSha>,
+    /// Apps the writer could not write: readers read (and report) their logs themselves.
+    pub check: Vec<AppSha>,
     /// Highest sequence in the index (0 when empty).
     pub last_sequence: u64,
 }
@@ -92,6 +97,15 @@ pub fn encode_begin(out: &mut Vec<u8>, sequence: u64, apps: &[AppSha]) {
     encode(out, KIND_BEGIN, sequence, &records, BEGIN_RECORD_BYTES);
 }
 
+/// The bytes of a check block (or blocks) naming `apps`.
+pub fn encode_check(out: &mut Vec<u8>, sequence: u64, apps: &[AppSha]) {
+    let mut records = Vec::with_capacity(apps.len() * BEGIN_RECORD_BYTES);
+    for app in apps {
+        records.extend_from_slice(&app.0);
+    }
+    encode(out, KIND_CHECK, sequence, &records, BEGIN_RECORD_BYTES);
+}
+
 /// The bytes of a counts block (or blocks) for `counts`.
 pub fn encode_counts(out: &mut Vec<u8>, sequence: u64, counts: &[(AppSha, u64)]) {
     let mut records = Vec::with_capacity(counts.len() * COUNTS_RECORD_BYTES);
@@ -114,7 +128,7 @@ fn parse(bytes: &[u8]) -> Option<(u16, u64, &[u8], usize)> {
     }
     let kind = u16_at(6);
     let record_bytes = match kind {
-        KIND_BEGIN => BEGIN_RECORD_BYTES,
+        KIND_BEGIN | KIND_CHECK => BEGIN_RECORD_BYTES,
         KIND_COUNTS => COUNTS_RECORD_BYTES,
         _ => return None,
     };
@@ -155,6 +169,10 @@ pub fn read_index(bytes: &[u8]) -> (IndexView, u64) {
             for sha in records.chunks_exact(BEGIN_RECORD_BYTES) {
                 open.push(AppSha(sha.try_into().expect("32 bytes")));
             }
+        } else if kind == KIND_CHECK {
+            for sha in records.chunks_exact(BEGIN_RECORD_BYTES) {
+                view.check.push(AppSha(sha.try_into().expect("32 bytes")));
+            }
         } else {
             if open_sequence == Some(sequence) {
                 open.clear();
@@ -168,8 +186,12 @@ pub fn read_index(bytes: &[u8]) -> (IndexView, u64) {
         pos += len;
     }
     view.unsettled.append(&mut open);
+    // An app checked once stays checked: its log is read directly from then on.
+    view.unsettled.extend_from_slice(&view.check);
     view.unsettled.sort_unstable();
     view.unsettled.dedup();
+    view.check.sort_unstable();
+    view.check.dedup();
     (view, pos as u64)
 }
 
@@ -195,7 +217,11 @@ const INDEX_GROWTH: u64 = 2;
 const INDEX_REWRITE_MIN_BYTES: u64 = 1 << 20;
 
 /// Events in `writer_id`'s log of `app` (`None`: no log).
+/// The app's directory must be a plain one: readers follow no link.
 fn log_events(data: &DataDir, writer_id: &str, app: &AppSha) -> Result<Option<u64>, StoreError> {
+    if !plain_dir(&data.app_dir(app))? {
+        return Ok(None);
+    }
     Ok(scan_log_file(&data.log_path(app, writer_id), |_, _| {})?.map(|s| s.events))
 }
 
@@ -216,6 +242,7 @@ pub(crate) struct IndexWriter {
     /// read it again, settle it and rewrite it before the next flush.
     stale: bool,
     counts: Vec<(AppSha, u64)>,
+    checks: Vec<AppSha>,
     buf: Vec<u8>,
 }
 
@@ -237,6 +264,7 @@ impl IndexWriter {
             in_flush: false,
             stale: true,
             counts: Vec::new(),
+            checks: Vec::new(),
             buf: Vec::new(),
         };
         index.settle(data, writer_id)?;
@@ -266,9 +294,13 @@ impl IndexWriter {
                 self.sequence = view.last_sequence;
                 counts = view.counts;
                 for app in view.unsettled {
-                    match log_events(data, writer_id, &app)? {
-                        Some(events) if events > 0 => counts.insert(app, events),
-                        _ => counts.remove(&app),
+                    match log_events(data, writer_id, &app) {
+                        Ok(Some(events)) if events > 0 => counts.insert(app, events),
+                        Ok(_) => counts.remove(&app),
+                        Err(_) => {
+                            self.checks.push(app);
+                            counts.remove(&app)
+                        }
                     };
                 }
             }
@@ -292,6 +324,8 @@ impl IndexWriter {
         sorted.sort_unstable();
         self.buf.clear();
         encode_counts(&mut self.buf, self.sequence, &sorted);
+        encode_check(&mut self.buf, self.sequence, &self.checks);
+        self.checks.clear();
         write_atomic(&self.path, &self.buf)?;
         self.len = self.buf.len() as u64;
         self.rewritten_len = self.len;
@@ -376,15 +410,24 @@ impl IndexWriter {
         self.counts.push((*app, events));
     }
 
-    /// Records the totals of every app the flush wrote.
+    /// Records that `app`'s log could not be written because something other than a plain
+    /// directory or file stands in its place: readers then read it themselves (and report
+    /// it).
+    pub(crate) fn check(&mut self, app: &AppSha) {
+        self.checks.push(*app);
+    }
+
+    /// Records the totals of every app the flush wrote, and the apps it could not write.
     pub(crate) fn end(&mut self) -> Result<(), StoreError> {
         self.in_flush = false;
-        if self.counts.is_empty() {
+        if self.counts.is_empty() && self.checks.is_empty() {
             return Ok(());
         }
         self.buf.clear();
         encode_counts(&mut self.buf, self.sequence, &self.counts);
+        encode_check(&mut self.buf, self.sequence, &self.checks);
         self.counts.clear();
+        self.checks.clear();
         self.write()
     }
 }

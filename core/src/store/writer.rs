@@ -560,11 +560,15 @@ impl StoreWriter {
                 .begin(&self.data, &self.writer_id, std::slice::from_ref(app))?;
         }
         let result = self.append_records(app, epoch, records);
-        if result.is_ok() {
-            let events = self.logs.get(app).map_or(0, |s| s.events);
-            if events > 0 {
-                self.index.count(app, events);
+        match &result {
+            Ok(_) => {
+                let events = self.logs.get(app).map_or(0, |s| s.events);
+                if events > 0 {
+                    self.index.count(app, events);
+                }
             }
+            Err(StoreError::NotADirectory(_) | StoreError::NotAFile(_)) => self.index.check(app),
+            Err(_) => {}
         }
         if bracket {
             let ended = self.index.end();
