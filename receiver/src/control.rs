@@ -41,6 +41,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// past this the client is taken to be stuck (stopped by a signal), and the hold ends.
 pub const RESET_LEASE: Duration = Duration::from_secs(30);
 
+/// Syncs that may wait for a reset's hold to end; more are refused. Each keeps its connection
+/// open, and a hold lasts milliseconds, so only a client looping on syncs reaches this.
+pub const MAX_HELD_SYNCS: usize = 1024;
+
 /// Longest path a Unix socket address holds on Linux (`sun_path` less its NUL).
 const MAX_SOCKET_PATH_BYTES: usize = 107;
 

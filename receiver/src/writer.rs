@@ -231,8 +231,8 @@ impl Writer {
             self.accept(records);
         }
         let failed = self.flush();
-        self.answer_held_syncs(failed);
         self.write_stats();
+        self.answer_held_syncs(failed);
         let clean = self.pending.is_empty() && self.stalled.is_none();
         if !clean {
             log::error!(
@@ -363,39 +363,41 @@ impl Writer {
     /// Serves one request. The stats file is rewritten before each answer, so a client that
     /// reads it after the answer sees what the request did.
     fn serve(&mut self, op: Op) {
+        let mut answers: Vec<(UnixStream, Reply)> = Vec::new();
         match op {
-            Op::Sync { reply } if !self.holds.is_empty() => self.held_syncs.push(reply),
+            Op::Sync { reply } if !self.holds.is_empty() => {
+                if self.held_syncs.len() < control::MAX_HELD_SYNCS {
+                    self.held_syncs.push(reply);
+                } else {
+                    let busy = "too many syncs are waiting for a reset to end; try again";
+                    answers.push((reply, Reply::Refused(busy.into())));
+                }
+            }
             Op::Sync { reply } => {
                 let failed = self.flush();
-                self.write_stats();
-                control::answer(&reply, &self.sync_reply(failed));
+                answers.push((reply, self.sync_reply(failed)));
             }
             Op::BeginHold { hold, reply } => {
-                let dropped = self.begin_hold(hold);
-                self.write_stats();
-                control::answer(
-                    &reply,
-                    &Reply::ResetBegun(ResetBegun {
-                        dropped_pending: dropped,
-                    }),
-                );
+                let dropped_pending = self.begin_hold(hold);
+                answers.push((reply, Reply::ResetBegun(ResetBegun { dropped_pending })));
             }
             Op::EndHold { hold, reply } => {
-                let reply_line = if self.end_hold(hold) {
+                let ended = if self.end_hold(hold) {
                     Reply::ResetEnded(ResetEnded { epoch: self.epoch })
                 } else {
                     Reply::Refused("this reset's hold had already ended (lease)".into())
                 };
-                self.write_stats();
-                if let Some(reply) = reply {
-                    control::answer(&reply, &reply_line);
-                }
+                answers.extend(reply.map(|stream| (stream, ended)));
                 if self.holds.is_empty() && !self.held_syncs.is_empty() {
                     let failed = self.flush();
-                    self.write_stats();
-                    self.answer_held_syncs(failed);
+                    let synced = self.sync_reply(failed);
+                    answers.extend(self.held_syncs.drain(..).map(|s| (s, synced.clone())));
                 }
             }
+        }
+        self.write_stats();
+        for (stream, reply) in answers {
+            control::answer(&stream, &reply);
         }
     }
 
