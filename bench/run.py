@@ -945,8 +945,9 @@ def main():
     parser.add_argument("--ratio-rates", default="0,200000",
                         type=lambda v: [int(x) for x in v.split(",")],
                         help="offered rates of the ratio case, comma-separated (0: fastest)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of the ratio case at each rate (medians are reported)")
+    parser.add_argument("--repeat", type=int,
+                        help="rounds of the ratio case at each rate (medians are reported; "
+                        "default 3, 1 with --quick)")
     parser.add_argument("--ratio-events", type=int,
                         help="datagrams per run of the ratio case (default 3M, 1M with --quick)")
     parser.add_argument("--compare-bin", help="a second ipevent-receiver measured in every "
@@ -959,6 +960,8 @@ def main():
                        ("disk_apps_count", args.disk_count)):
         if value:
             sizes[key] = value
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     wanted = set(args.cases.split(","))
 
     started = time.monotonic()
