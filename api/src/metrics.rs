@@ -275,6 +275,10 @@ const RECEIVER_METRICS: &[ReceiverMetric] = &[
     ReceiverMetric { name: "ipevent_receiver_flush_max_seconds", kind: "gauge", help: "Longest flush.", value: |s| s.flush_max_ms / 1000.0 },
     ReceiverMetric { name: "ipevent_receiver_epoch", kind: "gauge", help: "Current flush epoch.", value: |s| s.epoch as f64 },
     ReceiverMetric { name: "ipevent_receiver_resets_total", kind: "counter", help: "Resets served.", value: |s| s.resets as f64 },
+    ReceiverMetric { name: "ipevent_receiver_ship_lag_epochs", kind: "gauge", help: "Flushes in the outbox not yet shipped to the bucket (--store).", value: |s| s.ship_lag_epochs as f64 },
+    ReceiverMetric { name: "ipevent_receiver_outbox_bytes", kind: "gauge", help: "Bytes of those flushes on local disk.", value: |s| s.outbox_bytes as f64 },
+    ReceiverMetric { name: "ipevent_receiver_shipped_epoch", kind: "gauge", help: "Last flush epoch durable in the bucket.", value: |s| s.shipped_epoch as f64 },
+    ReceiverMetric { name: "ipevent_receiver_ship_errors_total", kind: "counter", help: "Failed attempts to reach or write the bucket (retried).", value: |s| s.ship_errors as f64 },
     ReceiverMetric { name: "ipevent_receiver_start_time_seconds", kind: "gauge", help: "When the receiver started, unix seconds.", value: |s| s.started_unix as f64 },
     ReceiverMetric { name: "ipevent_receiver_stats_updated_seconds", kind: "gauge", help: "When the receiver last wrote its stats, unix seconds (a stale value: it is not running).", value: |s| s.updated_unix as f64 },
 ];

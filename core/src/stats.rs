@@ -102,6 +102,23 @@ pub struct ReceiverStats {
     /// one that had waited longest for its request was closed to make room (or, when every
     /// open one held a reset, the new one was refused).
     pub control_conns_full: u64,
+    /// With `--store`: the bucket and prefix shipped to (never credentials); empty without.
+    pub store: String,
+    /// Flushes in the outbox not yet shipped to the bucket.
+    pub ship_lag_epochs: u64,
+    /// Bytes of those flushes on local disk.
+    pub outbox_bytes: u64,
+    /// Last flush epoch durable in the bucket.
+    pub shipped_epoch: u64,
+    /// Last flush epoch visible to readers of the bucket.
+    pub published_epoch: u64,
+    /// Failed attempts to reach or write the bucket (retried).
+    pub ship_errors: u64,
+    /// Flushes that could not be queued in the outbox (free space below `--min-free-bytes`,
+    /// an I/O error); their events are carried into the next flush's entry.
+    pub outbox_errors: u64,
+    /// Shipping stopped: another process took over this writer's database.
+    pub ship_fenced: bool,
 }
 
 impl ReceiverStats {

@@ -2,6 +2,9 @@
 //!
 //! Exit codes: 0 success; 1 unknown app; 2 malformed SHA or usage; 3 the store could not be
 //! read, or the result could not be written.
+//!
+//! With `--store s3://BUCKET/PREFIX` it reads the bucket every receiver ships to instead of
+//! the local tree, merging all of them.
 
 #![forbid(unsafe_code)]
 
@@ -14,8 +17,10 @@ use clap::{Parser, Subcommand};
 use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, SyncOutcome};
 use ipevent_core::report::{report_json, JsonView};
+use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, DataDir, Store};
 use ipevent_core::AppSha;
+use ipevent_store_s3::{Bucket, StoreUrl};
 
 /// How long `--sync` waits for each receiver to drain and flush.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,12 +34,19 @@ struct Cli {
     #[arg(long, env = "IPEVENT_DATA_DIR", default_value = ipevent_core::DEFAULT_DATA_DIR, global = true)]
     data_dir: PathBuf,
 
+    /// Read this store instead of the data dir: `s3://BUCKET/PREFIX`, where receivers ship
+    /// with the same --store. The endpoint and credentials come only from AWS_ENDPOINT_URL,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ALLOW_HTTP.
+    #[arg(long, env = "IPEVENT_STORE", global = true)]
+    store: Option<String>,
+
     /// Indent the JSON.
     #[arg(long, global = true)]
     pretty: bool,
 
     /// First ask every running receiver on this data dir to drain its sockets and flush, so
-    /// everything that reached them is reported.
+    /// everything that reached them is reported. With --store, also wait until they have
+    /// shipped that flush to the bucket.
     #[arg(long, global = true)]
     sync: bool,
 
@@ -143,8 +155,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     let data = DataDir::new(&cli.data_dir);
     match (&cli.command, &cli.sha) {
         (Some(Sub::List { limit }), _) => {
+            let (store, _) = open_store(cli, &data)?;
             sync_if_asked(cli, &data);
-            list(&data, *limit, cli.pretty)
+            list(store.as_ref(), *limit, cli.pretty)
         }
         (
             Some(Sub::Capacity {
@@ -180,8 +193,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             let app: AppSha = sha
                 .parse()
                 .map_err(|e| Failure::new(2, format!("{sha:?} is not an app SHA-256: {e}")))?;
+            let (store, name) = open_store(cli, &data)?;
             sync_if_asked(cli, &data);
-            report(&data, &app, cli)
+            report(store.as_ref(), &name, &app, cli)
         }
         (None, None) => Err(Failure::new(
             2,
@@ -194,15 +208,26 @@ fn store_failure(e: store::StoreError) -> Failure {
     Failure::new(3, format!("reading the store: {e}"))
 }
 
-fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
+/// The store to read and its name for messages: the data dir, or the bucket of `--store`.
+fn open_store(cli: &Cli, data: &DataDir) -> Result<(Box<dyn Store>, String), Failure> {
+    let Some(url) = &cli.store else {
+        return Ok((Box::new(data.clone()), data.root().display().to_string()));
+    };
+    let url: StoreUrl = url.parse().map_err(|e| Failure::new(2, format!("{e}")))?;
+    let name = url.to_string();
+    let bucket = Bucket::from_env(url).map_err(|e| Failure::new(3, e.to_string()))?;
+    Ok((Box::new(bucket), name))
+}
+
+fn report(store: &dyn Store, name: &str, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
     let view = JsonView {
         detail: cli.detail,
         pretty: cli.pretty,
     };
-    let Some(report) = report_json(data, app, view).map_err(store_failure)? else {
+    let Some(report) = report_json(store, app, view).map_err(store_failure)? else {
         return Err(Failure::new(
             1,
-            format!("no events for app {app} in {}", data.root().display()),
+            format!("no events for app {app} in {name}"),
         ));
     };
     for (path, offset) in &report.torn {
@@ -217,8 +242,8 @@ fn report(data: &DataDir, app: &AppSha, cli: &Cli) -> Result<String, Failure> {
     Ok(report.json)
 }
 
-fn list(data: &DataDir, limit: usize, pretty: bool) -> Result<String, Failure> {
-    let apps = data.list_apps().map_err(store_failure)?;
+fn list(store: &dyn Store, limit: usize, pretty: bool) -> Result<String, Failure> {
+    let apps = store.list_apps().map_err(store_failure)?;
     let shown = if limit == 0 {
         apps.len()
     } else {
@@ -264,7 +289,46 @@ fn sync_if_asked(cli: &Cli, data: &DataDir) {
             for (writer_id, e) in summary.failed {
                 log::warn!("receiver {writer_id} did not sync ({e}); showing what is on disk");
             }
+            if cli.store.is_some() {
+                for writer_id in &summary.synced {
+                    wait_shipped(data, writer_id);
+                }
+            }
         }
         Err(e) => log::warn!("looking for receivers: {e}"),
+    }
+}
+
+/// After a receiver synced (its stats file, written before it answered, shows the flush's
+/// epoch), waits until it has shipped and published every flush up to that one, as its stats
+/// show, for at most [`SYNC_TIMEOUT`]. A receiver that does not ship is not waited for.
+fn wait_shipped(data: &DataDir, writer_id: &str) {
+    let Ok(at_sync) = ReceiverStats::read(data, writer_id) else {
+        return;
+    };
+    if at_sync.store.is_empty() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Ok(s) = ReceiverStats::read(data, writer_id) {
+            if s.epoch >= at_sync.epoch
+                && s.ship_lag_epochs == 0
+                && s.published_epoch == s.shipped_epoch
+            {
+                return;
+            }
+        }
+        if start.elapsed() >= SYNC_TIMEOUT {
+            log::warn!(
+                "receiver {writer_id} has not shipped its flush {} within {SYNC_TIMEOUT:?}; \
+                 the bucket may not show all of it yet",
+                at_sync.epoch
+            );
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }

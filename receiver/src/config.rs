@@ -92,6 +92,20 @@ pub struct Config {
     #[arg(long, hide = true)]
     pub test_crash_after_apps: Option<usize>,
 
+    /// Also ship every flush to this store, `s3://BUCKET/PREFIX`, through a local outbox
+    /// (`receivers/<writer-id>/outbox/`). The endpoint and credentials come only from
+    /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and
+    /// AWS_ALLOW_HTTP. Without it, the local data dir is the only store.
+    #[arg(long, env = "IPEVENT_STORE")]
+    pub store: Option<String>,
+
+    /// With --store: how often the outbox is shipped and made visible to readers of the
+    /// bucket, in milliseconds (a flush also wakes the shipper). Readers are at most this
+    /// much behind what has been shipped.
+    #[arg(long, env = "IPEVENT_SHIP_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub ship_interval_ms: u64,
+
     /// fdatasync every log after appending to it, so a completed flush survives a power loss
     /// (costs one disk sync per app per flush).
     #[arg(long, env = "IPEVENT_FSYNC", default_value_t = false)]

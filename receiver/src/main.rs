@@ -9,6 +9,7 @@ mod config;
 mod control;
 mod counters;
 mod ingest;
+mod ship;
 mod sockets;
 mod writer;
 
@@ -30,9 +31,11 @@ use crate::writer::{BatchPool, Writer, WriterSettings, MAX_POOL_BATCHES};
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,slatedb=warn"),
+    )
+    .format_target(false)
+    .init();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -62,6 +65,10 @@ fn run(config: Config) -> Result<()> {
     // and a sync covers every datagram that can have reached our sockets.
     let control_path = data.control_socket(&writer_id);
     let control = control::bind(&control_path)?;
+    let shipping = match &config.store {
+        Some(url) => Some(start_shipping(&config, &data, &writer_id, url)?),
+        None => None,
+    };
 
     let previous = writer::read_state(&data, &writer_id);
     if !previous.clean {
@@ -116,6 +123,7 @@ fn run(config: Config) -> Result<()> {
         last_stop_clean: previous.clean,
         listen: listen.clone(),
         rcvbuf_bytes,
+        store: config.store.clone().unwrap_or_default(),
         ..ReceiverStats::default()
     };
     let settings = WriterSettings {
@@ -167,7 +175,11 @@ fn run(config: Config) -> Result<()> {
     let control = Control::new(control, writer_id.clone(), counters.clone());
     lead.lead(Lead::new(control, peers)?)?;
 
-    let writer = Writer::new(settings, counters, from_ingest, free_tx, journal)?;
+    let mut writer = Writer::new(settings, counters, from_ingest, free_tx, journal)?;
+    let shipper = shipping.map(|(outbox, counters, shipper)| {
+        writer.ship_through(outbox, counters);
+        shipper
+    });
     let writer_handle = std::thread::Builder::new()
         .name("writer".into())
         .spawn(move || writer.run())
@@ -200,6 +212,9 @@ fn run(config: Config) -> Result<()> {
         Err(_) => bail!("the writer thread panicked"),
     };
     let _ = std::fs::remove_file(&control_path);
+    if let Some(shipper) = shipper {
+        shipper.stop();
+    }
     if let Some(e) = ingest_failed {
         return Err(e);
     }
@@ -212,6 +227,39 @@ fn run(config: Config) -> Result<()> {
     }
     log::info!("stopped cleanly at flush epoch {epoch}");
     Ok(())
+}
+
+/// Opens the outbox and starts the shipper for `--store`; fails when the bucket says another
+/// receiver holds this writer id.
+fn start_shipping(
+    config: &Config,
+    data: &DataDir,
+    writer_id: &str,
+    url: &str,
+) -> Result<(ship::Outbox, Arc<ship::ShipCounters>, ship::Shipper)> {
+    let url: ipevent_store_s3::StoreUrl = url.parse()?;
+    let bucket = Arc::new(ipevent_store_s3::Bucket::from_env(url.clone())?);
+    let counters = Arc::new(ship::ShipCounters::default());
+    let (outbox, woken) = ship::Outbox::open(
+        data,
+        writer_id,
+        config.fsync,
+        config.min_free_bytes,
+        Arc::clone(&counters),
+    )?;
+    let host = ipevent_core::store::host_writer_id("");
+    let settings = ship::ShipperSettings {
+        bucket,
+        writer_id: writer_id.to_string(),
+        instance: ship::instance_token(data, writer_id)?,
+        holder: format!("host {host}, data dir {}", config.data_dir.display()),
+        outbox_dir: ipevent_store_s3::outbox::dir(data, writer_id),
+        interval: Duration::from_millis(config.ship_interval_ms),
+        counters: Arc::clone(&counters),
+    };
+    let shipper =
+        ship::Shipper::start(settings, woken).with_context(|| format!("shipping to {url}"))?;
+    Ok((outbox, counters, shipper))
 }
 
 /// True when the process runs with user id 0.

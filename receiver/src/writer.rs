@@ -134,6 +134,9 @@ pub struct Writer {
     sorted: Vec<(u32, AddrStats)>,
     last_error_log: Option<Instant>,
     complaints_quiet: u64,
+    /// With `--store`: each flush is also queued for shipping to the bucket.
+    outbox: Option<crate::ship::Outbox>,
+    ship_counters: Option<Arc<crate::ship::ShipCounters>>,
 }
 
 impl Writer {
@@ -165,7 +168,19 @@ impl Writer {
             sorted: Vec::new(),
             last_error_log: None,
             complaints_quiet: 0,
+            outbox: None,
+            ship_counters: None,
         })
+    }
+
+    /// Queues every flush in `outbox` too (`--store`).
+    pub fn ship_through(
+        &mut self,
+        outbox: crate::ship::Outbox,
+        counters: Arc<crate::ship::ShipCounters>,
+    ) {
+        self.outbox = Some(outbox);
+        self.ship_counters = Some(counters);
     }
 
     /// Runs until every ingest thread has hung up, then flushes everything and returns the
@@ -280,6 +295,7 @@ impl Writer {
         let (mut replayed, mut skipped) = (0u64, 0u64);
         let logs = &mut self.store;
         let pending = &mut self.pending;
+        let outbox = &mut self.outbox;
         let result = self.journal.replay(|epoch, records| {
             for record in records {
                 let in_store = match logs.log_max_epoch(&record.app) {
@@ -291,6 +307,9 @@ impl Writer {
                 };
                 if in_store {
                     skipped += 1;
+                    if let Some(outbox) = outbox.as_mut() {
+                        outbox.note_replayed(epoch, record);
+                    }
                 } else {
                     pending.add(std::slice::from_ref(record));
                     replayed += 1;
@@ -338,6 +357,9 @@ impl Writer {
             );
         }
         self.stats.events_replayed = replayed;
+        if let Some(outbox) = &mut self.outbox {
+            outbox.queue_carried(self.epoch);
+        }
         self.flush();
     }
 
@@ -479,6 +501,9 @@ impl Writer {
         let mut written_events = 0u64;
         let drained = self.pending.take();
         let app_count = drained.apps();
+        if let Some(outbox) = &mut self.outbox {
+            outbox.begin(epoch);
+        }
         let mut apps_done = 0;
         let mut sorted = std::mem::take(&mut self.sorted);
         drained.for_each_app(&mut sorted, |app, addrs| {
@@ -492,6 +517,9 @@ impl Writer {
             let events: u64 = addrs.iter().map(|(_, s)| s.count).sum();
             match self.store.append(app, epoch, addrs) {
                 Ok(()) => {
+                    if let Some(outbox) = &mut self.outbox {
+                        outbox.add(app, addrs);
+                    }
                     let refused = self.store.take_refused_addresses();
                     written_events += events - refused;
                     if refused > 0 {
@@ -512,6 +540,9 @@ impl Writer {
         });
         self.sorted = sorted;
         drop(drained);
+        if let Some(outbox) = &mut self.outbox {
+            outbox.finish();
+        }
         if let Err(e) = self.store.end_flush() {
             // The logs are written; only the index lags, and readers read the logs of the
             // apps it left unsettled until the next flush settles it.
@@ -572,6 +603,9 @@ impl Writer {
         s.epoch = self.epoch;
         s.journal_used_bytes = self.journal.used_bytes();
         s.journal_capacity_bytes = self.journal.capacity_bytes();
+        if let Some(counters) = &self.ship_counters {
+            counters.fill(s);
+        }
         s.clone()
     }
 

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::DataDir;
 
+pub mod s3;
+
 /// How long any wait in a test may take before the test fails with what it was waiting for.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(30);
 
@@ -73,14 +75,26 @@ impl Receiver {
 
     /// Starts a receiver on `data_dir` (which it creates if needed), with `extra` flags.
     pub fn start_in(data_dir: &Path, extra: &[&str]) -> Receiver {
-        let writer_id = "test".to_string();
+        Receiver::start_as(data_dir, "test", "127.0.0.1:0", &[], extra)
+    }
+
+    /// Starts a receiver on `data_dir` as `writer_id`, listening on `listen`, with `env` set
+    /// (for example an S3 server's [`s3::S3Server::env`]) and `extra` flags.
+    pub fn start_as(
+        data_dir: &Path,
+        writer_id: &str,
+        listen: &str,
+        env: &[(&str, String)],
+        extra: &[&str],
+    ) -> Receiver {
+        let writer_id = writer_id.to_string();
         let data = DataDir::new(data_dir);
         // A stats file from an earlier run in the same dir must not pass for readiness.
         let _ = std::fs::remove_file(data.stats_path(&writer_id));
         let child = Command::new(bin("ipevent-receiver"))
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--writer-id",
                 &writer_id,
                 "--allow-root",
@@ -88,6 +102,7 @@ impl Receiver {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .spawn()

@@ -70,6 +70,10 @@ pub enum StoreError {
         "writer id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'"
     )]
     WriterId(String),
+    /// Another backend behind [`Store`](super::Store) (object storage) failed; the message
+    /// names what was being done and where, never a credential.
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// [`StoreError::Refused`] reason: `--max-apps` reached.

@@ -1,0 +1,399 @@
+//! Receivers as a cluster on one bucket of a real S3 server (SeaweedFS): the real receivers,
+//! the real test client spreading traffic over them, the real `ipevent-query --store`.
+//!
+//! Exactness never rests on UDP arriving: what a receiver accepted is in its own local tree
+//! (the single-host store, exact under crashes by its journal), so the bucket must answer
+//! exactly what the receivers' local trees hold together, byte for byte. When the kernel
+//! dropped nothing, that is also exactly what the client sent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use ipevent_core::control::{self, Command as Ctl};
+use ipevent_core::stats::ReceiverStats;
+use ipevent_core::store::{self, AppData, DataDir};
+use ipevent_core::{AppSha, Report};
+use ipevent_testkit::s3::S3Server;
+use ipevent_testkit::{bin, stdout_json, wait_for, Receiver};
+use serde_json::Value;
+
+/// Flags that make a test cluster quick to converge: short flush, ship and stats intervals.
+const FAST: [&str; 6] = [
+    "--flush-interval-ms",
+    "200",
+    "--ship-interval-ms",
+    "100",
+    "--stats-interval-ms",
+    "50",
+];
+
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A receiver shipping to `url` on `server`.
+fn receiver(
+    server: &S3Server,
+    url: &str,
+    dir: &Path,
+    writer_id: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Receiver {
+    let mut args = vec!["--store", url];
+    args.extend_from_slice(&FAST);
+    args.extend_from_slice(extra);
+    Receiver::start_as(dir, writer_id, listen, &server.env(), &args)
+}
+
+/// Asks `receiver` to drain and flush, then waits until its stats show that flush shipped to
+/// the bucket and visible to readers.
+fn sync_shipped(receiver: &mut Receiver) -> ReceiverStats {
+    let socket = receiver.data.control_socket(&receiver.writer_id);
+    let epoch = match control::request(&socket, Ctl::Sync, CONTROL_TIMEOUT).expect("sync") {
+        control::Reply::Synced(synced) => synced.epoch,
+        other => panic!("sync answered {other:?}"),
+    };
+    receiver.wait_stats("the sync's flush shipped and published", |s| {
+        s.epoch >= epoch
+            && s.events_pending == 0
+            && s.ship_lag_epochs == 0
+            && s.published_epoch == s.shipped_epoch
+    })
+}
+
+/// Runs `ipevent-query` against the bucket.
+fn query_store(server: &S3Server, url: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("ipevent-query"));
+    server.apply_env(&mut cmd);
+    cmd.arg("--store")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("running ipevent-query")
+}
+
+/// What the local trees of `dirs` hold for `app`, merged: the single-host answer.
+fn local_merged(dirs: &[&Path], app: &AppSha) -> Option<AppData> {
+    let mut merged: BTreeMap<u32, ipevent_core::AddrStats> = BTreeMap::new();
+    let mut any = false;
+    for dir in dirs {
+        if let Some(data) = store::read_app(&DataDir::new(*dir), app).unwrap() {
+            assert!(data.torn.is_empty(), "torn log in {}", dir.display());
+            any = true;
+            for (ip, stats) in data.addrs {
+                merged.entry(ip).or_default().merge(&stats);
+            }
+        }
+    }
+    any.then(|| AppData {
+        addrs: merged.into_iter().collect(),
+        ..AppData::default()
+    })
+}
+
+/// Every app of the local trees of `dirs` with its total, ordered as `list` prints them.
+fn local_list(dirs: &[&Path]) -> Value {
+    let mut totals: BTreeMap<AppSha, u64> = BTreeMap::new();
+    for dir in dirs {
+        for app in store::list_apps(&DataDir::new(*dir)).unwrap() {
+            *totals.entry(app.app).or_default() += app.count;
+        }
+    }
+    let mut rows: Vec<(AppSha, u64)> = totals.into_iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    Value::Array(
+        rows.into_iter()
+            .map(|(app, count)| serde_json::json!({"app_sha256": app.to_hex(), "count": count}))
+            .collect(),
+    )
+}
+
+/// Asserts that the bucket answers, for every app of `summary` and for `list`, exactly what
+/// the local trees of `dirs` hold together. Returns the bucket's reports by SHA.
+fn assert_bucket_matches_local(
+    server: &S3Server,
+    url: &str,
+    dirs: &[&Path],
+    summary: &Value,
+) -> BTreeMap<String, Value> {
+    let mut reports = BTreeMap::new();
+    for app in summary["apps"].as_array().unwrap() {
+        let sha = app["sha"].as_str().unwrap();
+        let parsed: AppSha = sha.parse().unwrap();
+        let out = query_store(server, url, &[sha]);
+        let local = local_merged(dirs, &parsed).expect("the receivers stored the app");
+        let expected = Report::from_app(&local).to_json(false);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim_end(),
+            expected,
+            "app {sha}"
+        );
+        reports.insert(sha.to_string(), stdout_json(&out));
+    }
+    let out = query_store(server, url, &["list", "--limit", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout_json(&out), local_list(dirs));
+    reports
+}
+
+/// When the kernel dropped nothing, the bucket's reports are exactly what the client sent.
+fn assert_reports_match_sent(reports: &BTreeMap<String, Value>, summary: &Value) {
+    for app in summary["apps"].as_array().unwrap() {
+        let report = &reports[app["sha"].as_str().unwrap()];
+        assert_eq!(report["count"], app["count"], "{app}");
+        assert_eq!(report["good_ips"], app["good"], "{app}");
+        assert_eq!(report["bad_ips"], app["bad"], "{app}");
+    }
+}
+
+/// Runs the test client (no verification: the test checks) over `targets`.
+fn client(targets: &[String], extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("ipevent-test-client"));
+    cmd.arg("run");
+    for target in targets {
+        cmd.arg("--to").arg(target);
+    }
+    cmd.args(["--json", "--no-progress"])
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+fn run_client(targets: &[String], extra: &[&str]) -> Value {
+    let out = client(targets, extra)
+        .output()
+        .expect("running the test client");
+    assert!(
+        out.status.success(),
+        "test client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_json(&out)
+}
+
+/// Waits until the receivers together have seen `sent` datagrams (read or dropped by the
+/// kernel); returns their stats.
+fn wait_seen(receivers: &mut [&mut Receiver], sent: u64) -> Vec<ReceiverStats> {
+    wait_for("the receivers to see every datagram sent", || {
+        let stats: Vec<ReceiverStats> = receivers.iter().filter_map(|r| r.stats()).collect();
+        let seen: u64 = stats
+            .iter()
+            .map(|s| s.datagrams_received + s.kernel_drops)
+            .sum();
+        (stats.len() == receivers.len() && seen >= sent).then_some(stats)
+    })
+}
+
+#[test]
+fn two_receivers_on_one_bucket_answer_as_one() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster1");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = receiver(&server, &url, dir_a.path(), "host-a", "127.0.0.1:0", &[]);
+    let mut b = receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0", &[]);
+    let targets = [a.addr.to_string(), b.addr.to_string()];
+    let summary = run_client(
+        &targets,
+        &[
+            "--count",
+            "20000",
+            "--rate",
+            "20000",
+            "--seed",
+            "1001",
+            "--batch",
+            "64",
+            "--corrupt-pct",
+            "30",
+        ],
+    );
+    let sent = summary["sent"].as_u64().unwrap();
+    assert_eq!(sent, 20_000);
+    let stats = wait_seen(&mut [&mut a, &mut b], sent);
+    // Both received a share: the client spread its batches over both addresses.
+    assert!(stats.iter().all(|s| s.datagrams_received > 0), "{stats:?}");
+    let drops: u64 = stats.iter().map(|s| s.kernel_drops).sum();
+    let accepted: u64 = [sync_shipped(&mut a), sync_shipped(&mut b)]
+        .iter()
+        .map(|s| s.events_accepted)
+        .sum();
+    let reports =
+        assert_bucket_matches_local(&server, &url, &[dir_a.path(), dir_b.path()], &summary);
+    if drops == 0 {
+        assert_eq!(accepted, summary["valid"].as_u64().unwrap());
+        assert_reports_match_sent(&reports, &summary);
+    }
+
+    // The bucket holds one database per receiver; an unknown app is exit 1 naming the bucket.
+    let unknown = "ab".repeat(32);
+    let out = query_store(&server, &url, &[&unknown]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&url));
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn a_receiver_killed_mid_stream_restarts_and_nothing_counts_twice() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster2");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = receiver(&server, &url, dir_a.path(), "host-a", "127.0.0.1:0", &[]);
+    let mut b = receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0", &[]);
+    let targets = [a.addr.to_string(), b.addr.to_string()];
+    // Traffic until the test stops it (SIGINT), so the kill and the restart fall inside it.
+    let sending = client(
+        &targets,
+        &[
+            "--duration",
+            "600",
+            "--rate",
+            "5000",
+            "--seed",
+            "2002",
+            "--batch",
+            "16",
+            "--corrupt-pct",
+            "30",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("starting the test client");
+    a.wait_stats("receiver A to ship while traffic flows", |s| {
+        s.shipped_epoch > 0 && s.datagrams_received > 0
+    });
+    let status = a.stop_with(libc::SIGKILL);
+    assert!(!status.success());
+    let restarted_at = a.addr.to_string();
+    let mut a = receiver(&server, &url, dir_a.path(), "host-a", &restarted_at, &[]);
+    a.wait_stats("the restarted receiver to receive traffic", |s| {
+        s.datagrams_received > 0
+    });
+    let interrupted = Command::new("kill")
+        .args(["-INT", &sending.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(interrupted.success());
+    let out = sending
+        .wait_with_output()
+        .expect("the test client finishes");
+    let summary = stdout_json(&out);
+    sync_shipped(&mut a);
+    sync_shipped(&mut b);
+    assert_bucket_matches_local(&server, &url, &[dir_a.path(), dir_b.path()], &summary);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn a_crash_between_the_local_append_and_the_outbox_is_shipped_once_on_restart() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster-crash");
+    let dir = tempfile::tempdir().unwrap();
+    // No timed flush: the one flush is the sync below, which writes two of the three apps
+    // locally and then aborts, before the flush's outbox entry exists.
+    let mut r = Receiver::start_as(
+        dir.path(),
+        "host-c",
+        "127.0.0.1:0",
+        &server.env(),
+        &[
+            "--store",
+            &url,
+            "--flush-interval-ms",
+            "3600000",
+            "--stats-interval-ms",
+            "50",
+            "--test-crash-after-apps",
+            "2",
+        ],
+    );
+    let targets = [r.addr.to_string()];
+    let summary = run_client(
+        &targets,
+        &[
+            "--count",
+            "3000",
+            "--rate",
+            "20000",
+            "--seed",
+            "3003",
+            "--corrupt-pct",
+            "0",
+        ],
+    );
+    wait_seen(&mut [&mut r], 3000);
+    let socket = r.data.control_socket(&r.writer_id);
+    let _ = control::request(&socket, Ctl::Sync, CONTROL_TIMEOUT);
+    let status = r.wait_exit();
+    assert!(!status.success());
+    let outbox = dir.path().join("receivers/host-c/outbox");
+    let entries: Vec<_> = std::fs::read_dir(&outbox)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "ob"))
+        .collect();
+    assert!(entries.is_empty(), "no outbox entry before the crash");
+    let mut r = receiver(&server, &url, dir.path(), "host-c", &targets[0], &[]);
+    sync_shipped(&mut r);
+    assert_bucket_matches_local(&server, &url, &[dir.path()], &summary);
+    r.stop();
+}
+
+#[test]
+fn a_second_receiver_with_the_same_writer_id_is_refused() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster5");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = receiver(&server, &url, dir_a.path(), "same", "127.0.0.1:0", &[]);
+    let targets = [a.addr.to_string()];
+    let first = run_client(
+        &targets,
+        &["--count", "2000", "--rate", "20000", "--seed", "5"],
+    );
+    sync_shipped(&mut a);
+
+    let mut cmd = Command::new(bin("ipevent-receiver"));
+    server.apply_env(&mut cmd);
+    let out = cmd
+        .args([
+            "--listen",
+            "127.0.0.2:0",
+            "--writer-id",
+            "same",
+            "--allow-root",
+        ])
+        .arg("--data-dir")
+        .arg(dir_b.path())
+        .args(["--store", &url])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running a second receiver");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("writer id same is in use in the bucket")
+            && stderr.contains(&dir_a.path().display().to_string()),
+        "{stderr}"
+    );
+    // Nothing of the refused one reached the bucket, and the first goes on, exact.
+    let second = run_client(
+        &targets,
+        &["--count", "2000", "--rate", "20000", "--seed", "6"],
+    );
+    sync_shipped(&mut a);
+    assert_bucket_matches_local(&server, &url, &[dir_a.path()], &first);
+    assert_bucket_matches_local(&server, &url, &[dir_a.path()], &second);
+    a.stop();
+}

@@ -1,0 +1,399 @@
+//! The connection to the bucket and the read path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipevent_core::store::{AppCount, AppData, Store, StoreError};
+use ipevent_core::{AddrStats, AppSha};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+use rustc_hash::FxHashMap;
+use slatedb::config::DbReaderOptions;
+use slatedb::{DbReader, DbReaderMode};
+
+use crate::codec::{self, StatsMerge};
+use crate::S3Error;
+
+/// The environment variables the connection is made from, and the only ones read. Nothing
+/// else (no command-line flag, no config file) carries an endpoint or a credential, and none
+/// of their values is ever logged.
+pub const ENV_VARS: [&str; 5] = [
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+    "AWS_ALLOW_HTTP",
+];
+
+/// Where the store lives: `s3://BUCKET/PREFIX` (the prefix may be empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    /// The bucket.
+    pub bucket: String,
+    /// The prefix inside it, without leading or trailing `/`.
+    pub prefix: String,
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = S3Error;
+
+    fn from_str(url: &str) -> Result<StoreUrl, S3Error> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| S3Error::Url(url.to_string()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        let prefix_ok = prefix.split('/').all(|part| {
+            prefix.is_empty()
+                || (!part.is_empty()
+                    && part != "."
+                    && part != ".."
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        });
+        if !bucket_ok || !prefix_ok {
+            return Err(S3Error::Url(url.to_string()));
+        }
+        Ok(StoreUrl {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// Worker threads of the runtime that drives object store requests: requests are I/O bound,
+/// two let a slow request not hold up the others without competing with ingest for cores.
+const RUNTIME_THREADS: usize = 2;
+
+/// A connection to the bucket, with its own small async runtime so that the callers (threads
+/// of the receiver, the CLI, the API's blocking tasks) stay synchronous.
+pub struct Bucket {
+    pub(crate) url: StoreUrl,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket").field("url", &self.url).finish()
+    }
+}
+
+impl Bucket {
+    /// Connects to `url` with the settings of [`ENV_VARS`] from the environment. Makes no
+    /// request yet.
+    pub fn from_env(url: StoreUrl) -> Result<Bucket, S3Error> {
+        Bucket::from_vars(url, |name| std::env::var(name).ok())
+    }
+
+    /// Connects to `url` with the settings of [`ENV_VARS`] as `lookup` gives them (tests pass
+    /// their server's).
+    pub fn from_vars(
+        url: StoreUrl,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Bucket, S3Error> {
+        let var = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        let mut builder = AmazonS3Builder::new().with_bucket_name(&url.bucket);
+        if let Some(endpoint) = var("AWS_ENDPOINT_URL") {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(key) = var("AWS_ACCESS_KEY_ID") {
+            builder = builder.with_access_key_id(key);
+        }
+        if let Some(secret) = var("AWS_SECRET_ACCESS_KEY") {
+            builder = builder.with_secret_access_key(secret);
+        }
+        builder = builder.with_region(var("AWS_REGION").unwrap_or_else(|| "us-east-1".into()));
+        if let Some(allow) = var("AWS_ALLOW_HTTP") {
+            builder = builder.with_allow_http(allow.eq_ignore_ascii_case("true"));
+        }
+        let store = builder.build().map_err(|e| {
+            // The builder's messages name settings, not their values.
+            S3Error::Config(format!("{e} (set {})", ENV_VARS.join(", ")))
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RUNTIME_THREADS)
+            .thread_name("ipevent-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| S3Error::Config(format!("starting the I/O runtime: {e}")))?;
+        Ok(Bucket {
+            url,
+            store: Arc::new(store),
+            runtime,
+        })
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    /// A path under the store's prefix.
+    pub(crate) fn path(&self, rest: &str) -> ObjectPath {
+        if self.url.prefix.is_empty() {
+            ObjectPath::from(rest)
+        } else {
+            ObjectPath::from(format!("{}/{rest}", self.url.prefix))
+        }
+    }
+
+    /// The database path of `writer_id`.
+    pub(crate) fn writer_path(&self, writer_id: &str) -> ObjectPath {
+        self.path(&format!("writers/{writer_id}"))
+    }
+
+    /// Every writer that has a database in the bucket, sorted.
+    pub fn writer_ids(&self) -> Result<Vec<String>, S3Error> {
+        self.runtime.block_on(self.writer_ids_async())
+    }
+
+    async fn writer_ids_async(&self) -> Result<Vec<String>, S3Error> {
+        let writers = self.path("writers");
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&writers))
+            .await
+            .map_err(|source| S3Error::ObjectStore {
+                action: "listing",
+                location: writers.to_string(),
+                source,
+            })?;
+        let mut ids: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .filter(|id| ipevent_core::store::validate_writer_id(id).is_ok())
+            .collect();
+        // Listings come in the server's order, which need not be byte order.
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Opens every writer's database read-only. A prefix that holds no database (a listing
+    /// can still show a deleted one) is skipped.
+    async fn open_readers(&self) -> Result<Vec<(String, DbReader)>, S3Error> {
+        let ids = self.writer_ids_async().await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in ids {
+            let store = Arc::clone(&self.store);
+            let path = self.writer_path(&id);
+            tasks.spawn(async move {
+                let opened = open_reader(path.clone(), Arc::clone(&store)).await;
+                (id, path, store, opened)
+            });
+        }
+        let mut readers = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (id, path, store, opened) = joined.expect("reader task does not panic");
+            match opened {
+                Ok(reader) => readers.push((id, reader)),
+                Err(source) => {
+                    if has_manifest(&*store, &path).await? {
+                        return Err(S3Error::Db {
+                            action: "opening",
+                            location: path.to_string(),
+                            source,
+                        });
+                    }
+                    log::debug!("{path}: no database (deleted); skipped");
+                }
+            }
+        }
+        readers.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(readers)
+    }
+
+    /// Reads `app` from every writer's database and merges it: the same [`AppData`] the local
+    /// tree's reader returns for the same events (`logs` counts the databases that hold the
+    /// app; there are no blocks or torn tails). `Ok(None)` when no writer has seen the app.
+    pub fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, S3Error> {
+        self.runtime.block_on(async {
+            let readers = self.open_readers().await?;
+            let mut merged: FxHashMap<u32, AddrStats> = FxHashMap::default();
+            let mut out = AppData::default();
+            for (id, reader) in &readers {
+                let location = || self.writer_path(id).to_string();
+                let db_err = |action, source| S3Error::Db {
+                    action,
+                    location: location(),
+                    source,
+                };
+                let mut iter = reader
+                    .scan_prefix(codec::addr_prefix(app), ..)
+                    .await
+                    .map_err(|e| db_err("scanning", e))?;
+                let mut seen = false;
+                while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
+                    let (Some((_, ip)), Some(stats)) = (
+                        codec::parse_addr_key(&kv.key),
+                        codec::decode_stats(&kv.value),
+                    ) else {
+                        return Err(S3Error::Corrupt {
+                            location: location(),
+                            what: format!("unexpected entry of {} bytes", kv.value.len()),
+                        });
+                    };
+                    merged.entry(ip).or_default().merge(&stats);
+                    seen = true;
+                }
+                out.logs += usize::from(seen);
+            }
+            close_all(readers).await;
+            if out.logs == 0 {
+                return Ok(None);
+            }
+            out.addrs = merged.into_iter().collect();
+            out.addrs.sort_unstable_by_key(|(ip, _)| *ip);
+            Ok(Some(out))
+        })
+    }
+
+    /// Every app in the bucket with its count over all writers, most events first (ties by
+    /// SHA), as [`ipevent_core::store::list_apps`] orders them. Reads one total key per app
+    /// and writer, not the addresses.
+    pub fn list_apps(&self) -> Result<Vec<AppCount>, S3Error> {
+        self.runtime.block_on(async {
+            let readers = self.open_readers().await?;
+            let mut totals: FxHashMap<AppSha, u64> = FxHashMap::default();
+            for (id, reader) in &readers {
+                let location = || self.writer_path(id).to_string();
+                let mut iter =
+                    reader
+                        .scan_prefix([codec::COUNT_TAG], ..)
+                        .await
+                        .map_err(|source| S3Error::Db {
+                            action: "scanning",
+                            location: location(),
+                            source,
+                        })?;
+                while let Some(kv) = iter.next().await.map_err(|source| S3Error::Db {
+                    action: "scanning",
+                    location: location(),
+                    source,
+                })? {
+                    let (Some(app), Some(count)) = (
+                        codec::parse_count_key(&kv.key),
+                        codec::decode_u64(&kv.value),
+                    ) else {
+                        return Err(S3Error::Corrupt {
+                            location: location(),
+                            what: format!("unexpected total of {} bytes", kv.value.len()),
+                        });
+                    };
+                    *totals.entry(app).or_default() += count;
+                }
+            }
+            close_all(readers).await;
+            let mut out: Vec<AppCount> = totals
+                .into_iter()
+                .map(|(app, count)| AppCount {
+                    app,
+                    count,
+                    unreadable: None,
+                })
+                .collect();
+            out.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.app.cmp(&b.app)));
+            Ok(out)
+        })
+    }
+}
+
+/// How a one-shot reader opens a database: it follows the latest manifest without creating a
+/// checkpoint (no writes to the bucket) and skips the WAL, reading only what the writer has
+/// flushed to L0 and below. The writer flushes its memtable after every ship round, so a
+/// reader is at most one ship interval behind, and opening costs a manifest read instead of a
+/// WAL replay.
+async fn open_reader(
+    path: ObjectPath,
+    store: Arc<dyn ObjectStore>,
+) -> Result<DbReader, slatedb::Error> {
+    let options = DbReaderOptions {
+        // A one-shot reader is closed long before it would poll.
+        manifest_poll_interval: Duration::from_secs(60),
+        checkpoint_lifetime: Duration::from_secs(600),
+        skip_wal_replay: skip_wal_replay(),
+        ..DbReaderOptions::default()
+    };
+    DbReader::builder(path, store)
+        .with_reader_mode(DbReaderMode::FollowLatest)
+        .with_options(options)
+        .with_merge_operator(Arc::new(StatsMerge))
+        .build()
+        .await
+}
+
+/// Readers skip the WAL unless `IPEVENT_S3_REPLAY_WAL=1` (for measuring the difference).
+fn skip_wal_replay() -> bool {
+    std::env::var("IPEVENT_S3_REPLAY_WAL").map_or(true, |v| v != "1")
+}
+
+async fn close_all(readers: Vec<(String, DbReader)>) {
+    for (id, reader) in readers {
+        if let Err(e) = reader.close().await {
+            log::debug!("closing the reader of {id}: {e}");
+        }
+    }
+}
+
+/// Whether `path` holds a database manifest.
+async fn has_manifest(store: &dyn ObjectStore, path: &ObjectPath) -> Result<bool, S3Error> {
+    let manifest = path.clone().join("manifest");
+    let listing = store
+        .list_with_delimiter(Some(&manifest))
+        .await
+        .map_err(|source| S3Error::ObjectStore {
+            action: "listing",
+            location: manifest.to_string(),
+            source,
+        })?;
+    Ok(!listing.objects.is_empty())
+}
+
+impl Store for Bucket {
+    fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, StoreError> {
+        Bucket::read_app(self, app).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn list_apps(&self) -> Result<Vec<AppCount>, StoreError> {
+        Bucket::list_apps(self).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        let url: StoreUrl = "s3://ipevent/prod/eu".parse().unwrap();
+        assert_eq!(url.bucket, "ipevent");
+        assert_eq!(url.prefix, "prod/eu");
+        assert_eq!(url.to_string(), "s3://ipevent/prod/eu");
+        let url: StoreUrl = "s3://ipevent".parse().unwrap();
+        assert_eq!(url.prefix, "");
+        for bad in [
+            "ipevent",
+            "s3://",
+            "s3://UP/x",
+            "s3://b/../x",
+            "http://ipevent/x",
+            "s3://ab/x",
+        ] {
+            assert!(bad.parse::<StoreUrl>().is_err(), "{bad}");
+        }
+    }
+}

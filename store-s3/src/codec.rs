@@ -1,0 +1,239 @@
+//! Keys, values and the merge operator of a writer's database.
+//!
+//! Three kinds of keys, told apart by their first byte so that every kind is one contiguous
+//! range:
+//!
+//! | key | value | what |
+//! | --- | --- | --- |
+//! | `a ‖ sha (32) ‖ ip (4, big-endian)` | [`AddrStats`] (16 bytes) | one address of one app |
+//! | `c ‖ sha (32)` | count (8 bytes, LE) | the app's total, so `list` reads one key per app |
+//! | `m/shipped_epoch` | epoch (8 bytes, LE) | the last flush epoch this database holds |
+//!
+//! Address and count keys are written as merge operands; [`StatsMerge`] sums counts and keeps
+//! the earliest first and the latest last arrival, so a database holds the same per-address
+//! stats as the writer's local log. An address key sorts by address within its app, so one
+//! prefix scan returns the app's addresses in the order the classifier wants.
+
+use bytes::Bytes;
+use ipevent_core::{AddrStats, AppSha};
+use slatedb::{MergeOperator, MergeOperatorError};
+
+/// First byte of an address key.
+pub const ADDR_TAG: u8 = b'a';
+/// First byte of an app total key.
+pub const COUNT_TAG: u8 = b'c';
+/// The key holding the last flush epoch the database holds.
+pub const SHIPPED_EPOCH_KEY: &[u8] = b"m/shipped_epoch";
+
+/// Bytes of an address key.
+pub const ADDR_KEY_BYTES: usize = 1 + 32 + 4;
+/// Bytes of an app total key.
+pub const COUNT_KEY_BYTES: usize = 1 + 32;
+/// Bytes of an address value.
+pub const STATS_BYTES: usize = 16;
+
+/// The key of one address of one app.
+pub fn addr_key(app: &AppSha, ip: u32) -> [u8; ADDR_KEY_BYTES] {
+    let mut key = [0u8; ADDR_KEY_BYTES];
+    key[0] = ADDR_TAG;
+    key[1..33].copy_from_slice(&app.0);
+    key[33..].copy_from_slice(&ip.to_be_bytes());
+    key
+}
+
+/// The prefix of every address key of `app`.
+pub fn addr_prefix(app: &AppSha) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[0] = ADDR_TAG;
+    key[1..].copy_from_slice(&app.0);
+    key
+}
+
+/// The key of `app`'s total.
+pub fn count_key(app: &AppSha) -> [u8; COUNT_KEY_BYTES] {
+    let mut key = [0u8; COUNT_KEY_BYTES];
+    key[0] = COUNT_TAG;
+    key[1..].copy_from_slice(&app.0);
+    key
+}
+
+/// Splits an address key into app and address; `None` for any other key.
+pub fn parse_addr_key(key: &[u8]) -> Option<(AppSha, u32)> {
+    if key.len() != ADDR_KEY_BYTES || key[0] != ADDR_TAG {
+        return None;
+    }
+    let mut sha = [0u8; 32];
+    sha.copy_from_slice(&key[1..33]);
+    let ip = u32::from_be_bytes([key[33], key[34], key[35], key[36]]);
+    Some((AppSha(sha), ip))
+}
+
+/// The app of a total key; `None` for any other key.
+pub fn parse_count_key(key: &[u8]) -> Option<AppSha> {
+    if key.len() != COUNT_KEY_BYTES || key[0] != COUNT_TAG {
+        return None;
+    }
+    let mut sha = [0u8; 32];
+    sha.copy_from_slice(&key[1..]);
+    Some(AppSha(sha))
+}
+
+/// Encodes an address's stats: count (u64 LE), first seen (u32 LE), last seen (u32 LE).
+pub fn encode_stats(stats: &AddrStats) -> [u8; STATS_BYTES] {
+    let mut value = [0u8; STATS_BYTES];
+    value[0..8].copy_from_slice(&stats.count.to_le_bytes());
+    value[8..12].copy_from_slice(&stats.first_seen.to_le_bytes());
+    value[12..16].copy_from_slice(&stats.last_seen.to_le_bytes());
+    value
+}
+
+/// Decodes what [`encode_stats`] wrote; `None` for a value of another length.
+pub fn decode_stats(value: &[u8]) -> Option<AddrStats> {
+    let value: &[u8; STATS_BYTES] = value.try_into().ok()?;
+    Some(AddrStats {
+        count: u64::from_le_bytes(value[0..8].try_into().ok()?),
+        first_seen: u32::from_le_bytes(value[8..12].try_into().ok()?),
+        last_seen: u32::from_le_bytes(value[12..16].try_into().ok()?),
+    })
+}
+
+/// Decodes an 8-byte little-endian number (a total or an epoch).
+pub fn decode_u64(value: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(value.try_into().ok()?))
+}
+
+/// The merge operator of every database: address values merge as [`AddrStats::merge`]
+/// (sum of counts, earliest first, latest last), totals as sums. It is associative, as
+/// SlateDB requires, and never fails on what this crate writes; a value of an unknown length
+/// is an error, never a guess.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StatsMerge;
+
+impl StatsMerge {
+    fn fold<'a>(
+        key: &Bytes,
+        values: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<Bytes, MergeOperatorError> {
+        let bad = |what: &str| MergeOperatorError::Callback {
+            message: format!("{what} under key of {} bytes", key.len()),
+        };
+        match key.first() {
+            Some(&ADDR_TAG) => {
+                let mut acc = AddrStats::default();
+                for value in values {
+                    acc.merge(&decode_stats(value).ok_or_else(|| bad("bad address value"))?);
+                }
+                Ok(Bytes::copy_from_slice(&encode_stats(&acc)))
+            }
+            Some(&COUNT_TAG) => {
+                let mut total = 0u64;
+                for value in values {
+                    total += decode_u64(value).ok_or_else(|| bad("bad total value"))?;
+                }
+                Ok(Bytes::copy_from_slice(&total.to_le_bytes()))
+            }
+            _ => Err(bad("merge")),
+        }
+    }
+}
+
+impl MergeOperator for StatsMerge {
+    fn merge(
+        &self,
+        key: &Bytes,
+        existing_value: Option<Bytes>,
+        value: Bytes,
+    ) -> Result<Bytes, MergeOperatorError> {
+        let existing = existing_value.as_deref();
+        StatsMerge::fold(key, existing.into_iter().chain([value.as_ref()]))
+    }
+
+    fn merge_batch(
+        &self,
+        key: &Bytes,
+        existing_value: Option<Bytes>,
+        operands: &[Bytes],
+    ) -> Result<Bytes, MergeOperatorError> {
+        if existing_value.is_none() && operands.is_empty() {
+            return Err(MergeOperatorError::EmptyBatch);
+        }
+        let existing = existing_value.as_deref();
+        StatsMerge::fold(
+            key,
+            existing
+                .into_iter()
+                .chain(operands.iter().map(|b| b.as_ref())),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(byte: u8) -> AppSha {
+        AppSha([byte; 32])
+    }
+
+    #[test]
+    fn keys_round_trip_and_sort_by_address() {
+        let a = app(7);
+        assert_eq!(
+            parse_addr_key(&addr_key(&a, 0x0a000001)),
+            Some((a, 0x0a000001))
+        );
+        assert_eq!(parse_count_key(&count_key(&a)), Some(a));
+        assert!(addr_key(&a, 1) < addr_key(&a, 256));
+        assert!(addr_key(&a, u32::MAX) < addr_key(&app(8), 0));
+        assert!(addr_key(&a, 5).starts_with(&addr_prefix(&a)));
+        assert_eq!(parse_addr_key(SHIPPED_EPOCH_KEY), None);
+        assert_eq!(parse_count_key(&addr_key(&a, 1)), None);
+    }
+
+    #[test]
+    fn merge_sums_counts_and_keeps_earliest_and_latest() {
+        let key = Bytes::copy_from_slice(&addr_key(&app(1), 9));
+        let v = |count, first, last| {
+            Bytes::copy_from_slice(&encode_stats(&AddrStats {
+                count,
+                first_seen: first,
+                last_seen: last,
+            }))
+        };
+        let merged = StatsMerge
+            .merge_batch(&key, Some(v(2, 100, 150)), &[v(3, 90, 120), v(1, 200, 200)])
+            .unwrap();
+        assert_eq!(
+            decode_stats(&merged),
+            Some(AddrStats {
+                count: 6,
+                first_seen: 90,
+                last_seen: 200
+            })
+        );
+        // Associative: pairwise gives the same.
+        let left = StatsMerge
+            .merge(&key, Some(v(2, 100, 150)), v(3, 90, 120))
+            .unwrap();
+        let both = StatsMerge.merge(&key, Some(left), v(1, 200, 200)).unwrap();
+        assert_eq!(both, merged);
+
+        let total_key = Bytes::copy_from_slice(&count_key(&app(1)));
+        let t = |n: u64| Bytes::copy_from_slice(&n.to_le_bytes());
+        let total = StatsMerge
+            .merge_batch(&total_key, None, &[t(4), t(5)])
+            .unwrap();
+        assert_eq!(decode_u64(&total), Some(9));
+    }
+
+    #[test]
+    fn merge_refuses_values_it_did_not_write() {
+        let key = Bytes::copy_from_slice(&addr_key(&app(1), 9));
+        assert!(StatsMerge
+            .merge(&key, None, Bytes::from_static(b"short"))
+            .is_err());
+        assert!(StatsMerge
+            .merge(&Bytes::from_static(b"zzz"), None, Bytes::from_static(b"x"))
+            .is_err());
+    }
+}

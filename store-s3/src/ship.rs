@@ -1,0 +1,239 @@
+//! One writer's database: the receiver's shipper applies each flush to it.
+
+use std::sync::Arc;
+
+use ipevent_core::{AddrStats, AppSha};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use slatedb::config::{FlushOptions, FlushType, Settings};
+use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
+
+use crate::codec::{self, StatsMerge};
+use crate::{Bucket, S3Error};
+
+/// Longest instance token: it identifies the data dir a writer id ships from.
+pub const MAX_INSTANCE_BYTES: usize = 64;
+
+/// The database of one writer, opened for writing.
+///
+/// A writer id is held in the bucket by one data dir at a time: `PREFIX/leases/<writer-id>`
+/// names the instance (a token kept in the data dir) that holds it. A receiver that restarts
+/// on the same data dir takes its lease back; one on another data dir is refused with
+/// [`S3Error::LeaseHeld`]. Behind the lease, SlateDB fences an older writer of the same
+/// database when a newer one opens it, so two processes never both write it.
+pub struct ShipDb {
+    bucket: Arc<Bucket>,
+    db: Db,
+    writer_id: String,
+    instance: String,
+    location: String,
+}
+
+impl ShipDb {
+    /// Takes the lease on `writer_id` for `instance` (a stable token of the local data dir,
+    /// at most [`MAX_INSTANCE_BYTES`] of `[0-9a-zA-Z-]`) and opens its database. `holder`
+    /// describes this receiver (host, data dir) for the error another one would see.
+    pub fn open(
+        bucket: Arc<Bucket>,
+        writer_id: &str,
+        instance: &str,
+        holder: &str,
+    ) -> Result<ShipDb, S3Error> {
+        ipevent_core::store::validate_writer_id(writer_id)?;
+        assert!(
+            !instance.is_empty()
+                && instance.len() <= MAX_INSTANCE_BYTES
+                && instance
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "instance token {instance:?}"
+        );
+        let path = bucket.writer_path(writer_id);
+        let location = format!("s3://{}/{path}", bucket.url.bucket);
+        let rt = bucket.runtime.handle().clone();
+        rt.block_on(take_lease(&bucket, writer_id, instance, holder))?;
+        let settings = Settings {
+            // The shipper waits for each batch to be durable; a short WAL interval keeps that
+            // wait short without a request per batch when batches come fast.
+            flush_interval: Some(std::time::Duration::from_millis(50)),
+            ..Settings::default()
+        };
+        let db = rt
+            .block_on(
+                Db::builder(path.clone(), Arc::clone(&bucket.store))
+                    .with_settings(settings)
+                    .with_merge_operator(Arc::new(StatsMerge))
+                    .build(),
+            )
+            .map_err(|source| db_error("opening", &location, source))?;
+        Ok(ShipDb {
+            bucket,
+            db,
+            writer_id: writer_id.to_string(),
+            instance: instance.to_string(),
+            location,
+        })
+    }
+
+    /// The database's location, for messages.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// The last flush epoch of this instance the database holds (0: none). An epoch written
+    /// by another instance (a data dir that held the writer id before) does not count.
+    pub fn shipped_epoch(&self) -> Result<u64, S3Error> {
+        let value = self
+            .bucket
+            .runtime
+            .block_on(self.db.get(codec::SHIPPED_EPOCH_KEY))
+            .map_err(|source| db_error("reading the shipped epoch of", &self.location, source))?;
+        Ok(match value {
+            Some(v) if v.len() > 8 && &v[8..] == self.instance.as_bytes() => {
+                codec::decode_u64(&v[..8]).unwrap_or(0)
+            }
+            _ => 0,
+        })
+    }
+
+    /// Applies one flush: every app's addresses and total, and `epoch` as the shipped epoch,
+    /// in one atomic write batch; returns once the batch is durable in the bucket.
+    pub fn apply(
+        &self,
+        epoch: u64,
+        apps: &[(AppSha, Vec<(u32, AddrStats)>)],
+    ) -> Result<(), S3Error> {
+        let mut batch = WriteBatch::new();
+        for (app, addrs) in apps {
+            let mut total = 0u64;
+            for (ip, stats) in addrs {
+                batch.merge(codec::addr_key(app, *ip), codec::encode_stats(stats));
+                total += stats.count;
+            }
+            batch.merge(codec::count_key(app), total.to_le_bytes());
+        }
+        let mut marker = epoch.to_le_bytes().to_vec();
+        marker.extend_from_slice(self.instance.as_bytes());
+        batch.put(codec::SHIPPED_EPOCH_KEY, marker);
+        self.bucket
+            .runtime
+            .block_on(async {
+                let handle = self.db.write(batch).await?;
+                handle.await_durable().await
+            })
+            .map_err(|source| db_error("writing to", &self.location, source))
+    }
+
+    /// Makes everything applied so far visible to readers that skip the WAL: freezes the
+    /// memtable and writes it to L0.
+    pub fn publish(&self) -> Result<(), S3Error> {
+        self.bucket
+            .runtime
+            .block_on(self.db.flush_with_options(FlushOptions {
+                flush_type: FlushType::MemTable,
+            }))
+            .map_err(|source| db_error("publishing", &self.location, source))
+    }
+
+    /// Closes the database and gives the lease back (a clean stop).
+    pub fn close(self) -> Result<(), S3Error> {
+        let rt = self.bucket.runtime.handle().clone();
+        rt.block_on(self.db.close())
+            .map_err(|source| db_error("closing", &self.location, source))?;
+        rt.block_on(release_lease(&self.bucket, &self.writer_id, &self.instance))
+    }
+}
+
+fn db_error(action: &'static str, location: &str, source: slatedb::Error) -> S3Error {
+    if source.kind() == ErrorKind::Closed(CloseReason::Fenced) {
+        return S3Error::Fenced {
+            location: location.to_string(),
+        };
+    }
+    S3Error::Db {
+        action,
+        location: location.to_string(),
+        source,
+    }
+}
+
+fn lease_path(bucket: &Bucket, writer_id: &str) -> ObjectPath {
+    bucket.path(&format!("leases/{writer_id}"))
+}
+
+/// The lease's content: the instance token on the first line, then who holds it.
+fn lease_body(instance: &str, holder: &str) -> String {
+    format!("{instance}\n{holder}\n")
+}
+
+async fn take_lease(
+    bucket: &Bucket,
+    writer_id: &str,
+    instance: &str,
+    holder: &str,
+) -> Result<(), S3Error> {
+    let path = lease_path(bucket, writer_id);
+    let os_err = |action, source| S3Error::ObjectStore {
+        action,
+        location: path.to_string(),
+        source,
+    };
+    loop {
+        match bucket.store.get(&path).await {
+            Ok(found) => {
+                let body = found.bytes().await.map_err(|e| os_err("reading", e))?;
+                let body = String::from_utf8_lossy(&body);
+                let mut lines = body.lines();
+                if lines.next() == Some(instance) {
+                    return Ok(());
+                }
+                return Err(S3Error::LeaseHeld {
+                    writer_id: writer_id.to_string(),
+                    holder: lines.next().unwrap_or("unknown").to_string(),
+                    lease: format!("s3://{}/{path}", bucket.url.bucket),
+                });
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(os_err("reading", e)),
+        }
+        let put = bucket
+            .store
+            .put_opts(
+                &path,
+                PutPayload::from(lease_body(instance, holder)),
+                PutOptions::from(PutMode::Create),
+            )
+            .await;
+        match put {
+            Ok(_) => return Ok(()),
+            // Someone created it between our read and our write: read who.
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => continue,
+            Err(e) => return Err(os_err("creating", e)),
+        }
+    }
+}
+
+async fn release_lease(bucket: &Bucket, writer_id: &str, instance: &str) -> Result<(), S3Error> {
+    let path = lease_path(bucket, writer_id);
+    let os_err = |action, source| S3Error::ObjectStore {
+        action,
+        location: path.to_string(),
+        source,
+    };
+    match bucket.store.get(&path).await {
+        Ok(found) => {
+            let body = found.bytes().await.map_err(|e| os_err("reading", e))?;
+            if String::from_utf8_lossy(&body).lines().next() == Some(instance) {
+                bucket
+                    .store
+                    .delete(&path)
+                    .await
+                    .map_err(|e| os_err("deleting", e))?;
+            }
+            Ok(())
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(os_err("reading", e)),
+    }
+}

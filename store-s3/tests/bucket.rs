@@ -1,0 +1,127 @@
+//! The engine against a real S3 server (SeaweedFS): writers apply flushes, readers merge them.
+
+use std::sync::Arc;
+
+use ipevent_core::store::AppCount;
+use ipevent_core::{AddrStats, AppSha};
+use ipevent_store_s3::{Bucket, S3Error, ShipDb, StoreUrl};
+use ipevent_testkit::s3::S3Server;
+
+fn bucket(server: &S3Server, prefix: &str) -> Arc<Bucket> {
+    let env = server.env();
+    let url: StoreUrl = server.store_url(prefix).parse().unwrap();
+    Arc::new(
+        Bucket::from_vars(url, |name| {
+            env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+        })
+        .unwrap(),
+    )
+}
+
+fn stats(count: u64, first: u32, last: u32) -> AddrStats {
+    AddrStats {
+        count,
+        first_seen: first,
+        last_seen: last,
+    }
+}
+
+#[test]
+fn writers_ship_flushes_and_readers_merge_them() {
+    let server = S3Server::start();
+    let bucket = bucket(&server, "merge");
+    let a = AppSha([0xaa; 32]);
+    let b = AppSha([0xbb; 32]);
+    assert_eq!(bucket.writer_ids().unwrap(), Vec::<String>::new());
+    assert!(bucket.read_app(&a).unwrap().is_none());
+
+    let one = ShipDb::open(Arc::clone(&bucket), "one", "inst-1", "host-1 /data").unwrap();
+    assert_eq!(one.shipped_epoch().unwrap(), 0);
+    one.apply(
+        1,
+        &[(a, vec![(10, stats(2, 100, 110)), (20, stats(1, 105, 105))])],
+    )
+    .unwrap();
+    one.apply(
+        2,
+        &[
+            (a, vec![(10, stats(3, 90, 120))]),
+            (b, vec![(5, stats(7, 1, 2))]),
+        ],
+    )
+    .unwrap();
+    one.publish().unwrap();
+    let two = ShipDb::open(Arc::clone(&bucket), "two", "inst-2", "host-2 /data").unwrap();
+    two.apply(
+        7,
+        &[(a, vec![(20, stats(4, 200, 300)), (30, stats(1, 50, 50))])],
+    )
+    .unwrap();
+    two.publish().unwrap();
+
+    assert_eq!(bucket.writer_ids().unwrap(), ["one", "two"]);
+    let read = bucket.read_app(&a).unwrap().expect("app a is there");
+    assert_eq!(
+        read.addrs,
+        vec![
+            (10, stats(5, 90, 120)),
+            (20, stats(5, 105, 300)),
+            (30, stats(1, 50, 50)),
+        ]
+    );
+    assert_eq!(read.logs, 2);
+    assert_eq!(
+        bucket.list_apps().unwrap(),
+        vec![
+            AppCount {
+                app: a,
+                count: 11,
+                unreadable: None
+            },
+            AppCount {
+                app: b,
+                count: 7,
+                unreadable: None
+            }
+        ]
+    );
+    assert!(bucket.read_app(&AppSha([1; 32])).unwrap().is_none());
+
+    // The shipped epoch comes back after a reopen, for the same instance only.
+    assert_eq!(one.shipped_epoch().unwrap(), 2);
+    one.close().unwrap();
+    let again = ShipDb::open(Arc::clone(&bucket), "one", "inst-1", "host-1 /data").unwrap();
+    assert_eq!(again.shipped_epoch().unwrap(), 2);
+    again.close().unwrap();
+    let other = ShipDb::open(Arc::clone(&bucket), "one", "inst-9", "host-9 /data").unwrap();
+    assert_eq!(other.shipped_epoch().unwrap(), 0);
+    other.close().unwrap();
+    drop(two);
+}
+
+#[test]
+fn a_writer_id_held_by_another_data_dir_is_refused() {
+    let server = S3Server::start();
+    let bucket = bucket(&server, "lease");
+    let first = ShipDb::open(Arc::clone(&bucket), "dup", "inst-a", "host-a /srv/a").unwrap();
+    first
+        .apply(1, &[(AppSha([3; 32]), vec![(1, stats(1, 1, 1))])])
+        .unwrap();
+    first.publish().unwrap();
+    let Err(err) = ShipDb::open(Arc::clone(&bucket), "dup", "inst-b", "host-b /srv/b") else {
+        panic!("a second data dir took writer id dup");
+    };
+    assert!(matches!(err, S3Error::LeaseHeld { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("dup") && message.contains("host-a /srv/a"),
+        "{message}"
+    );
+    // The first writer goes on, and its data is intact.
+    first
+        .apply(2, &[(AppSha([3; 32]), vec![(1, stats(1, 2, 2))])])
+        .unwrap();
+    first.publish().unwrap();
+    let read = bucket.read_app(&AppSha([3; 32])).unwrap().unwrap();
+    assert_eq!(read.addrs, vec![(1, stats(2, 1, 2))]);
+}
