@@ -102,8 +102,8 @@ impl Outbox {
         let dir = outbox::dir(data, writer_id);
         store::create_dir_all(&dir)?;
         let entries = outbox::entries(&dir)?;
-        let marker = std::fs::read_to_string(marker_path(&dir))
-            .ok()
+        let marker = store::read_file(&marker_path(&dir))?
+            .and_then(|bytes| String::from_utf8(bytes).ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0);
         let covered_epoch = entries.iter().map(|e| e.0).fold(marker, u64::max);
@@ -312,16 +312,18 @@ impl Shipper {
 /// `receivers/<writer-id>/instance`: a restart on the same data dir is the same instance.
 pub fn instance_token(data: &DataDir, writer_id: &str) -> Result<String, store::StoreError> {
     let path = data.receiver_dir(writer_id).join("instance");
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    if let Some(text) = store::read_file(&path)?.and_then(|b| String::from_utf8(b).ok()) {
         let token = text.trim();
         if !token.is_empty() && token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(token.to_string());
         }
     }
     let mut bytes = [0u8; 16];
-    let random = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    if random.is_err() {
+    let random = store::open_read(Path::new("/dev/urandom"))
+        .ok()
+        .flatten()
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes).ok());
+    if random.is_none() {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());

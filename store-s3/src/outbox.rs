@@ -117,10 +117,11 @@ impl EntryBuilder {
         let path = entry_path(outbox, self.epoch);
         store::write_atomic(&path, &self.bytes)?;
         if fsync {
-            let file = fs::File::open(&path).map_err(io_err("opening", &path))?;
-            file.sync_data().map_err(io_err("syncing", &path))?;
-            let dir = fs::File::open(outbox).map_err(io_err("opening", outbox))?;
-            dir.sync_all().map_err(io_err("syncing", outbox))?;
+            for synced in [&path, outbox] {
+                if let Some(file) = store::open_read(synced)? {
+                    file.sync_all().map_err(io_err("syncing", synced))?;
+                }
+            }
         }
         Ok(self.bytes.len() as u64)
     }
@@ -132,7 +133,9 @@ pub type EntryApps = Vec<(AppSha, Vec<(u32, AddrStats)>)>;
 /// Reads and verifies the entry of `epoch`. An error names the file and what is wrong with it.
 pub fn read_entry(outbox: &Path, epoch: u64) -> Result<EntryApps, String> {
     let path = entry_path(outbox, epoch);
-    let bytes = fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let bytes = store::read_file(&path)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{}: no such entry", path.display()))?;
     parse_entry(&bytes, epoch).map_err(|what| format!("{}: {what}", path.display()))
 }
 
