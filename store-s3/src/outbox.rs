@@ -117,11 +117,10 @@ impl EntryBuilder {
         let path = entry_path(outbox, self.epoch);
         store::write_atomic(&path, &self.bytes)?;
         if fsync {
-            for synced in [&path, outbox] {
-                if let Some(file) = store::open_read(synced)? {
-                    file.sync_all().map_err(io_err("syncing", synced))?;
-                }
+            if let Some(file) = store::open_read(&path)? {
+                file.sync_all().map_err(io_err("syncing", &path))?;
             }
+            store::sync_dir(outbox)?;
         }
         Ok(self.bytes.len() as u64)
     }
@@ -155,6 +154,7 @@ fn parse_entry(bytes: &[u8], epoch: u64) -> Result<EntryApps, String> {
                 len,
                 epoch,
                 records,
+                ..
             } => (len, epoch, records),
             BlockParse::Incomplete => return Err(format!("truncated block at byte {at}")),
             BlockParse::Corrupt(why) => return Err(format!("block at byte {at}: {why}")),

@@ -183,6 +183,17 @@ pub fn open_read(path: &Path) -> Result<Option<File>, StoreError> {
     Ok(Some(file))
 }
 
+/// Flushes `dir` itself to disk (without following a symlink), so that files created or
+/// renamed in it survive a power loss.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(io_err("opening", dir))?;
+    file.sync_all().map_err(io_err("syncing", dir))
+}
+
 /// Checks that `dir` is a plain directory, not a symlink to one: readers refuse links exactly
 /// as writers do. `Ok(false)` when it does not exist.
 pub fn plain_dir(dir: &Path) -> Result<bool, StoreError> {

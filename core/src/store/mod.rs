@@ -36,8 +36,8 @@ pub use backend::{AppendBlocks, Store};
 pub(crate) use fsio::io_err;
 pub use fsio::{
     create_dir_all, open_append, open_read, open_read_write, open_write_existing, plain_dir,
-    read_file, write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK,
-    REFUSED_NOT_A_DIRECTORY, REFUSED_NOT_A_FILE,
+    read_file, sync_dir, write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT,
+    REFUSED_LOW_DISK, REFUSED_NOT_A_DIRECTORY, REFUSED_NOT_A_FILE,
 };
 pub use layout::{
     host_writer_id, validate_writer_id, writer_id_for_host, DataDir, WriterLock, LAYOUT_VERSION,
