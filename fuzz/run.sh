@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets for SECONDS each (default 60): `fuzz/run.sh [SECONDS] [TARGET...]`.
+# Without TARGET, every target of `cargo fuzz list`: decode (the decoder alone), differential
+# (the decoder against prost with Google's rules) and block_reader (the log reader).
 #
 # Works on the stable toolchain: cargo-fuzz passes `-Z` flags (AddressSanitizer, coverage
 # instrumentation) to rustc, which stable rustc accepts only with RUSTC_BOOTSTRAP=1.
