@@ -17,7 +17,7 @@ use axum::routing::get;
 use axum::Router;
 use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::stats::ReceiverStats;
-use ipevent_core::store::StoreError;
+use ipevent_core::store::{Store, StoreError};
 use ipevent_core::wire::{self, AppSha, Reject, MAX_DATAGRAM_BYTES};
 use ipevent_core::DataDir;
 use serde::Deserialize;
@@ -122,6 +122,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct AppState {
     /// The store.
     pub data: DataDir,
+    /// Where reports are read: the data dir, or the bucket of `--store`.
+    pub reader: Arc<dyn Store + Send + Sync>,
     /// Syncs with the receivers before reads.
     pub syncer: Syncer,
     /// The API's counters.
@@ -319,8 +321,8 @@ async fn get_events(
     // Held until the read is done, so that a reset never moves the tree under it.
     let _gate = state.gate.read().await;
     let synced = state.syncer.sync().await;
-    let data = state.data.clone();
-    let read = tokio::task::spawn_blocking(move || read_report(&data, &app, detail)).await;
+    let reader = Arc::clone(&state.reader);
+    let read = tokio::task::spawn_blocking(move || read_report(&*reader, &app, detail)).await;
     let mut response = match read {
         Ok(Ok(Some(json))) => (
             StatusCode::OK,
@@ -339,12 +341,16 @@ async fn get_events(
 }
 
 /// The report JSON of `app`, `None` for an app the store has never seen.
-fn read_report(data: &DataDir, app: &AppSha, detail: bool) -> Result<Option<String>, StoreError> {
+fn read_report(
+    store: &(dyn Store + Send + Sync),
+    app: &AppSha,
+    detail: bool,
+) -> Result<Option<String>, StoreError> {
     let view = JsonView {
         detail,
         pretty: false,
     };
-    let Some(report) = report_json(data, app, view)? else {
+    let Some(report) = report_json(store, app, view)? else {
         return Ok(None);
     };
     for (_, why) in &report.unreadable {

@@ -21,6 +21,13 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_DATA_DIR", default_value = ipevent_core::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
+    /// Answer `GET /events/:sha` from this store, `s3://BUCKET/PREFIX`, where the receivers
+    /// ship with the same --store, instead of the data dir. The endpoint and credentials come
+    /// only from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and
+    /// AWS_ALLOW_HTTP.
+    #[arg(long, env = "IPEVENT_STORE")]
+    pub store: Option<String>,
+
     /// Bearer token that allows `DELETE /events` from any peer
     /// (`Authorization: Bearer <token>`). Without it, only loopback peers may reset.
     #[arg(long, env = "IPEVENT_ADMIN_TOKEN", hide_env_values = true,

@@ -42,7 +42,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 fn main() -> ExitCode {
     // Usage errors exit 2 (clap's convention); everything else that fails exits 1.
     let config = Config::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,slatedb=warn"),
+    )
+    .init();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -70,7 +73,16 @@ fn run(config: Config) -> anyhow::Result<()> {
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(config, data, writer_id, ingest));
+    // Made outside the async runtime, and its last reference dropped outside it too: the
+    // bucket has a runtime of its own, which may not be dropped inside another.
+    let reader: Arc<dyn ipevent_core::store::Store + Send + Sync> = match &config.store {
+        None => Arc::new(data.clone()),
+        Some(url) => {
+            let url: ipevent_store_s3::StoreUrl = url.parse()?;
+            Arc::new(ipevent_store_s3::Bucket::from_env(url)?)
+        }
+    };
+    let result = runtime.block_on(serve(config, data, writer_id, ingest, Arc::clone(&reader)));
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     result
 }
@@ -80,6 +92,7 @@ async fn serve(
     data: DataDir,
     writer_id: String,
     ingest: Ingest,
+    reader: Arc<dyn ipevent_core::store::Store + Send + Sync>,
 ) -> anyhow::Result<()> {
     // Handlers first, so a signal that comes right after readiness is a clean stop.
     let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
@@ -94,6 +107,7 @@ async fn serve(
     };
     let state = Arc::new(AppState {
         data: data.clone(),
+        reader,
         syncer,
         metrics,
         gate: Arc::default(),

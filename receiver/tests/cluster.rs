@@ -156,6 +156,64 @@ fn assert_reports_match_sent(reports: &BTreeMap<String, Value>, summary: &Value)
     }
 }
 
+/// A real `ipevent-api` reading the bucket, on 127.0.0.1.
+struct Api {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _ready: tempfile::TempDir,
+}
+
+impl Api {
+    fn start(server: &S3Server, url: &str, data_dir: &Path) -> Api {
+        let ready = tempfile::tempdir().unwrap();
+        let ready_file = ready.path().join("ready");
+        let mut cmd = Command::new(bin("ipevent-api"));
+        server.apply_env(&mut cmd);
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--store", url])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning ipevent-api");
+        let addr = wait_for("the API's ready file", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("ipevent-api exited ({status}) before it was ready");
+            }
+            std::fs::read_to_string(&ready_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        });
+        Api {
+            child,
+            addr,
+            _ready: ready,
+        }
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The body of a GET that must answer 200.
+fn http_get(url: &str) -> String {
+    ureq::get(url)
+        .set("Accept", "application/json")
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .into_string()
+        .expect("a text body")
+}
+
 /// Runs the test client (no verification: the test checks) over `targets`.
 fn client(targets: &[String], extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("ipevent-test-client"));
@@ -234,7 +292,19 @@ fn two_receivers_on_one_bucket_answer_as_one() {
         assert_reports_match_sent(&reports, &summary);
     }
 
-    // The bucket holds one database per receiver; an unknown app is exit 1 naming the bucket.
+    // The API with --store answers the same bytes as the CLI, for both receivers' events.
+    let api = Api::start(&server, &url, dir_a.path());
+    for (sha, report) in &reports {
+        let body = http_get(&format!("http://{}/events/{sha}", api.addr));
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap(),
+            *report,
+            "app {sha}"
+        );
+    }
+    drop(api);
+
+    // An unknown app is exit 1 naming the bucket.
     let unknown = "ab".repeat(32);
     let out = query_store(&server, &url, &[&unknown]);
     assert_eq!(out.status.code(), Some(1));
