@@ -18,10 +18,11 @@
 //!
 //! The rooms: [`layout`] (paths, the layout marker, writer ids and their locks), [`fsio`]
 //! (no-follow opens, atomic replacement, the directory walker, [`StoreError`]), [`reader`]
-//! ([`read_app`], [`list_apps`]) and [`writer`] ([`StoreWriter`]: append, repair, compaction,
-//! limits on new apps). The receiver, the query CLI and the API reach the data through the
-//! [`Store`] and [`AppendBlocks`] traits ([`backend`]), which the file tree implements, so
-//! another backend can sit beside it.
+//! ([`read_app`], [`list_apps`]), [`writer`] ([`StoreWriter`]: append, repair, limits on new
+//! apps), [`compact`] (rewriting a log's runs into one) and [`index`] (each writer's app index,
+//! for `list`). The receiver, the query CLI and the API reach the data through the [`Store`]
+//! and [`AppendBlocks`] traits ([`backend`]), which the file tree implements; the object store
+//! (`ipevent-store-s3`) implements [`Store`] beside it.
 
 pub mod backend;
 pub mod compact;
