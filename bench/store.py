@@ -201,6 +201,8 @@ def case_list(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bin-dir", help="where the ipevent binaries are (default target/release)")
+    parser.add_argument("--tools-dir", help="where ipevent-blast is (default bench/drain/target/release)")
     sub = parser.add_subparsers(dest="case", required=True)
     giant = sub.add_parser("giant")
     giant.add_argument("--addrs", type=int, default=16_000_000)
@@ -215,6 +217,11 @@ def main():
     lst.add_argument("dir")
     lst.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    global RELEASE, TOOLS
+    if args.bin_dir:
+        RELEASE = Path(args.bin_dir)
+    if args.tools_dir:
+        TOOLS = Path(args.tools_dir)
     {"giant": case_giant, "many-apps": case_many_apps, "list": case_list}[args.case](args)
 
 

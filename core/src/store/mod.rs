@@ -4,6 +4,7 @@
 //! <data-dir>/
 //!   LAYOUT                                  "ipevent-store 1": the layout version
 //!   events/<sha[0..2]>/<sha>/<writer-id>.log   one log of blocks per app and writer
+//!   events/index/<writer-id>.idx            each writer's app index ([`index`])
 //!   receivers/<writer-id>/                  one directory per writer (receiver or API)
 //!     lock                                  held while it runs
 //!     control.sock  stats.json  state.json  a receiver's control socket, counters, run state
