@@ -73,47 +73,66 @@ pub struct IndexView {
     pub last_sequence: u64,
 }
 
-/// Appends the blocks for `kind` holding `records` (each `record_bytes`) to `out`.
-fn encode(out: &mut Vec<u8>, kind: u16, sequence: u64, records: &[u8], record_bytes: usize) {
-    for chunk in records.chunks(MAX_INDEX_RECORDS * record_bytes) {
+/// Appends to `out` the blocks of `kind` holding one record per item (`put` writes it,
+/// `record_bytes` long), at most [`MAX_INDEX_RECORDS`] per block.
+fn encode<T>(
+    out: &mut Vec<u8>,
+    kind: u16,
+    sequence: u64,
+    items: &[T],
+    record_bytes: usize,
+    put: impl Fn(&mut Vec<u8>, &T),
+) {
+    for chunk in items.chunks(MAX_INDEX_RECORDS) {
         let start = out.len();
         out.extend_from_slice(&INDEX_MAGIC);
         out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
         out.extend_from_slice(&kind.to_le_bytes());
-        out.extend_from_slice(&((chunk.len() / record_bytes) as u32).to_le_bytes());
+        out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
         out.extend_from_slice(&sequence.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 20]), chunk);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(chunk);
+        out.extend_from_slice(&[0; 4]);
+        for item in chunk {
+            put(out, item);
+        }
+        debug_assert_eq!(
+            out.len() - start,
+            INDEX_HEADER_BYTES + chunk.len() * record_bytes
+        );
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&out[start..start + 20]),
+            &out[start + INDEX_HEADER_BYTES..],
+        );
+        out[start + 20..start + INDEX_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
     }
+}
+
+fn put_app(out: &mut Vec<u8>, app: &AppSha) {
+    out.extend_from_slice(&app.0);
 }
 
 /// The bytes of a begin block (or blocks) naming `apps`.
 pub fn encode_begin(out: &mut Vec<u8>, sequence: u64, apps: &[AppSha]) {
-    let mut records = Vec::with_capacity(apps.len() * BEGIN_RECORD_BYTES);
-    for app in apps {
-        records.extend_from_slice(&app.0);
-    }
-    encode(out, KIND_BEGIN, sequence, &records, BEGIN_RECORD_BYTES);
+    encode(out, KIND_BEGIN, sequence, apps, BEGIN_RECORD_BYTES, put_app);
 }
 
 /// The bytes of a check block (or blocks) naming `apps`.
 pub fn encode_check(out: &mut Vec<u8>, sequence: u64, apps: &[AppSha]) {
-    let mut records = Vec::with_capacity(apps.len() * BEGIN_RECORD_BYTES);
-    for app in apps {
-        records.extend_from_slice(&app.0);
-    }
-    encode(out, KIND_CHECK, sequence, &records, BEGIN_RECORD_BYTES);
+    encode(out, KIND_CHECK, sequence, apps, BEGIN_RECORD_BYTES, put_app);
 }
 
 /// The bytes of a counts block (or blocks) for `counts`.
 pub fn encode_counts(out: &mut Vec<u8>, sequence: u64, counts: &[(AppSha, u64)]) {
-    let mut records = Vec::with_capacity(counts.len() * COUNTS_RECORD_BYTES);
-    for (app, events) in counts {
-        records.extend_from_slice(&app.0);
-        records.extend_from_slice(&events.to_le_bytes());
-    }
-    encode(out, KIND_COUNTS, sequence, &records, COUNTS_RECORD_BYTES);
+    encode(
+        out,
+        KIND_COUNTS,
+        sequence,
+        counts,
+        COUNTS_RECORD_BYTES,
+        |out, (app, events)| {
+            out.extend_from_slice(&app.0);
+            out.extend_from_slice(&events.to_le_bytes());
+        },
+    );
 }
 
 /// One verified index block at the start of `bytes`: (kind, records, length).
@@ -213,6 +232,8 @@ pub fn index_path(data: &DataDir, writer_id: &str) -> PathBuf {
 /// its size stays within a constant of one record per app, and the cost of the rewrites
 /// within a constant of the bytes appended.
 const INDEX_GROWTH: u64 = 2;
+/// The writer keeps a buffer of index blocks up to this size between flushes.
+const INDEX_BUF_KEEP_BYTES: usize = 4 << 20;
 /// Smallest index that gets rewritten.
 const INDEX_REWRITE_MIN_BYTES: u64 = 1 << 20;
 
@@ -351,12 +372,17 @@ impl IndexWriter {
             self.file = Some(file);
         }
         let file = self.file.as_mut().expect("opened above");
+        let written = self.buf.len() as u64;
         let result =
             file.write_all(&self.buf)
                 .and_then(|()| if self.fsync { file.sync_data() } else { Ok(()) });
+        if self.buf.capacity() > INDEX_BUF_KEEP_BYTES {
+            // A flush of very many apps: do not hold its buffer until the next one.
+            self.buf = Vec::new();
+        }
         match result {
             Ok(()) => {
-                self.len += self.buf.len() as u64;
+                self.len += written;
                 Ok(())
             }
             Err(e) => {
