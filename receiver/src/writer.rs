@@ -720,3 +720,27 @@ pub fn write_state(
     let body = json!({"epoch": epoch, "clean": clean, "pid": std::process::id(), "updated_unix": unix_now()});
     store::write_atomic(&data.state_path(writer_id), body.to_string().as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_at_the_batch_pool_cap_are_counted() {
+        let counters = Arc::new(Counters::default());
+        let (pool, give_back) = BatchPool::new(counters.clone());
+        let taken: Vec<Vec<Record>> = (0..MAX_POOL_BATCHES)
+            .map(|_| pool.take().unwrap())
+            .collect();
+        assert_eq!(counters.batch_pool_waits.load(Relaxed), 0);
+        let waiter = std::thread::spawn(move || pool.take().is_some());
+        // The waiter counts its wait before it blocks; a batch coming back ends it.
+        ipevent_testkit::wait_for("the take to wait at the cap", || {
+            (counters.batch_pool_waits.load(Relaxed) == 1).then_some(())
+        });
+        give_back.send(Vec::new()).unwrap();
+        assert!(waiter.join().unwrap());
+        assert_eq!(counters.batch_pool_waits.load(Relaxed), 1);
+        drop(taken);
+    }
+}
