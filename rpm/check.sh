@@ -303,13 +303,15 @@ check_env_files() {
         file=$sroot/etc/ipevent/${pair#*:}
         vars=$(env_vars "$bin")
         [ -n "$vars" ] || { echo "$bin --help lists no environment variables"; return 1; }
-        # The unit passes --data-dir, so the file explains that instead of offering the variable.
-        same "$(grep -vx IPEVENT_DATA_DIR <<<"$vars")" "$(documented "$file")" || { echo "${pair#*:} does not document exactly what $bin --help lists"; return 1; }
+        # The unit passes --data-dir and --refuse-root, so the file explains those instead of
+        # offering their variables.
+        same "$(grep -vx 'IPEVENT_DATA_DIR\|IPEVENT_REFUSE_ROOT' <<<"$vars")" "$(documented "$file")" || { echo "${pair#*:} does not document exactly what $bin --help lists"; return 1; }
         grep -q -- '--data-dir /var/lib/ipevent' "$file" || { echo "${pair#*:} does not explain the data dir"; return 1; }
+        grep -q -- 'IPEVENT_REFUSE_ROOT.*--refuse-root\|--refuse-root.*IPEVENT_REFUSE_ROOT' <(tr '\n' ' ' <"$file") || { echo "${pair#*:} does not explain --refuse-root"; return 1; }
         # A setting left commented out shows the default --help states.
         local name value
         while read -r name value; do
-            [ "$name" = IPEVENT_DATA_DIR ] && continue
+            case $name in IPEVENT_DATA_DIR | IPEVENT_REFUSE_ROOT) continue ;; esac
             grep -qxF "#$name=$value" "$file" || { echo "${pair#*:}: no line '#$name=$value' ($bin --help default)"; return 1; }
         done < <(help_defaults "$bin")
     done
@@ -330,9 +332,9 @@ check_units_content() {
             grep -qxF -- "$want" "$file" || { echo "$unit has no line '$want'"; return 1; }
         done
     done
-    grep -qxF 'ExecStart=/usr/bin/ipevent-receiver --data-dir /var/lib/ipevent' \
+    grep -qxF 'ExecStart=/usr/bin/ipevent-receiver --data-dir /var/lib/ipevent --refuse-root' \
         "$sroot/usr/lib/systemd/system/ipevent-receiver.service" || { echo "receiver ExecStart"; return 1; }
-    grep -qxF 'ExecStart=/usr/bin/ipevent-api --data-dir /var/lib/ipevent' \
+    grep -qxF 'ExecStart=/usr/bin/ipevent-api --data-dir /var/lib/ipevent --refuse-root' \
         "$sroot/usr/lib/systemd/system/ipevent-api.service" || { echo "api ExecStart"; return 1; }
     # A final flush needs time before systemd sends SIGKILL.
     local stop

@@ -24,8 +24,10 @@ use serde::Deserialize;
 use tokio::sync::RwLock;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::admin::AdminPolicy;
 use crate::metrics::{Metrics, UNMATCHED_ROUTE};
-use crate::reset::{self, Ingest, ResetError};
+use crate::post::PostWriter;
+use crate::reset::{self, ResetError};
 use crate::sync::Syncer;
 
 /// Response header saying whether the receivers flushed before the read: `ok`, `none` (no
@@ -42,82 +44,6 @@ const PROTOBUF_CONTENT_TYPES: [&str; 3] = [
 /// Routes, as metrics label them.
 const ROUTES: [&str; 5] = ["/", "/healthz", "/metrics", "/events", "/events/{sha}"];
 
-/// Who may reset.
-#[derive(Clone, Debug)]
-pub struct AdminPolicy {
-    /// The bearer token that allows a reset from anywhere.
-    pub token: Option<String>,
-    /// Loopback peers may reset without the token.
-    pub allow_loopback: bool,
-}
-
-/// Why a reset was refused.
-#[derive(Debug, PartialEq, Eq)]
-enum Denied {
-    /// No credentials: 401 with `WWW-Authenticate: Bearer`.
-    NoToken,
-    /// Credentials that do not allow it: 403.
-    Forbidden(&'static str),
-}
-
-impl std::fmt::Display for Denied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Denied::NoToken => f.write_str("no admin token presented"),
-            Denied::Forbidden(why) => f.write_str(why),
-        }
-    }
-}
-
-impl IntoResponse for Denied {
-    fn into_response(self) -> Response {
-        match self {
-            Denied::NoToken => {
-                let mut response = error(
-                    StatusCode::UNAUTHORIZED,
-                    "a reset needs Authorization: Bearer <admin token>",
-                );
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                response
-            }
-            Denied::Forbidden(why) => error(StatusCode::FORBIDDEN, why),
-        }
-    }
-}
-
-impl AdminPolicy {
-    /// `Ok` when `peer` presenting `headers` may reset.
-    fn authorize(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Denied> {
-        if self.allow_loopback && peer.ip().to_canonical().is_loopback() {
-            return Ok(());
-        }
-        let Some(token) = &self.token else {
-            return Err(Denied::Forbidden(
-                "resets are only allowed from loopback (no admin token is configured)",
-            ));
-        };
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            None => Err(Denied::NoToken),
-            Some(presented) if constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) => {
-                Ok(())
-            }
-            Some(_) => Err(Denied::Forbidden("wrong admin token")),
-        }
-    }
-}
-
-/// Compares without stopping at the first difference, so the time taken does not reveal how
-/// much of the token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// What every handler shares.
 pub struct AppState {
     /// The store.
@@ -132,7 +58,7 @@ pub struct AppState {
     /// the tree while it moves.
     pub gate: Arc<RwLock<()>>,
     /// The API's own store writer.
-    pub ingest: Arc<Mutex<Ingest>>,
+    pub posts: Arc<Mutex<PostWriter>>,
     /// Who may reset.
     pub admin: AdminPolicy,
     /// Per-receiver timeout for control requests.
@@ -421,14 +347,14 @@ async fn post_event(
         }
     };
     let gate = state.gate.clone().read_owned().await;
-    let ingest = state.ingest.clone();
+    let posts = state.posts.clone();
     let metrics = state.metrics.clone();
     let stored = tokio::task::spawn_blocking(move || {
         // The gate moves here so that a request cancelled by its timeout still keeps a reset
         // out until the append is over, and the count lands on the right side of a reset.
         let _gate = gate;
-        let mut ingest = ingest.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = ingest.append(&event, now_unix_secs());
+        let mut posts = posts.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = posts.append(&event, now_unix_secs());
         match &result {
             Ok(()) => metrics.post_accepted(),
             Err(_) => metrics.post_store_error(),
@@ -470,19 +396,18 @@ async fn delete_events(
     headers: HeaderMap,
 ) -> Response {
     if let Err(denied) = state.admin.authorize(peer, &headers) {
-        log::warn!("refused a reset from {peer}: {denied}");
         return denied.into_response();
     }
     let gate = state.gate.clone().write_owned().await;
     let data = state.data.clone();
-    let ingest = state.ingest.clone();
+    let posts = state.posts.clone();
     let metrics = state.metrics.clone();
     let timeout = state.control_timeout;
     let done = tokio::task::spawn_blocking(move || {
         // Owned by the task, so a cancelled request cannot let reads or posts in mid-reset.
         let _gate = gate;
-        let mut ingest = ingest.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = reset::reset(&data, &mut ingest, timeout);
+        let mut posts = posts.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = reset::reset(&data, &mut posts, timeout);
         metrics.reset(result.is_ok());
         result
     })
@@ -534,61 +459,5 @@ mod tests {
         assert!(!accept(&["text/html"]));
         assert!(!accept(&["application/json;q=0"]));
         assert!(!accept(&["text/plain, application/xml"]));
-    }
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
-
-    #[test]
-    fn admin_policy() {
-        let loopback: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let mapped: SocketAddr = "[::ffff:127.0.0.1]:1".parse().unwrap();
-        let remote: SocketAddr = "192.0.2.7:1".parse().unwrap();
-        let bearer = |t: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(
-                header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
-            );
-            h
-        };
-        let status = |r: Result<(), Denied>| r.err().map(|d| d.into_response().status());
-        let open = AdminPolicy {
-            token: None,
-            allow_loopback: true,
-        };
-        assert_eq!(status(open.authorize(loopback, &HeaderMap::new())), None);
-        assert_eq!(status(open.authorize(mapped, &HeaderMap::new())), None);
-        assert_eq!(
-            status(open.authorize(remote, &bearer("x"))),
-            Some(StatusCode::FORBIDDEN)
-        );
-        let token = AdminPolicy {
-            token: Some("s3cret".into()),
-            allow_loopback: false,
-        };
-        assert_eq!(
-            status(token.authorize(loopback, &HeaderMap::new())),
-            Some(StatusCode::UNAUTHORIZED)
-        );
-        assert_eq!(
-            status(token.authorize(remote, &bearer("nope"))),
-            Some(StatusCode::FORBIDDEN)
-        );
-        assert_eq!(status(token.authorize(remote, &bearer("s3cret"))), None);
-        let both = AdminPolicy {
-            token: Some("s3cret".into()),
-            allow_loopback: true,
-        };
-        assert_eq!(
-            status(both.authorize(remote, &HeaderMap::new())),
-            Some(StatusCode::UNAUTHORIZED)
-        );
-        assert_eq!(status(both.authorize(loopback, &HeaderMap::new())), None);
     }
 }

@@ -30,8 +30,9 @@ pub struct Config {
 
     /// Bearer token that allows `DELETE /events` from any peer
     /// (`Authorization: Bearer <token>`). Without it, only loopback peers may reset.
-    #[arg(long, env = "IPEVENT_ADMIN_TOKEN", hide_env_values = true,
-          value_parser = parse_token)]
+    /// At least 16 bytes of printable ASCII (`openssl rand -hex 32`); a shorter token stops
+    /// the API at start.
+    #[arg(long, env = "IPEVENT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
     /// Let loopback peers reset without the token. With `false`, every reset needs the token.
@@ -50,10 +51,29 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub request_timeout_ms: u64,
 
+    /// Most HTTP connections open at once. Beyond it, the connection that has waited longest
+    /// for a request is closed to make room (never one being answered). Lowered to the
+    /// open-files limit less 256 when that is smaller.
+    #[arg(long, env = "IPEVENT_API_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Time a connection has to send a complete request head, from opening or from its
+    /// previous answer, in milliseconds: the header-read timeout, and how long an idle
+    /// kept-alive connection stays open.
+    #[arg(long, env = "IPEVENT_API_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub header_timeout_ms: u64,
+
     /// Name of the API's own log files in the store (events taken by `POST /events`).
     /// Must differ from every receiver's writer id. Defaults to `api-<host name>`.
     #[arg(long, env = "IPEVENT_API_WRITER_ID", value_parser = parse_writer_id)]
     pub writer_id: Option<String>,
+
+    /// Refuse to run as root, with a one-line error (the packaged unit passes it). Without
+    /// it, root is allowed with one warning.
+    #[arg(long, env = "IPEVENT_REFUSE_ROOT", default_value_t = false)]
+    pub refuse_root: bool,
 
     /// Once listening, write the bound address (e.g. `127.0.0.1:40123`) to this file,
     /// atomically, so scripts and tests learn a port chosen by the kernel.
@@ -85,14 +105,4 @@ fn parse_writer_id(value: &str) -> Result<String, String> {
     ipevent_core::store::validate_writer_id(value)
         .map(|()| value.to_string())
         .map_err(|e| e.to_string())
-}
-
-fn parse_token(value: &str) -> Result<String, String> {
-    if value.is_empty() {
-        Err("the admin token must not be empty".to_string())
-    } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
-        Err("the admin token must be printable ASCII without spaces".to_string())
-    } else {
-        Ok(value.to_string())
-    }
 }

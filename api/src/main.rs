@@ -7,11 +7,14 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod app;
 mod config;
 mod listen;
 mod metrics;
+mod post;
 mod reset;
+mod serve;
 mod sync;
 
 use std::net::SocketAddr;
@@ -25,10 +28,11 @@ use clap::Parser;
 use ipevent_core::DataDir;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::app::{AdminPolicy, AppState};
+use crate::admin::AdminPolicy;
+use crate::app::AppState;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::reset::Ingest;
+use crate::post::PostWriter;
 use crate::sync::Syncer;
 
 /// Threads for blocking work (store reads, control calls, appends). Each request in flight
@@ -56,13 +60,17 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
+    if let Some(token) = &config.admin_token {
+        admin::validate_token(token).map_err(anyhow::Error::msg)?;
+    }
+    ipevent_core::privilege::check_root("ipevent-api", config.refuse_root)?;
     let data = DataDir::new(&config.data_dir);
     data.create()
         .with_context(|| format!("preparing the data dir {}", config.data_dir.display()))?;
     let writer_id = config.writer_id();
     // Held for the life of the process: no receiver or other API writes this writer's logs.
     let _lock = data.lock_writer(&writer_id)?;
-    let ingest = Ingest::new(data.clone(), &writer_id)?;
+    let posts = PostWriter::new(data.clone(), &writer_id)?;
     reset::empty_trash(&data);
     if config.admin_token.is_none() && !config.allow_loopback_admin {
         log::warn!("no admin token and --allow-loopback-admin=false: DELETE /events is refused to everyone");
@@ -82,7 +90,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             Arc::new(ipevent_store_s3::Bucket::from_env(url)?)
         }
     };
-    let result = runtime.block_on(serve(config, data, writer_id, ingest, Arc::clone(&reader)));
+    let result = runtime.block_on(serve(config, data, writer_id, posts, Arc::clone(&reader)));
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     result
 }
@@ -91,7 +99,7 @@ async fn serve(
     config: Config,
     data: DataDir,
     writer_id: String,
-    ingest: Ingest,
+    posts: PostWriter,
     reader: Arc<dyn ipevent_core::store::Store + Send + Sync>,
 ) -> anyhow::Result<()> {
     // Handlers first, so a signal that comes right after readiness is a clean stop.
@@ -99,6 +107,7 @@ async fn serve(
     let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
 
     let metrics = Arc::new(Metrics::default());
+    let conns = metrics.conns.clone();
     let syncer = {
         let metrics = metrics.clone();
         Syncer::new(data.clone(), config.sync_timeout(), move |outcome| {
@@ -111,14 +120,12 @@ async fn serve(
         syncer,
         metrics,
         gate: Arc::default(),
-        ingest: Arc::new(Mutex::new(ingest)),
-        admin: AdminPolicy {
-            token: config.admin_token.clone(),
-            allow_loopback: config.allow_loopback_admin,
-        },
+        posts: Arc::new(Mutex::new(posts)),
+        admin: AdminPolicy::new(config.admin_token.clone(), config.allow_loopback_admin),
         control_timeout: config.sync_timeout(),
     });
     let app: Router = app::router(state, config.request_timeout());
+    let limits = connection_limits(&config);
 
     let listener = listen::bind(config.listen)?;
     let listener =
@@ -126,15 +133,38 @@ async fn serve(
     let bound = listener.local_addr().context("reading the bound address")?;
     announce(&config, bound, &writer_id)?;
 
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop_signal(&mut sigterm, &mut sigint).await })
-    .await
-    .context("serving HTTP")?;
+    serve::serve(listener, app, limits, conns, async move {
+        stop_signal(&mut sigterm, &mut sigint).await
+    })
+    .await;
     log::info!("stopped");
     Ok(())
+}
+
+/// The connection limits: the flags, with the cap lowered to what the open-files limit
+/// (raised to its hard limit first) leaves room for.
+fn connection_limits(config: &Config) -> serve::Limits {
+    let wanted = config.max_connections;
+    let max_connections = match ipevent_core::sys::raise_open_files_limit() {
+        Ok(open_files) => {
+            let room = open_files.saturating_sub(serve::RESERVED_FDS).max(16);
+            if room < wanted {
+                log::warn!(
+                    "the open-files limit is {open_files}: serving at most {room} connections \
+                     instead of {wanted} (raise LimitNOFILE / ulimit -n for more)"
+                );
+            }
+            wanted.min(room)
+        }
+        Err(e) => {
+            log::warn!("reading the open-files limit: {e}; serving at most {wanted} connections");
+            wanted
+        }
+    };
+    serve::Limits {
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        header_timeout: Duration::from_millis(config.header_timeout_ms),
+    }
 }
 
 /// Says where the API listens: on stderr, and in the ready file if one was asked for.

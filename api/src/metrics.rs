@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::wire::Reject;
 
+use crate::serve::ConnCounters;
 use crate::sync::SyncOutcome;
 
 /// Upper bounds of the request latency histogram buckets, in seconds.
@@ -53,6 +54,8 @@ pub struct Metrics {
     sync_rounds: [AtomicU64; SyncOutcome::ALL.len()],
     resets: AtomicU64,
     reset_failures: AtomicU64,
+    /// The connection loop's counters.
+    pub conns: Arc<ConnCounters>,
 }
 
 impl Metrics {
@@ -121,7 +124,17 @@ impl Metrics {
             "ipevent_api_build_info{{version=\"{}\"}} 1",
             escape(version)
         );
+        self.render_requests(out);
+        for family in API_FAMILIES {
+            header(out, family.name, family.kind, family.help);
+            for (labels, value) in (family.samples)(self) {
+                let _ = writeln!(out, "{}{labels} {value}", family.name);
+            }
+        }
+    }
 
+    /// Requests by route, method and status, and their latency by route.
+    fn render_requests(&self, out: &mut String) {
         header(
             out,
             "ipevent_api_requests_total",
@@ -135,10 +148,10 @@ impl Metrics {
                 escape(route)
             );
         }
-
+        const LATENCY: &str = "ipevent_api_request_duration_seconds";
         header(
             out,
-            "ipevent_api_request_duration_seconds",
+            LATENCY,
             "histogram",
             "Time to answer a request, by route.",
         );
@@ -149,109 +162,51 @@ impl Metrics {
                 cumulative += n;
                 let _ = writeln!(
                     out,
-                    "ipevent_api_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {cumulative}"
+                    "{LATENCY}_bucket{{route=\"{route}\",le=\"{le}\"}} {cumulative}"
                 );
             }
             let _ = writeln!(
                 out,
-                "ipevent_api_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                "{LATENCY}_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
                 h.count
             );
-            let _ = writeln!(
-                out,
-                "ipevent_api_request_duration_seconds_sum{{route=\"{route}\"}} {}",
-                h.sum_secs
-            );
-            let _ = writeln!(
-                out,
-                "ipevent_api_request_duration_seconds_count{{route=\"{route}\"}} {}",
-                h.count
-            );
+            let _ = writeln!(out, "{LATENCY}_sum{{route=\"{route}\"}} {}", h.sum_secs);
+            let _ = writeln!(out, "{LATENCY}_count{{route=\"{route}\"}} {}", h.count);
         }
-
-        header(
-            out,
-            "ipevent_api_post_events_accepted_total",
-            "counter",
-            "Events POST /events stored (since the last reset).",
-        );
-        let _ = writeln!(
-            out,
-            "ipevent_api_post_events_accepted_total {}",
-            load(&self.post_accepted)
-        );
-        header(
-            out,
-            "ipevent_api_post_events_rejected_total",
-            "counter",
-            "Bodies POST /events refused, by reason (since the last reset).",
-        );
-        for reason in Reject::ALL {
-            let _ = writeln!(
-                out,
-                "ipevent_api_post_events_rejected_total{{reason=\"{}\"}} {}",
-                reason.name(),
-                load(&self.post_rejected[reason.index()])
-            );
-        }
-        header(
-            out,
-            "ipevent_api_post_store_errors_total",
-            "counter",
-            "Valid events POST /events could not store (answered 500).",
-        );
-        let _ = writeln!(
-            out,
-            "ipevent_api_post_store_errors_total {}",
-            load(&self.post_store_errors)
-        );
-
-        header(
-            out,
-            "ipevent_api_sync_rounds_total",
-            "counter",
-            "Syncs with the receivers before reads, by result (ok, none running, failed).",
-        );
-        for outcome in SyncOutcome::ALL {
-            let _ = writeln!(
-                out,
-                "ipevent_api_sync_rounds_total{{result=\"{}\"}} {}",
-                outcome.name(),
-                load(&self.sync_rounds[outcome.index()])
-            );
-        }
-        header(
-            out,
-            "ipevent_api_sync_failures_total",
-            "counter",
-            "Syncs in which a receiver did not confirm its flush.",
-        );
-        let _ = writeln!(
-            out,
-            "ipevent_api_sync_failures_total {}",
-            load(&self.sync_rounds[SyncOutcome::Failed.index()])
-        );
-
-        header(
-            out,
-            "ipevent_api_resets_total",
-            "counter",
-            "Completed resets (DELETE /events).",
-        );
-        let _ = writeln!(out, "ipevent_api_resets_total {}", load(&self.resets));
-        header(
-            out,
-            "ipevent_api_reset_failures_total",
-            "counter",
-            "Resets that failed or that a receiver refused.",
-        );
-        let _ = writeln!(
-            out,
-            "ipevent_api_reset_failures_total {}",
-            load(&self.reset_failures)
-        );
     }
 }
+
+/// One family of the API's own metrics: its name, type, help and samples (labels, value).
+struct ApiFamily {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: fn(&Metrics) -> Vec<(String, u64)>,
+}
+
+/// One unlabelled sample.
+fn single(counter: &AtomicU64) -> Vec<(String, u64)> {
+    vec![(String::new(), load(counter))]
+}
+
+#[rustfmt::skip]
+const API_FAMILIES: &[ApiFamily] = &[
+    ApiFamily { name: "ipevent_api_post_events_accepted_total", kind: "counter", help: "Events POST /events stored (since the last reset).", samples: |m| single(&m.post_accepted) },
+    ApiFamily { name: "ipevent_api_post_events_rejected_total", kind: "counter", help: "Bodies POST /events refused, by reason (since the last reset).", samples: |m| {
+        Reject::ALL.iter().map(|r| (format!("{{reason=\"{}\"}}", r.name()), load(&m.post_rejected[r.index()]))).collect()
+    } },
+    ApiFamily { name: "ipevent_api_post_store_errors_total", kind: "counter", help: "Valid events POST /events could not store (answered 500).", samples: |m| single(&m.post_store_errors) },
+    ApiFamily { name: "ipevent_api_sync_rounds_total", kind: "counter", help: "Syncs with the receivers before reads, by result (ok, none running, failed).", samples: |m| {
+        SyncOutcome::ALL.iter().map(|o| (format!("{{result=\"{}\"}}", o.name()), load(&m.sync_rounds[o.index()]))).collect()
+    } },
+    ApiFamily { name: "ipevent_api_sync_failures_total", kind: "counter", help: "Syncs in which a receiver did not confirm its flush.", samples: |m| single(&m.sync_rounds[SyncOutcome::Failed.index()]) },
+    ApiFamily { name: "ipevent_api_resets_total", kind: "counter", help: "Completed resets (DELETE /events).", samples: |m| single(&m.resets) },
+    ApiFamily { name: "ipevent_api_reset_failures_total", kind: "counter", help: "Resets that failed or that a receiver refused.", samples: |m| single(&m.reset_failures) },
+    ApiFamily { name: "ipevent_api_connections_accepted_total", kind: "counter", help: "HTTP connections accepted.", samples: |m| single(&m.conns.accepted) },
+    ApiFamily { name: "ipevent_api_connections_shed_total", kind: "counter", help: "Connections closed to make room for a new one (the one waiting longest for a request).", samples: |m| single(&m.conns.shed) },
+    ApiFamily { name: "ipevent_api_connections_refused_total", kind: "counter", help: "New connections closed at once because every open one was answering a request.", samples: |m| single(&m.conns.refused) },
+    ApiFamily { name: "ipevent_api_accept_fd_exhausted_total", kind: "counter", help: "Accepts that failed for lack of file descriptors.", samples: |m| single(&m.conns.fd_exhausted) },
+];
 
 /// One receiver counter: its name, type, help and how to read it from a snapshot.
 struct ReceiverMetric {
@@ -274,6 +229,13 @@ const RECEIVER_METRICS: &[ReceiverMetric] = &[
     ReceiverMetric { name: "ipevent_receiver_flush_last_seconds", kind: "gauge", help: "Duration of the last flush.", value: |s| s.flush_last_ms / 1000.0 },
     ReceiverMetric { name: "ipevent_receiver_flush_max_seconds", kind: "gauge", help: "Longest flush.", value: |s| s.flush_max_ms / 1000.0 },
     ReceiverMetric { name: "ipevent_receiver_epoch", kind: "gauge", help: "Current flush epoch.", value: |s| s.epoch as f64 },
+    ReceiverMetric { name: "ipevent_receiver_events_refused_total", kind: "counter", help: "Accepted events dropped because their app was new and --max-apps or the free-space thresholds stopped new apps.", value: |s| s.events_refused as f64 },
+    ReceiverMetric { name: "ipevent_receiver_events_replayed_total", kind: "counter", help: "Accepted events recovered from the journal at start.", value: |s| s.events_replayed as f64 },
+    ReceiverMetric { name: "ipevent_receiver_journal_used_bytes", kind: "gauge", help: "Bytes of the journal in use (accepted events not yet in the store).", value: |s| s.journal_used_bytes as f64 },
+    ReceiverMetric { name: "ipevent_receiver_journal_capacity_bytes", kind: "gauge", help: "Bytes the journal can hold.", value: |s| s.journal_capacity_bytes as f64 },
+    ReceiverMetric { name: "ipevent_receiver_stalled", kind: "gauge", help: "1 while the journal is full and the store cannot be written (ingest waits).", value: |s| f64::from(u8::from(s.stalled)) },
+    ReceiverMetric { name: "ipevent_receiver_last_stop_clean", kind: "gauge", help: "1 when the previous run stopped cleanly.", value: |s| f64::from(u8::from(s.last_stop_clean)) },
+    ReceiverMetric { name: "ipevent_receiver_control_conns_full_total", kind: "counter", help: "Control connections that arrived while every control slot was taken.", value: |s| s.control_conns_full as f64 },
     ReceiverMetric { name: "ipevent_receiver_resets_total", kind: "counter", help: "Resets served.", value: |s| s.resets as f64 },
     ReceiverMetric { name: "ipevent_receiver_ship_lag_epochs", kind: "gauge", help: "Flushes in the outbox not yet shipped to the bucket (--store).", value: |s| s.ship_lag_epochs as f64 },
     ReceiverMetric { name: "ipevent_receiver_outbox_bytes", kind: "gauge", help: "Bytes of those flushes on local disk.", value: |s| s.outbox_bytes as f64 },
@@ -424,6 +386,38 @@ mod tests {
         assert!(text.contains("ipevent_api_post_events_accepted_total 0\n"));
         assert!(text.contains("ipevent_api_post_events_rejected_total{reason=\"truncated\"} 0\n"));
         assert!(text.contains("ipevent_api_resets_total 1\n"));
+    }
+
+    #[test]
+    fn every_counter_of_the_stats_file_is_served() {
+        let stats = ReceiverStats {
+            writer_id: "r1".into(),
+            events_refused: 4,
+            events_replayed: 5,
+            journal_used_bytes: 6,
+            journal_capacity_bytes: 7,
+            stalled: true,
+            last_stop_clean: true,
+            control_conns_full: 8,
+            ..ReceiverStats::default()
+        };
+        let text = Metrics::default().render(&[stats], "1");
+        for line in [
+            "ipevent_receiver_events_refused_total{writer_id=\"r1\"} 4\n",
+            "ipevent_receiver_events_replayed_total{writer_id=\"r1\"} 5\n",
+            "ipevent_receiver_journal_used_bytes{writer_id=\"r1\"} 6\n",
+            "ipevent_receiver_journal_capacity_bytes{writer_id=\"r1\"} 7\n",
+            "ipevent_receiver_stalled{writer_id=\"r1\"} 1\n",
+            "ipevent_receiver_last_stop_clean{writer_id=\"r1\"} 1\n",
+            "ipevent_receiver_control_conns_full_total{writer_id=\"r1\"} 8\n",
+            "ipevent_api_connections_shed_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        // Every family has its HELP and TYPE once.
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(helps, types);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `DELETE /events` (contract 5) and the API's own writer for `POST /events`.
+//! `DELETE /events` (contract 5).
 //!
 //! A reset holds every receiver (they drain, drop what is pending, zero their counters and
 //! stop flushing), moves the whole `events` tree into `trash/` with one rename, puts an empty
@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::post::PostWriter;
+
 use ipevent_core::control::{self, Hold};
-use ipevent_core::store::{self, AddrStats, AppendBlocks, StoreError, StoreWriter};
-use ipevent_core::{DataDir, IpEvent};
+use ipevent_core::store::{self, StoreError};
+use ipevent_core::DataDir;
 
 /// Prefix of the names of moved-away trees in `trash/`.
 const TRASH_PREFIX: &str = "events-";
@@ -37,43 +39,11 @@ pub struct ResetDone {
     pub receivers: Vec<String>,
 }
 
-/// The API's own writer: one-record blocks for the events `POST /events` takes.
-pub struct Ingest {
-    writer: StoreWriter,
-    /// Epoch of the last block. It starts at the start time in microseconds, so epochs keep
-    /// growing across restarts as long as fewer than a million events a second are posted.
-    epoch: u64,
-}
-
-impl Ingest {
-    /// A writer for `writer_id` in `data`. Every append is synced to disk before it returns,
-    /// because a 202 promises the event will be counted.
-    pub fn new(data: DataDir, writer_id: &str) -> Result<Ingest, StoreError> {
-        let start_micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        Ok(Ingest {
-            writer: StoreWriter::new(data, writer_id, true)?,
-            epoch: start_micros,
-        })
-    }
-
-    /// Appends one event that arrived at `unix_secs`.
-    pub fn append(&mut self, event: &IpEvent, unix_secs: u32) -> Result<(), StoreError> {
-        self.epoch += 1;
-        self.writer.append(
-            &event.app,
-            self.epoch,
-            &[(event.ip, AddrStats::one(unix_secs))],
-        )
-    }
-}
-
-/// Resets the store of `data`. The caller must keep `ingest` from appending meanwhile (it
+/// Resets the store of `data`. The caller must keep `posts` from appending meanwhile (it
 /// holds the lock `POST /events` takes).
 pub fn reset(
     data: &DataDir,
-    ingest: &mut Ingest,
+    posts: &mut PostWriter,
     timeout: Duration,
 ) -> Result<ResetDone, ResetError> {
     // Each receiver holds its flushes for as long as its `Hold` lives: dropping one (or the
@@ -100,7 +70,7 @@ pub fn reset(
     }
     let moved = move_tree_away(data);
     // The writer's knowledge of its logs is stale once the tree has moved.
-    ingest.writer.forget_logs();
+    posts.forget_logs();
     let receivers = release(held, timeout);
     let trash = moved.map_err(|e| ResetError::Store(e.to_string()))?;
     if let Some(trash) = trash {

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 
-use common::{app, datagram, http, metric, raw_request, report_json, vectors, Api};
+use common::{app, datagram, http, metric, raw_request, report_json, vectors, Api, ApiHttp};
 use ipevent_core::wire::MAX_DATAGRAM_BYTES;
 use ipevent_testkit::bin;
 
@@ -313,7 +313,11 @@ fn reset_needs_the_token_when_loopback_is_not_trusted() {
     let data = tempfile::tempdir().unwrap();
     let api = Api::start(
         data.path(),
-        &["--admin-token", "s3cret", "--allow-loopback-admin=false"],
+        &[
+            "--admin-token",
+            "s3cret-s3cret-s3cret",
+            "--allow-loopback-admin=false",
+        ],
     );
     assert_eq!(api.post(&datagram(&app(3), "10.0.0.1")).status, 202);
     let delete = |headers: &[(&str, &str)]| http("DELETE", &api.url("/events"), headers, None);
@@ -329,7 +333,7 @@ fn reset_needs_the_token_when_loopback_is_not_trusted() {
     // Nothing was reset by the refused attempts.
     assert_eq!(api.get(&format!("/events/{}", app(3))).status, 200);
 
-    let reply = delete(&[("Authorization", "Bearer s3cret")]);
+    let reply = delete(&[("Authorization", "Bearer s3cret-s3cret-s3cret")]);
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(api.get(&format!("/events/{}", app(3))).status, 404);
     let metrics = api.metrics();
@@ -347,6 +351,74 @@ fn reset_needs_the_token_when_loopback_is_not_trusted() {
         ),
         Some(1.0)
     );
+}
+
+#[test]
+fn wrong_tokens_are_limited_and_tokens_are_not_trimmed() {
+    let data = tempfile::tempdir().unwrap();
+    let token = "0123456789abcdef0123";
+    let api = Api::start(
+        data.path(),
+        &["--admin-token", token, "--allow-loopback-admin=false"],
+    );
+    let delete = |value: &str| {
+        http(
+            "DELETE",
+            &api.url("/events"),
+            &[("Authorization", value)],
+            None,
+        )
+    };
+    // The token with a space in front was accepted once, trimmed; now it is a wrong token.
+    let reply = delete(&format!("Bearer  {token}"));
+    assert_eq!(reply.status, 403, "{reply:?}");
+    for guess in 0..4 {
+        let reply = delete(&format!("Bearer guess-{guess}"));
+        assert_eq!(reply.status, 403, "{reply:?}");
+    }
+    // Five wrong tokens: the peer waits, even with the right one.
+    let reply = delete(&format!("Bearer {token}"));
+    assert_eq!(reply.status, 429, "{reply:?}");
+    assert!(
+        reply.error().contains("too many wrong admin tokens"),
+        "{reply:?}"
+    );
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{reply:?}");
+}
+
+#[test]
+fn a_short_admin_token_stops_the_api_with_one_line() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    for token in ["", "fifteen-bytes!!"] {
+        let (code, stderr) = run_failing(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir,
+            "--admin-token",
+            token,
+        ]);
+        assert_eq!(code, 1, "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("ipevent-api: the admin token") && stderr.contains("16 bytes"),
+            "{stderr}"
+        );
+        assert!(token.is_empty() || !stderr.contains(token), "{stderr}");
+    }
+    // From the environment too.
+    let mut command = Command::new(bin("ipevent-api"));
+    common::clear_ipevent_env(&mut command);
+    let output = command
+        .args(["--listen", "127.0.0.1:0", "--data-dir", dir])
+        .env("IPEVENT_ADMIN_TOKEN", "short")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is 5 bytes"), "{stderr}");
 }
 
 #[test]
@@ -375,7 +447,7 @@ fn the_token_can_come_from_the_environment() {
         .arg(data.path())
         .arg("--ready-file")
         .arg(&ready)
-        .env("IPEVENT_ADMIN_TOKEN", "from-env")
+        .env("IPEVENT_ADMIN_TOKEN", "from-the-environment")
         .spawn()
         .unwrap();
     let addr = ipevent_testkit::wait_for("the ready file", || std::fs::read_to_string(&ready).ok())
@@ -387,7 +459,7 @@ fn the_token_can_come_from_the_environment() {
         http(
             "DELETE",
             &url,
-            &[("Authorization", "Bearer from-env")],
+            &[("Authorization", "Bearer from-the-environment")],
             None
         )
         .status,
@@ -477,10 +549,6 @@ fn bad_settings_are_one_line_errors() {
             "sync-timeout-ms",
         ),
         (
-            vec!["--listen", "127.0.0.1:0", "--admin-token", ""],
-            "admin token",
-        ),
-        (
             vec!["--allow-loopback-admin", "maybe"],
             "allow-loopback-admin",
         ),
@@ -542,4 +610,53 @@ fn runtime_failures_exit_1_with_context() {
     ]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("preparing the data dir"), "{stderr}");
+}
+
+#[test]
+fn root_runs_with_one_warning_unless_refused() {
+    let as_root = ipevent_core::sys::effective_uid() == 0;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    if as_root {
+        let (code, stderr) = run_failing(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir,
+            "--refuse-root",
+        ]);
+        assert_eq!(code, 1, "{stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "ipevent-api: refusing to run as root (--refuse-root): run ipevent-api as an \
+             unprivileged user, such as the packaged `ipevent` user"
+        );
+    }
+
+    let ready = data.path().join("ready");
+    let mut command = Command::new(bin("ipevent-api"));
+    common::clear_ipevent_env(&mut command);
+    let child = command
+        .args(["--listen", "127.0.0.1:0", "--data-dir", dir])
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    ipevent_testkit::wait_for("the ready file", || std::fs::read_to_string(&ready).ok());
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let warnings = stderr
+        .lines()
+        .filter(|l| l.contains("running as root"))
+        .count();
+    assert_eq!(warnings, usize::from(as_root), "{stderr}");
 }

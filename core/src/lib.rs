@@ -18,6 +18,7 @@ pub mod capacity;
 pub mod control;
 pub mod hex;
 pub mod journal;
+pub mod privilege;
 pub mod report;
 pub mod stats;
 pub mod store;

@@ -412,6 +412,35 @@ impl SendBatch {
     }
 }
 
+/// The effective user id of the process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes nothing, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Raises the soft limit on open files to the hard limit, so that a process that holds many
+/// connections runs out of descriptors as late as the system allows. Returns the soft limit
+/// in force afterwards.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    // SAFETY: zero is a valid rlimit; getrlimit only writes into `limit`.
+    let mut limit: libc::rlimit = unsafe { mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads `raised`, which lives across the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(limit.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

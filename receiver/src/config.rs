@@ -83,9 +83,13 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_MIN_FREE_INODES", default_value_t = 10_000)]
     pub min_free_inodes: u64,
 
-    /// Run even as root (the packaged service runs as its own user; root is refused so that a
-    /// mistake cannot turn the data dir into a way to write anywhere).
-    #[arg(long, env = "IPEVENT_ALLOW_ROOT", default_value_t = false)]
+    /// Refuse to run as root, with a one-line error (the packaged units pass it). Without it,
+    /// root is allowed with one warning.
+    #[arg(long, env = "IPEVENT_REFUSE_ROOT", default_value_t = false)]
+    pub refuse_root: bool,
+
+    /// Accepted for compatibility and ignored: root is allowed unless --refuse-root is given.
+    #[arg(long, env = "IPEVENT_ALLOW_ROOT", default_value_t = false, hide = true)]
     pub allow_root: bool,
 
     /// Test hook: abort after writing this many apps in a flush (simulates a crash mid-flush).

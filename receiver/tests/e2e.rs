@@ -557,14 +557,14 @@ fn running_as_root() -> bool {
 }
 
 #[test]
-fn root_is_refused_unless_allowed() {
+fn root_is_refused_with_refuse_root() {
     if !running_as_root() {
         eprintln!("skipped: the tests do not run as root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin("ipevent-receiver"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["--listen", "127.0.0.1:0", "--refuse-root", "--data-dir"])
         .arg(dir.path())
         .output()
         .unwrap();

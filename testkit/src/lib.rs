@@ -1,6 +1,6 @@
 //! Helpers for end-to-end tests: locate the workspace's real binaries, run a real receiver in a
-//! temporary data dir, and wait on readiness (files that appear, counters that arrive), never
-//! on fixed sleeps.
+//! temporary data dir and a real API, and wait on readiness (files that appear, counters that
+//! arrive), never on fixed sleeps.
 
 #![forbid(unsafe_code)]
 
@@ -148,25 +148,7 @@ impl Receiver {
 
     /// Sends `signal` (e.g. `libc::SIGTERM`) and waits for the exit.
     pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill failed");
-        let start = Instant::now();
-        loop {
-            if let Some(exit) = child.try_wait().expect("waiting for the receiver") {
-                return exit;
-            }
-            if start.elapsed() > WAIT_LIMIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the receiver did not exit within {WAIT_LIMIT:?} of signal {signal}");
-            }
-            std::thread::park_timeout(Duration::from_millis(2));
-        }
+        signal_and_wait(self.child.take().expect("running"), &signal.to_string())
     }
 
     /// Waits for the receiver to exit by itself (a crash hook, a fatal error).
@@ -199,6 +181,130 @@ impl Drop for Receiver {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// Sends `signal` (a number or a name such as `TERM`) to `child` and waits for its exit;
+/// kills it and fails the test when it outlives [`WAIT_LIMIT`].
+fn signal_and_wait(mut child: Child, signal: &str) -> ExitStatus {
+    let name = child_name(&child);
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill failed");
+    let start = Instant::now();
+    loop {
+        if let Some(exit) = child.try_wait().expect("waiting for a child") {
+            return exit;
+        }
+        if start.elapsed() > WAIT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} did not exit within {WAIT_LIMIT:?} of signal {signal}");
+        }
+        std::thread::park_timeout(Duration::from_millis(2));
+    }
+}
+
+fn child_name(child: &Child) -> String {
+    std::fs::read_to_string(format!("/proc/{}/comm", child.id()))
+        .map(|comm| comm.trim().to_string())
+        .unwrap_or_else(|_| format!("process {}", child.id()))
+}
+
+/// A real `ipevent-api` child process with a port chosen by the kernel, found through its
+/// ready file. Settings from the environment of whoever runs the tests are cleared.
+pub struct Api {
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    _ready_dir: tempfile::TempDir,
+}
+
+impl Api {
+    /// Starts the API on 127.0.0.1 and `data_dir` with `extra` flags and waits for its
+    /// ready file.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Api {
+        Api::start_on("127.0.0.1:0", data_dir, extra)
+    }
+
+    /// [`Api::start`] listening on `listen`.
+    pub fn start_on(listen: &str, data_dir: &Path, extra: &[&str]) -> Api {
+        Api::start_command(Command::new(bin("ipevent-api")), listen, data_dir, extra)
+    }
+
+    /// [`Api::start`] through a wrapper that then runs the API, e.g.
+    /// `prlimit --nofile=1024:1024 --`.
+    pub fn start_wrapped(wrapper: &[&str], data_dir: &Path, extra: &[&str]) -> Api {
+        let mut command = Command::new(wrapper[0]);
+        command.args(&wrapper[1..]).arg(bin("ipevent-api"));
+        Api::start_command(command, "127.0.0.1:0", data_dir, extra)
+    }
+
+    fn start_command(mut command: Command, listen: &str, data_dir: &Path, extra: &[&str]) -> Api {
+        let ready_dir = tempfile::tempdir().expect("temp dir");
+        let ready = ready_dir.path().join("ready");
+        command
+            .args(["--listen", listen])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        clear_ipevent_env(&mut command);
+        let mut child = command.spawn().expect("spawning ipevent-api");
+        let addr = wait_for("the API's ready file", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("ipevent-api exited ({status}) before it was ready");
+            }
+            std::fs::read_to_string(&ready)
+                .ok()?
+                .trim()
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        Api {
+            child: Some(child),
+            addr,
+            _ready_dir: ready_dir,
+        }
+    }
+
+    /// `http://ADDR/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, ...) and waits for the exit.
+    pub fn stop_with(&mut self, signal: &str) -> ExitStatus {
+        signal_and_wait(self.child.take().expect("running"), signal)
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Settings from the environment of whoever runs the tests must not change a child's.
+pub fn clear_ipevent_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IPEVENT_") {
+            command.env_remove(key);
         }
     }
 }

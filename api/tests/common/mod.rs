@@ -1,76 +1,37 @@
-//! Shared by the API's end-to-end tests: a real `ipevent-api` child process on 127.0.0.1 with
-//! a port chosen by the kernel, real HTTP through a small blocking client, and helpers to
-//! build and send datagrams.
+//! Shared by the API's end-to-end tests: real HTTP through a small blocking client on the
+//! real `ipevent-api` child process that `ipevent_testkit::Api` runs, and helpers to build and
+//! send datagrams.
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use ipevent_core::wire::{self, AppSha, IpEvent};
-use ipevent_testkit::{bin, wait_for};
 
 /// Longest any single HTTP exchange in a test may take.
-pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A running `ipevent-api`.
-pub struct Api {
-    child: Option<Child>,
-    /// Where it listens.
-    pub addr: SocketAddr,
-    _ready_dir: tempfile::TempDir,
+#[allow(unused_imports)]
+pub use ipevent_testkit::{clear_ipevent_env, Api};
+
+/// The HTTP calls the tests make on a running API.
+pub trait ApiHttp {
+    /// `GET path` with `Accept: application/json`.
+    fn get(&self, path: &str) -> Reply;
+    /// The report of `app` (asserting a 200 with a synced read) as a string.
+    fn report(&self, app: &AppSha) -> String;
+    /// `DELETE /events` from loopback, asserting success.
+    fn reset(&self) -> serde_json::Value;
+    /// `POST /events` with `body` as `application/octet-stream`.
+    fn post(&self, body: &[u8]) -> Reply;
+    /// The `/metrics` text.
+    fn metrics(&self) -> String;
 }
 
-impl Api {
-    /// Starts the API on 127.0.0.1 and `data_dir` with `extra` flags and waits for its
-    /// ready file.
-    pub fn start(data_dir: &Path, extra: &[&str]) -> Api {
-        Api::start_on("127.0.0.1:0", data_dir, extra)
-    }
-
-    /// [`Api::start`] listening on `listen`.
-    pub fn start_on(listen: &str, data_dir: &Path, extra: &[&str]) -> Api {
-        let ready_dir = tempfile::tempdir().expect("temp dir");
-        let ready = ready_dir.path().join("ready");
-        let mut command = Command::new(bin("ipevent-api"));
-        command
-            .args(["--listen", listen])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
-        clear_ipevent_env(&mut command);
-        let mut child = command.spawn().expect("spawning ipevent-api");
-        let addr = wait_for("the API's ready file", || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("ipevent-api exited ({status}) before it was ready");
-            }
-            std::fs::read_to_string(&ready)
-                .ok()?
-                .trim()
-                .parse::<SocketAddr>()
-                .ok()
-        });
-        Api {
-            child: Some(child),
-            addr,
-            _ready_dir: ready_dir,
-        }
-    }
-
-    /// `http://ADDR/path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// `GET path` with `Accept: application/json`.
-    pub fn get(&self, path: &str) -> Reply {
+impl ApiHttp for Api {
+    fn get(&self, path: &str) -> Reply {
         http(
             "GET",
             &self.url(path),
@@ -79,22 +40,19 @@ impl Api {
         )
     }
 
-    /// The report of `app` (asserting a 200 with a synced read) as a string.
-    pub fn report(&self, app: &AppSha) -> String {
+    fn report(&self, app: &AppSha) -> String {
         let reply = self.get(&format!("/events/{app}"));
         assert_eq!(reply.status, 200, "GET /events/{app}: {reply:?}");
         reply.body
     }
 
-    /// `DELETE /events` from loopback, asserting success.
-    pub fn reset(&self) -> serde_json::Value {
+    fn reset(&self) -> serde_json::Value {
         let reply = http("DELETE", &self.url("/events"), &[], None);
         assert_eq!(reply.status, 200, "DELETE /events: {reply:?}");
         reply.json()
     }
 
-    /// `POST /events` with `body` as `application/octet-stream`.
-    pub fn post(&self, body: &[u8]) -> Reply {
+    fn post(&self, body: &[u8]) -> Reply {
         http(
             "POST",
             &self.url("/events"),
@@ -103,45 +61,10 @@ impl Api {
         )
     }
 
-    /// The `/metrics` text.
-    pub fn metrics(&self) -> String {
+    fn metrics(&self) -> String {
         let reply = http("GET", &self.url("/metrics"), &[], None);
         assert_eq!(reply.status, 200, "GET /metrics: {reply:?}");
         reply.body
-    }
-
-    /// Sends SIGTERM and waits for the exit.
-    pub fn stop(&mut self) -> ExitStatus {
-        self.stop_with("TERM")
-    }
-
-    /// Sends `signal` (`TERM`, `INT`, ...) and waits for the exit.
-    pub fn stop_with(&mut self, signal: &str) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill failed");
-        child.wait().expect("waiting for ipevent-api")
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Settings from the environment of whoever runs the tests must not change the API's.
-pub fn clear_ipevent_env(command: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("IPEVENT_") {
-            command.env_remove(key);
-        }
     }
 }
 

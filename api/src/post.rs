@@ -1,0 +1,44 @@
+//! The API's own store writer, for the events `POST /events` takes.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ipevent_core::store::{AddrStats, AppendBlocks, StoreError, StoreWriter};
+use ipevent_core::{DataDir, IpEvent};
+
+/// The API's own writer: one-record blocks for the events `POST /events` takes.
+pub struct PostWriter {
+    writer: StoreWriter,
+    /// Epoch of the last block. It starts at the start time in microseconds, so epochs keep
+    /// growing across restarts as long as fewer than a million events a second are posted.
+    epoch: u64,
+}
+
+impl PostWriter {
+    /// A writer for `writer_id` in `data`. Every append is synced to disk before it returns,
+    /// because a 202 promises the event will be counted.
+    pub fn new(data: DataDir, writer_id: &str) -> Result<PostWriter, StoreError> {
+        let start_micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Ok(PostWriter {
+            writer: StoreWriter::new(data, writer_id, true)?,
+            epoch: start_micros,
+        })
+    }
+
+    /// Appends one event that arrived at `unix_secs`.
+    pub fn append(&mut self, event: &IpEvent, unix_secs: u32) -> Result<(), StoreError> {
+        self.epoch += 1;
+        self.writer.append(
+            &event.app,
+            self.epoch,
+            &[(event.ip, AddrStats::one(unix_secs))],
+        )
+    }
+
+    /// Forgets what it knows of its logs: after a reset moved the tree away, the next append
+    /// of each app starts a new log.
+    pub fn forget_logs(&mut self) {
+        self.writer.forget_logs();
+    }
+}
