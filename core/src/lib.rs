@@ -1,8 +1,9 @@
-//! What every ipevent binary shares: the wire format ([`wire`]), the log block format
-//! ([`block`]), the store and its one reader and writer ([`store`]), the receiver's journal
-//! ([`journal`]) and pending map ([`aggregate`]), the report ([`report`]), the control channel
-//! ([`control`]), the receiver's counters ([`stats`]), sizing estimates ([`capacity`]), hex
-//! ([`hex`]), the conformance vectors ([`testdata`]) and the batch socket calls ([`sys`]).
+//! What every ipevent binary shares: the wire format ([`wire`]), the hash of an app file
+//! ([`apk`]), the log block format ([`block`]), the store and its one reader and writer
+//! ([`store`]), the receiver's journal ([`journal`]) and pending map ([`aggregate`]), the report
+//! ([`report`]), the control channel ([`control`]), the receiver's counters ([`stats`]), sizing
+//! estimates ([`capacity`]), hex ([`hex`]), the conformance vectors ([`testdata`]) and the batch
+//! socket calls ([`sys`]).
 //!
 //! There is one decoder, one classifier and one store reader; every binary uses these.
 //!
@@ -13,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod apk;
 pub mod block;
 pub mod capacity;
 pub mod control;

@@ -14,8 +14,10 @@ const FORBIDDEN: &[&str] = &[
     "fs::write(",
 ];
 
-/// The one module allowed to open files, and system files outside any data dir.
-const ALLOWED_FILE: &str = "core/src/store/fsio.rs";
+/// The modules allowed to open files: the store's helpers, and the hashing of an operator's
+/// app package (a path given on the command line, outside any data dir, where following a
+/// link is what the operator asks for); and system files outside any data dir.
+const ALLOWED_FILES: &[&str] = &["core/src/store/fsio.rs", "core/src/apk.rs"];
 const ALLOWED_LINE: &str = "\"/proc/";
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -47,7 +49,7 @@ fn every_open_goes_through_the_no_follow_helpers() {
     let mut offences = Vec::new();
     for file in files {
         let relative = file.strip_prefix(root).unwrap();
-        if relative == Path::new(ALLOWED_FILE) {
+        if ALLOWED_FILES.iter().any(|f| relative == Path::new(f)) {
             continue;
         }
         let text = std::fs::read_to_string(&file).unwrap();

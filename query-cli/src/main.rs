@@ -1,7 +1,7 @@
 //! `ipevent-query`: the operator's CLI. Prints the report of one app, lists the known apps.
 //!
-//! Exit codes: 0 success; 1 unknown app; 2 malformed SHA or usage; 3 the store could not be
-//! read, or the result could not be written.
+//! Exit codes: 0 success; 1 unknown app; 2 malformed SHA, unreadable `--apk` file or usage; 3 the
+//! store could not be read, or the result could not be written.
 //!
 //! With `--store s3://BUCKET/PREFIX` it reads the bucket every receiver ships to instead of
 //! the local tree, merging all of them.
@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ipevent_core::apk;
 use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, SyncOutcome};
 use ipevent_core::report::{report_json, JsonView};
@@ -56,6 +57,11 @@ struct Cli {
 
     /// The app's SHA-256 (64 hex digits).
     sha: Option<String>,
+
+    /// Report the app whose package file this is: its SHA-256 is computed (streamed, in fixed
+    /// chunks) and printed on stderr, then the answer is the same as for that SHA.
+    #[arg(long, value_name = "PATH", conflicts_with = "sha")]
+    apk: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Option<Sub>,
@@ -197,10 +203,19 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             sync_if_asked(cli, &data);
             report(store.as_ref(), &name, &app, cli)
         }
-        (None, None) => Err(Failure::new(
-            2,
-            "give an app SHA-256, or a command (`list`); see --help",
-        )),
+        (None, None) => {
+            let Some(path) = &cli.apk else {
+                return Err(Failure::new(
+                    2,
+                    "give an app SHA-256, --apk PATH, or a command (`list`); see --help",
+                ));
+            };
+            let app = apk::sha256_file(path).map_err(|e| Failure::new(2, e.to_string()))?;
+            eprintln!("ipevent-query: {} has SHA-256 {app}", path.display());
+            let (store, name) = open_store(cli, &data)?;
+            sync_if_asked(cli, &data);
+            report(store.as_ref(), &name, &app, cli)
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipevent_core::apk;
 use ipevent_core::hex::{self, HexError};
 use ipevent_core::wire::{self, AppSha, IpEvent, MAX_DATAGRAM_BYTES};
 use ipevent_test_client::run::{self, Limit, RunConfig, MAX_VERIFY_APPS};
@@ -39,6 +40,7 @@ Examples:
   ipevent-test-client run --scenario random --apps 1000000 --rate 0 --count 10000000 --json
   ipevent-test-client run --to receivers.example:4002 --api http://api.example:4003 --duration 60 --rate 50000 --max-drop-pct 0.1
   ipevent-test-client send --to 127.0.0.1:4002 <sha256> 10.0.0.1
+  ipevent-test-client send --to 127.0.0.1:4002 --apk app.apk 10.0.0.1
   ipevent-test-client encode --hex <sha256> 10.0.0.1 | ipevent-test-client decode --hex
 
 Exit status: 0 when every datagram was sent and the verified apps' reports match exactly;
@@ -145,6 +147,7 @@ struct RunArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(allow_missing_positional = true)]
 struct SendArgs {
     /// Receiver HOST:PORT.
     #[arg(
@@ -153,8 +156,12 @@ struct SendArgs {
         default_value = "127.0.0.1:4002"
     )]
     to: String,
-    /// The app's SHA-256 (64 hex digits).
-    sha: String,
+    /// Send for the app whose package file this is, instead of a SHA: its SHA-256 is computed
+    /// (streamed, in fixed chunks) and printed on stderr.
+    #[arg(long, value_name = "PATH", conflicts_with = "sha")]
+    apk: Option<PathBuf>,
+    /// The app's SHA-256 (64 hex digits); left out with --apk.
+    sha: Option<String>,
     /// The IPv4 address (dotted, or an integer 0-4294967295).
     ip: String,
 }
@@ -334,7 +341,23 @@ fn encode_event(sha: &str, ip: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 fn cmd_send(args: SendArgs) -> anyhow::Result<ExitCode> {
-    let datagram = encode_event(&args.sha, &args.ip)?;
+    let app = match (&args.sha, &args.apk) {
+        (Some(sha), _) => parse_sha(sha)?,
+        (None, Some(path)) => {
+            let app = apk::sha256_file(path).map_err(|e| usage(e.to_string()))?;
+            eprintln!("ipevent-test-client: {} has SHA-256 {app}", path.display());
+            app
+        }
+        (None, None) => {
+            return Err(usage(
+                "give the app's SHA-256 or --apk PATH before the address",
+            ))
+        }
+    };
+    let datagram = wire::encode_to_vec(&IpEvent {
+        app,
+        ip: parse_ip(&args.ip)?,
+    });
     let targets = send::resolve_targets(std::slice::from_ref(&args.to))
         .map_err(|e| usage(format!("{e:#}")))?;
     let to = targets[0];
