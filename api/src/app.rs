@@ -15,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use ipevent_core::lookup;
 use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{Store, StoreError};
@@ -80,6 +81,8 @@ pub fn router(state: Shared, request_timeout: Duration) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_DATAGRAM_BYTES)),
         )
         .route("/events/{sha}", get(get_events))
+        .route("/ips/{addr}", get(get_ips))
+        .route("/ips/{addr}/{prefix}", get(get_ips))
         .fallback(not_found)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -257,6 +260,44 @@ async fn get_events(
         )
             .into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("unknown app {app}")),
+        Ok(Err(e)) => internal_error("reading the store", e),
+        Err(e) => internal_error("reading the store", e),
+    };
+    let headers = response.headers_mut();
+    headers.insert(&SYNC_HEADER, HeaderValue::from_static(synced.name()));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `GET /ips/{addr}` and `GET /ips/{net}/{prefix}`: the apps that talked to the address or
+/// block, after the receivers flushed (`lookup::apps_by_address`).
+async fn get_ips(
+    State(state): State<Shared>,
+    path: Result<Path<std::collections::HashMap<String, String>>, PathRejection>,
+) -> Response {
+    let text = match path {
+        Ok(Path(parts)) => match (parts.get("addr"), parts.get("prefix")) {
+            (Some(addr), Some(prefix)) => format!("{addr}/{prefix}"),
+            (Some(addr), None) => addr.clone(),
+            _ => return error(StatusCode::BAD_REQUEST, "no address in the path"),
+        },
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let cidr: lookup::Cidr = match text.parse() {
+        Ok(cidr) => cidr,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    let _gate = state.gate.read().await;
+    let synced = state.syncer.sync().await;
+    let data = state.data.clone();
+    let read = tokio::task::spawn_blocking(move || lookup::apps_by_address(&data, cidr)).await;
+    let mut response = match read {
+        Ok(Ok(found)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&found.report).expect("address reports serialise"),
+        )
+            .into_response(),
         Ok(Err(e)) => internal_error("reading the store", e),
         Err(e) => internal_error("reading the store", e),
     };

@@ -1,9 +1,9 @@
 //! What every ipevent binary shares: the wire format ([`wire`]), the hash of an app file
 //! ([`apk`]), the log block format ([`block`]), the store and its one reader and writer
 //! ([`store`]), the receiver's journal ([`journal`]) and pending map ([`aggregate`]), the report
-//! ([`report`]), the control channel ([`control`]), the receiver's counters ([`stats`]), sizing
-//! estimates ([`capacity`]), hex ([`hex`]), the conformance vectors ([`testdata`]) and the batch
-//! socket calls ([`sys`]).
+//! ([`report`]), the lookup by address ([`lookup`]), the control channel ([`control`]), the
+//! receiver's counters ([`stats`]), sizing estimates ([`capacity`]), hex ([`hex`]), the
+//! conformance vectors ([`testdata`]) and the batch socket calls ([`sys`]).
 //!
 //! There is one decoder, one classifier and one store reader; every binary uses these.
 //!
@@ -20,6 +20,7 @@ pub mod capacity;
 pub mod control;
 pub mod hex;
 pub mod journal;
+pub mod lookup;
 pub mod privilege;
 pub mod report;
 pub mod stats;

@@ -81,7 +81,7 @@ fn dotted(ip: u32) -> String {
     Ipv4Addr::from(ip).to_string()
 }
 
-fn rfc3339(unix_secs: u32) -> String {
+pub(crate) fn rfc3339(unix_secs: u32) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(unix_secs));
     humantime::format_rfc3339_seconds(time).to_string()
 }

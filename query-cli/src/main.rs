@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use ipevent_core::apk;
 use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, SyncOutcome};
+use ipevent_core::lookup::{self, Cidr, CidrError};
 use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, DataDir, Store};
@@ -74,6 +75,14 @@ enum Sub {
         /// Show at most this many apps (0: all).
         #[arg(long, default_value_t = 20)]
         limit: usize,
+    },
+    /// Lists the apps that talked to an address, or to any address of a CIDR block, most
+    /// events first: {"ip":…,"apps":[{"app_sha256":…,"count":…,"good":…,"first_seen":…,
+    /// "last_seen":…}]}. `good` is true when the app's report classifies every matching address
+    /// as good. The store is scanned app by app.
+    Ip {
+        /// An IPv4 address (185.220.101.7) or CIDR block (185.220.101.0/24).
+        addr: String,
     },
     /// Estimates disk, inodes, memory and network for a given traffic, from the real record
     /// sizes of the store.
@@ -165,6 +174,14 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             sync_if_asked(cli, &data);
             list(store.as_ref(), *limit, cli.pretty)
         }
+        (Some(Sub::Ip { addr }), _) => {
+            let cidr: Cidr = addr
+                .parse()
+                .map_err(|e: CidrError| Failure::new(2, e.to_string()))?;
+            let (store, _) = open_store(cli, &data)?;
+            sync_if_asked(cli, &data);
+            by_address(store.as_ref(), cidr, cli.pretty)
+        }
         (
             Some(Sub::Capacity {
                 apps,
@@ -255,6 +272,19 @@ fn report(store: &dyn Store, name: &str, app: &AppSha, cli: &Cli) -> Result<Stri
         eprintln!("ipevent-query: warning: {why}; not counted");
     }
     Ok(report.json)
+}
+
+fn by_address(store: &dyn Store, cidr: Cidr, pretty: bool) -> Result<String, Failure> {
+    let found = lookup::apps_by_address(store, cidr).map_err(store_failure)?;
+    for (app, why) in &found.unreadable {
+        log::warn!("app {app} could not be read ({why}); left out");
+    }
+    Ok(if pretty {
+        serde_json::to_string_pretty(&found.report)
+    } else {
+        serde_json::to_string(&found.report)
+    }
+    .expect("address reports serialise"))
 }
 
 fn list(store: &dyn Store, limit: usize, pretty: bool) -> Result<String, Failure> {
