@@ -423,33 +423,31 @@ impl StoreWriter {
         records: &[(u32, AddrStats)],
         state: LogState,
     ) -> Result<(), StoreError> {
-        let mut written = 0u64;
+        let block = &mut self.block;
+        let fsync = self.fsync;
         let result = (|| {
-            let mut file = open_for_append(path, &state)?;
-            for (i, chunk) in records.chunks(RUN_CHUNK_RECORDS).enumerate() {
-                if i == 0 {
-                    self.block.begin(epoch);
-                } else {
-                    self.block.begin_continuing(epoch);
-                }
-                for (ip, stats) in chunk {
-                    self.block.push(*ip, stats);
-                }
-                let bytes = self.block.finish();
-                file.write_all(bytes)
-                    .map_err(io_err("appending to", path))?;
-                written += bytes.len() as u64;
+            let mut out = RunWriter {
+                file: open_for_append(path, &state)?,
+                path,
+                block,
+                epoch,
+                len: 0,
+                events: 0,
+            };
+            out.block.begin(epoch);
+            for (ip, stats) in records {
+                out.push(*ip, stats)?;
             }
-            if self.fsync {
-                file.sync_data().map_err(io_err("syncing", path))?;
+            out.finish()?;
+            if fsync {
+                out.file.sync_data().map_err(io_err("syncing", path))?;
             }
-            Ok(())
+            Ok((out.len, out.events))
         })();
         match result {
-            Ok(()) => {
+            Ok((written, events)) => {
                 self.counters.appended_bytes += written;
                 let first = state.good_len == 0;
-                let events: u64 = records.iter().map(|(_, s)| s.count).sum();
                 self.remember(
                     app,
                     LogState {
@@ -589,7 +587,7 @@ fn run_bytes(records: usize) -> u64 {
     (blocks * block::BLOCK_HEADER_BYTES + records * block::BLOCK_RECORD_BYTES) as u64
 }
 
-/// Writes one sorted run, block after block, into a new file.
+/// Writes one sorted run, block after block: appended to a log, or into a new file.
 struct RunWriter<'a> {
     file: File,
     path: &'a Path,
