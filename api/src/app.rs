@@ -51,6 +51,8 @@ pub struct AppState {
     pub data: DataDir,
     /// Where reports are read: the data dir, or the bucket of `--store`.
     pub reader: Arc<dyn Store + Send + Sync>,
+    /// With `--store`: the bucket, which a reset resets for every receiver that ships there.
+    pub bucket: Option<Arc<ipevent_store_s3::Bucket>>,
     /// Syncs with the receivers before reads.
     pub syncer: Syncer,
     /// The API's counters.
@@ -444,22 +446,52 @@ async fn delete_events(
     let posts = state.posts.clone();
     let metrics = state.metrics.clone();
     let timeout = state.control_timeout;
+    let bucket = state.bucket.clone();
     let done = tokio::task::spawn_blocking(move || {
         // Owned by the task, so a cancelled request cannot let reads or posts in mid-reset.
         let _gate = gate;
+        // The cluster first: a new generation in the bucket, followed by every receiver that
+        // ships there (each drops what it held and resets its own host's tree); then this
+        // host's tree, as without --store.
+        let cluster = match &bucket {
+            Some(bucket) => match bucket.reset(timeout) {
+                Ok(cluster) => Some(cluster),
+                Err(e) => {
+                    metrics.reset(false);
+                    return Err(ResetError::Store(format!(
+                        "resetting {}: {e}",
+                        bucket.url()
+                    )));
+                }
+            },
+            None => None,
+        };
         let mut posts = posts.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = reset::reset(&data, &mut posts, timeout);
+        let result = reset::reset(&data, &mut posts, timeout).map(|done| (done, cluster));
         metrics.reset(result.is_ok());
         result
     })
     .await;
     match done {
-        Ok(Ok(done)) => {
+        Ok(Ok((done, cluster))) => {
             log::info!(
                 "reset by {peer}: store emptied, {} receiver(s) held",
                 done.receivers.len()
             );
-            let body = serde_json::json!({ "reset": true, "receivers": done.receivers });
+            let mut body = serde_json::json!({ "reset": true, "receivers": done.receivers });
+            if let Some(cluster) = cluster {
+                if !cluster.not_following.is_empty() {
+                    log::warn!(
+                        "reset by {peer}: receivers {} have not followed generation {} yet; \
+                         they drop what they hold when they do",
+                        cluster.not_following.join(", "),
+                        cluster.generation
+                    );
+                }
+                body["generation"] = cluster.generation.into();
+                body["following"] = cluster.following.into();
+                body["not_following"] = cluster.not_following.into();
+            }
             (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],

@@ -83,14 +83,25 @@ fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     // Made outside the async runtime, and its last reference dropped outside it too: the
     // bucket has a runtime of its own, which may not be dropped inside another.
-    let reader: Arc<dyn ipevent_core::store::Store + Send + Sync> = match &config.store {
-        None => Arc::new(data.clone()),
+    let bucket = match &config.store {
+        None => None,
         Some(url) => {
             let url: ipevent_store_s3::StoreUrl = url.parse()?;
-            Arc::new(ipevent_store_s3::Bucket::from_env(url)?)
+            Some(Arc::new(ipevent_store_s3::Bucket::from_env(url)?))
         }
     };
-    let result = runtime.block_on(serve(config, data, writer_id, posts, Arc::clone(&reader)));
+    let reader: Arc<dyn ipevent_core::store::Store + Send + Sync> = match &bucket {
+        None => Arc::new(data.clone()),
+        Some(bucket) => bucket.clone(),
+    };
+    let result = runtime.block_on(serve(
+        config,
+        data,
+        writer_id,
+        posts,
+        reader,
+        bucket.clone(),
+    ));
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     result
 }
@@ -101,6 +112,7 @@ async fn serve(
     writer_id: String,
     posts: PostWriter,
     reader: Arc<dyn ipevent_core::store::Store + Send + Sync>,
+    bucket: Option<Arc<ipevent_store_s3::Bucket>>,
 ) -> anyhow::Result<()> {
     // Handlers first, so a signal that comes right after readiness is a clean stop.
     let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
@@ -110,13 +122,17 @@ async fn serve(
     let conns = metrics.conns.clone();
     let syncer = {
         let metrics = metrics.clone();
-        Syncer::new(data.clone(), config.sync_timeout(), move |outcome| {
-            metrics.sync_round(outcome)
-        })
+        Syncer::new(
+            data.clone(),
+            bucket.clone(),
+            config.sync_timeout(),
+            move |outcome| metrics.sync_round(outcome),
+        )
     };
     let state = Arc::new(AppState {
         data: data.clone(),
         reader,
+        bucket,
         syncer,
         metrics,
         gate: Arc::default(),

@@ -241,6 +241,8 @@ const RECEIVER_METRICS: &[ReceiverMetric] = &[
     ReceiverMetric { name: "ipevent_receiver_outbox_bytes", kind: "gauge", help: "Bytes of those flushes on local disk.", value: |s| s.outbox_bytes as f64 },
     ReceiverMetric { name: "ipevent_receiver_shipped_epoch", kind: "gauge", help: "Last flush epoch durable in the bucket.", value: |s| s.shipped_epoch as f64 },
     ReceiverMetric { name: "ipevent_receiver_ship_errors_total", kind: "counter", help: "Failed attempts to reach or write the bucket (retried).", value: |s| s.ship_errors as f64 },
+    ReceiverMetric { name: "ipevent_receiver_outbox_errors_total", kind: "counter", help: "Flushes the outbox could not take (below --min-free-bytes, I/O error); their events wait in memory and the journal.", value: |s| s.outbox_errors as f64 },
+    ReceiverMetric { name: "ipevent_receiver_ship_fenced", kind: "gauge", help: "1 when another process took this writer's database and shipping stopped.", value: |s| f64::from(u8::from(s.ship_fenced)) },
     ReceiverMetric { name: "ipevent_receiver_start_time_seconds", kind: "gauge", help: "When the receiver started, unix seconds.", value: |s| s.started_unix as f64 },
     ReceiverMetric { name: "ipevent_receiver_stats_updated_seconds", kind: "gauge", help: "When the receiver last wrote its stats, unix seconds (a stale value: it is not running).", value: |s| s.updated_unix as f64 },
 ];

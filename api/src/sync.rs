@@ -1,5 +1,7 @@
 //! Read-after-write (contract 4): before a report is read, every running receiver drains its
-//! sockets and flushes. Concurrent reads share these syncs.
+//! sockets and flushes. Concurrent reads share these syncs. With `--store`, the sync goes
+//! through the bucket to every receiver that ships there, on any host
+//! ([`ipevent_store_s3::Bucket::sync_all`]).
 //!
 //! A read may only rely on a sync that *started* after the read arrived: a sync already in
 //! flight may have drained the sockets before the read's events reached them. So a read that
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use ipevent_core::control;
 use ipevent_core::DataDir;
+use ipevent_store_s3::Bucket;
 use tokio::sync::watch;
 
 /// What a sync achieved; its name is the value of the `X-Ipevent-Sync` response header.
@@ -32,6 +35,8 @@ struct State {
 #[derive(Clone)]
 pub struct Syncer {
     data: DataDir,
+    /// With `--store`: sync every receiver shipping to this bucket instead.
+    bucket: Option<Arc<Bucket>>,
     timeout: Duration,
     state: Arc<Mutex<State>>,
     /// Called with each finished round's outcome (metrics).
@@ -39,14 +44,17 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    /// A syncer for `data` that gives each receiver `timeout` to answer.
+    /// A syncer for `data` (or, with a bucket, for every receiver shipping to it) that gives
+    /// each receiver `timeout` to answer.
     pub fn new(
         data: DataDir,
+        bucket: Option<Arc<Bucket>>,
         timeout: Duration,
         on_round: impl Fn(SyncOutcome) + Send + Sync + 'static,
     ) -> Syncer {
         Syncer {
             data,
+            bucket,
             timeout,
             state: Arc::default(),
             on_round: Arc::new(on_round),
@@ -82,13 +90,17 @@ impl Syncer {
     async fn run_rounds(self, mut round: Round) {
         loop {
             let data = self.data.clone();
+            let bucket = self.bucket.clone();
             let timeout = self.timeout;
-            let outcome = tokio::task::spawn_blocking(move || sync_all(&data, timeout))
-                .await
-                .unwrap_or_else(|e| {
-                    log::error!("sync task failed: {e}");
-                    SyncOutcome::Failed
-                });
+            let outcome = tokio::task::spawn_blocking(move || match bucket {
+                Some(bucket) => sync_cluster(&bucket, timeout),
+                None => sync_all(&data, timeout),
+            })
+            .await
+            .unwrap_or_else(|e| {
+                log::error!("sync task failed: {e}");
+                SyncOutcome::Failed
+            });
             (self.on_round)(outcome);
             round.send_replace(Some(outcome));
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -119,6 +131,28 @@ fn sync_all(data: &DataDir, timeout: Duration) -> SyncOutcome {
                 "sync: listing the receivers of {}: {e}",
                 data.root().display()
             );
+            SyncOutcome::Failed
+        }
+    }
+}
+
+/// One round of [`Bucket::sync_all`]: `ok` when every live receiver answered, `none` when no
+/// receiver ships to the bucket, `failed` (naming who did not answer) otherwise.
+fn sync_cluster(bucket: &Bucket, timeout: Duration) -> SyncOutcome {
+    match bucket.sync_all(timeout) {
+        Ok(outcome) if !outcome.missing.is_empty() => {
+            log::warn!(
+                "sync: receivers {} did not answer through {} within {timeout:?}; serving what \
+                 the bucket holds",
+                outcome.missing.join(", "),
+                bucket.url()
+            );
+            SyncOutcome::Failed
+        }
+        Ok(outcome) if outcome.answered.is_empty() => SyncOutcome::None,
+        Ok(_) => SyncOutcome::Ok,
+        Err(e) => {
+            log::warn!("sync through {}: {e}", bucket.url());
             SyncOutcome::Failed
         }
     }

@@ -19,7 +19,6 @@ use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, SyncOutcome};
 use ipevent_core::lookup::{self, Cidr, CidrError};
 use ipevent_core::report::{report_json, JsonView};
-use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, DataDir, Store};
 use ipevent_core::AppSha;
 use ipevent_store_s3::{Bucket, StoreUrl};
@@ -47,8 +46,9 @@ struct Cli {
     pretty: bool,
 
     /// First ask every running receiver on this data dir to drain its sockets and flush, so
-    /// everything that reached them is reported. With --store, also wait until they have
-    /// shipped that flush to the bucket.
+    /// everything that reached them is reported. With --store, ask every receiver that ships
+    /// to the bucket, on any host, to drain, flush and ship (through a request in the bucket),
+    /// and name those that do not answer within 10 s.
     #[arg(long, global = true)]
     sync: bool,
 
@@ -320,9 +320,14 @@ fn list(store: &dyn Store, limit: usize, pretty: bool) -> Result<String, Failure
 }
 
 /// With `--sync`, asks every running receiver to drain and flush. A receiver that cannot is
-/// reported on stderr; the query then shows what is on disk.
+/// reported on stderr; the query then shows what is on disk. With `--store`, the request goes
+/// through the bucket to every receiver that ships there, on any host.
 fn sync_if_asked(cli: &Cli, data: &DataDir) {
     if !cli.sync {
+        return;
+    }
+    if let Some(url) = &cli.store {
+        sync_cluster(url);
         return;
     }
     match control::sync_all(data, SYNC_TIMEOUT) {
@@ -334,46 +339,31 @@ fn sync_if_asked(cli: &Cli, data: &DataDir) {
             for (writer_id, e) in summary.failed {
                 log::warn!("receiver {writer_id} did not sync ({e}); showing what is on disk");
             }
-            if cli.store.is_some() {
-                for writer_id in &summary.synced {
-                    wait_shipped(data, writer_id);
-                }
-            }
         }
         Err(e) => log::warn!("looking for receivers: {e}"),
     }
 }
 
-/// After a receiver synced (its stats file, written before it answered, shows the flush's
-/// epoch), waits until it has shipped and published every flush up to that one, as its stats
-/// show, for at most [`SYNC_TIMEOUT`]. A receiver that does not ship is not waited for.
-fn wait_shipped(data: &DataDir, writer_id: &str) {
-    let Ok(at_sync) = ReceiverStats::read(data, writer_id) else {
-        return;
-    };
-    if at_sync.store.is_empty() {
-        return;
-    }
-    let start = std::time::Instant::now();
-    let mut pause = Duration::from_millis(2);
-    loop {
-        if let Ok(s) = ReceiverStats::read(data, writer_id) {
-            if s.epoch >= at_sync.epoch
-                && s.ship_lag_epochs == 0
-                && s.published_epoch == s.shipped_epoch
-            {
-                return;
+/// `--sync --store`: every receiver that ships to the bucket drains, flushes and ships; the
+/// ones that do not answer within [`SYNC_TIMEOUT`] are named.
+fn sync_cluster(url: &str) {
+    let synced = url
+        .parse::<StoreUrl>()
+        .and_then(Bucket::from_env)
+        .and_then(|bucket| bucket.sync_all(SYNC_TIMEOUT));
+    match synced {
+        Ok(outcome) if outcome.answered.is_empty() && outcome.missing.is_empty() => {
+            log::warn!("no receiver is shipping to {url}; showing what the bucket holds")
+        }
+        Ok(outcome) => {
+            if !outcome.missing.is_empty() {
+                log::warn!(
+                    "receivers {} did not answer the sync within {SYNC_TIMEOUT:?}; \
+                     what they received lately may be missing",
+                    outcome.missing.join(", ")
+                );
             }
         }
-        if start.elapsed() >= SYNC_TIMEOUT {
-            log::warn!(
-                "receiver {writer_id} has not shipped its flush {} within {SYNC_TIMEOUT:?}; \
-                 the bucket may not show all of it yet",
-                at_sync.epoch
-            );
-            return;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
+        Err(e) => log::warn!("sync through {url}: {e}; showing what the bucket holds"),
     }
 }

@@ -320,6 +320,8 @@ fn start_shipping(
         instance: ship::instance_token(data, writer_id)?,
         holder: format!("host {host}, data dir {}", config.data_dir.display()),
         outbox_dir: ipevent_store_s3::outbox::dir(data, writer_id),
+        data: data.clone(),
+        control_socket: data.control_socket(writer_id),
         interval: Duration::from_millis(config.ship_interval_ms),
         counters: Arc::clone(&counters),
     };

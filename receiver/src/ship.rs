@@ -9,14 +9,16 @@
 //! written into the outbox, so a crash between a flush's local append and its outbox entry is
 //! repaired from the journal (see [`Outbox::note_replayed`]).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::aggregate::{Pending, Record};
+use ipevent_core::control::{self, Command as Ctl, Reply};
 use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, DataDir};
 use ipevent_core::{AddrStats, AppSha};
@@ -29,6 +31,9 @@ pub const START_WAIT: Duration = Duration::from_secs(10);
 /// How long a clean stop waits for the shipper to ship the last flush; what is left stays in
 /// the outbox for the next start.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long the shipper waits for its own writer to drain and flush for a sync request of
+/// the cluster.
+const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// Shipping failures are logged at most this often.
 const COMPLAINT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -52,6 +57,9 @@ pub struct ShipCounters {
     outbox_errors: AtomicU64,
     /// The shipper stopped for good: another process took the database.
     fenced: AtomicBool,
+    /// Records wait in memory for an outbox entry (its last write failed): the outbox does
+    /// not cover every flush, so the shipper cannot answer a sync request.
+    carried: AtomicBool,
 }
 
 impl ShipCounters {
@@ -153,6 +161,34 @@ impl Outbox {
         self.finish();
     }
 
+    /// Whether records wait in memory for an entry (an outbox write failed). While they do,
+    /// the writer keeps the journal (it holds them, for a crash), so the journal's size bounds
+    /// them: once it is full, ingest waits as it does when the store cannot be written.
+    pub fn has_carried(&self) -> bool {
+        !self.carry.is_empty()
+    }
+
+    /// Tries again to queue what a failed outbox write left in memory, as the entry of
+    /// `epoch`: the last flush epoch, whose own entry is one of those that failed (no entry of
+    /// it exists, so the shipper has not passed it).
+    pub fn retry_carried(&mut self, epoch: u64) {
+        if self.carry.is_empty() {
+            return;
+        }
+        assert!(
+            epoch > self.covered_epoch,
+            "carried records of epoch {epoch} already in the outbox"
+        );
+        self.builder.begin(epoch);
+        self.finish();
+    }
+
+    /// A reset: what waits in memory for an entry is dropped with the rest.
+    pub fn discard_carried(&mut self) {
+        self.carry = Pending::default();
+        self.counters.carried.store(false, SeqCst);
+    }
+
     /// Starts the entry of flush `epoch`.
     pub fn begin(&mut self, epoch: u64) {
         self.builder.begin(epoch);
@@ -165,7 +201,8 @@ impl Outbox {
 
     /// Writes the entry (with any carried records) into the outbox and wakes the shipper.
     /// When it cannot (free space below `--min-free-bytes`, an I/O error), its records are
-    /// carried into the next entry, in memory.
+    /// carried into the next entry, in memory, and counted (`outbox_errors`); the journal
+    /// keeps them meanwhile (see [`Outbox::has_carried`]).
     pub fn finish(&mut self) {
         if !self.carry.is_empty() {
             let carried = self.carry.take();
@@ -182,10 +219,14 @@ impl Outbox {
                 self.covered_epoch = epoch;
                 self.counters.entries.fetch_add(1, Relaxed);
                 self.counters.bytes.fetch_add(bytes, Relaxed);
-                self.counters.written_epoch.store(epoch, Relaxed);
+                // Ordered with `carried`: a shipper that reads it false after a sync sees
+                // this entry's epoch.
+                self.counters.written_epoch.store(epoch, SeqCst);
+                self.counters.carried.store(false, SeqCst);
                 let _ = self.wake.try_send(());
             }
             Err(e) => {
+                self.counters.carried.store(true, SeqCst);
                 self.counters.outbox_errors.fetch_add(1, Relaxed);
                 for (app, addrs) in self.builder.decode() {
                     for (ip, stats) in addrs {
@@ -200,7 +241,7 @@ impl Outbox {
                     self.last_complaint = Some(now);
                     log::error!(
                         "outbox: flush {epoch} not queued for shipping ({e}); its events are \
-                         kept in memory for the next flush"
+                         kept in memory and in the journal until the outbox takes them"
                     );
                 }
             }
@@ -256,6 +297,11 @@ pub struct ShipperSettings {
     /// Host and data dir, for the error another receiver with our id sees.
     pub holder: String,
     pub outbox_dir: PathBuf,
+    /// The data dir (a reset of the cluster resets its local tree too).
+    pub data: DataDir,
+    /// This receiver's control socket: the shipper asks its writer to drain and flush there
+    /// when a reader's sync request arrives through the bucket.
+    pub control_socket: PathBuf,
     pub interval: Duration,
     pub counters: Arc<ShipCounters>,
 }
@@ -340,6 +386,14 @@ fn stopped_within(stop: &Receiver<()>, pause: Duration) -> bool {
     !matches!(stop.recv_timeout(pause), Err(RecvTimeoutError::Timeout))
 }
 
+/// What ends the shipping to one generation's database.
+enum Next {
+    /// The receiver stops.
+    Stop,
+    /// A reset started this generation: follow it.
+    Generation(u64),
+}
+
 fn run(s: ShipperSettings, woken: Receiver<()>, stop: Receiver<()>, started: Sender<Started>) {
     let mut complained: Option<Instant> = None;
     let mut complain = |what: &str, e: &S3Error, counters: &ShipCounters| {
@@ -350,35 +404,138 @@ fn run(s: ShipperSettings, woken: Receiver<()>, stop: Receiver<()>, started: Sen
             log::warn!("shipping to {}: {what}: {e}", s.bucket.url());
         }
     };
-    // Open the database (the object store may be down: keep trying until stopped).
-    let db = loop {
-        match ShipDb::open(Arc::clone(&s.bucket), &s.writer_id, &s.instance, &s.holder) {
-            Ok(db) => break db,
-            Err(e @ S3Error::LeaseHeld { .. }) => {
-                let _ = started.send(Started::Refused(e));
-                return;
-            }
+    // The object store may be down: every step is tried again each interval until stopped.
+    let mut generation = loop {
+        match s.bucket.generation() {
+            Ok(generation) => break generation,
             Err(e) => {
-                complain("opening the database", &e, &s.counters);
+                complain("reading the generation", &e, &s.counters);
                 if stopped_within(&stop, s.interval) {
                     return;
                 }
             }
         }
     };
-    let _ = started.send(Started::Open);
-    log::info!(
-        "shipping flushes to {} (database {})",
-        s.bucket.url(),
-        db.location()
-    );
+    let mut starting = true;
+    // A database this writer closed and still has to delete: (generation).
+    let mut left_behind: Option<u64> = None;
+    loop {
+        let db = loop {
+            match ShipDb::open_in(
+                Arc::clone(&s.bucket),
+                generation,
+                &s.writer_id,
+                &s.instance,
+                &s.holder,
+            ) {
+                Ok(db) => break db,
+                Err(e @ S3Error::LeaseHeld { .. }) => {
+                    let _ = started.send(Started::Refused(e));
+                    return;
+                }
+                Err(e) => {
+                    complain("opening the database", &e, &s.counters);
+                    if stopped_within(&stop, s.interval) {
+                        return;
+                    }
+                }
+            }
+        };
+        if starting {
+            starting = false;
+            let _ = started.send(Started::Open);
+            // A reset this receiver missed while it was not running: drop what it kept from
+            // before it (its data dir recorded the generation it last shipped to).
+            match local_generation(&s.data, &s.writer_id) {
+                Some(local) if local < generation => {
+                    log::warn!(
+                        "the cluster was reset while this receiver was away (generation {local} \
+                         -> {generation}); dropping what it held from before"
+                    );
+                    while let Err(e) = drop_local_state(&s) {
+                        log::warn!("following the reset: {e}; trying again");
+                        if stopped_within(&stop, s.interval) {
+                            return;
+                        }
+                    }
+                    left_behind = Some(local);
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = set_local_generation(&s.data, &s.writer_id, generation) {
+            log::warn!("{e}");
+        }
+        let following = loop {
+            match s.bucket.set_following(&s.writer_id, generation) {
+                Ok(()) => break Ok(()),
+                Err(e) => {
+                    complain("saying which generation it ships to", &e, &s.counters);
+                    if stopped_within(&stop, s.interval) {
+                        break Err(());
+                    }
+                }
+            }
+        };
+        if following.is_err() {
+            let _ = db.close();
+            return;
+        }
+        if let Some(old) = left_behind.take() {
+            match s.bucket.delete_database(old, &s.writer_id) {
+                Ok(n) => {
+                    log::info!("deleted this writer's database of generation {old} ({n} objects)")
+                }
+                Err(e) => log::warn!("deleting this writer's database of generation {old}: {e}"),
+            }
+        }
+        log::info!(
+            "shipping flushes to {} (database {})",
+            s.bucket.url(),
+            db.location()
+        );
+        match ship_to(&s, &db, &woken, &stop, &mut complain) {
+            None => return,
+            Some(Next::Stop) => {
+                if let Err(e) = db.close() {
+                    log::warn!("closing {}: {e}", s.bucket.url());
+                }
+                return;
+            }
+            Some(Next::Generation(next)) => {
+                log::info!("the cluster was reset (generation {next}): following");
+                if let Err(e) = db.close_keeping_lease() {
+                    log::warn!("closing {}: {e}", s.bucket.url());
+                }
+                while let Err(e) = drop_local_state(&s) {
+                    log::warn!("following the reset: {e}; trying again");
+                    if stopped_within(&stop, s.interval) {
+                        return;
+                    }
+                }
+                left_behind = Some(generation);
+                generation = next;
+            }
+        }
+    }
+}
+
+/// Ships to one generation's database until the receiver stops or a reset moves the cluster
+/// to another generation. `None` when the database was taken over (fenced) and shipping ends.
+fn ship_to(
+    s: &ShipperSettings,
+    db: &ShipDb,
+    woken: &Receiver<()>,
+    stop: &Receiver<()>,
+    complain: &mut impl FnMut(&str, &S3Error, &ShipCounters),
+) -> Option<Next> {
     let mut shipped = loop {
         match db.shipped_epoch() {
             Ok(epoch) => break epoch,
             Err(e) => {
                 complain("reading the shipped epoch", &e, &s.counters);
-                if stopped_within(&stop, s.interval) {
-                    return;
+                if stopped_within(stop, s.interval) {
+                    return Some(Next::Stop);
                 }
             }
         }
@@ -387,18 +544,33 @@ fn run(s: ShipperSettings, woken: Receiver<()>, stop: Receiver<()>, started: Sen
     s.counters.published_epoch.store(shipped, Relaxed);
     let mut stopping = false;
     let mut unpublished = false;
+    let mut served = BTreeSet::new();
+    let mut next_look = Instant::now();
     loop {
-        match ship_round(&s, &db, &mut shipped, &mut unpublished) {
+        let mut result = ship_round(s, db, &mut shipped, &mut unpublished);
+        if result.is_ok() && !stopping && Instant::now() >= next_look {
+            next_look = Instant::now() + s.interval;
+            match s.bucket.generation() {
+                Ok(current) if current > db.generation() => {
+                    return Some(Next::Generation(current));
+                }
+                Ok(_) => {
+                    result = answer_syncs(s, db, &mut shipped, &mut unpublished, &mut served);
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        match result {
             Ok(()) => {}
             Err(e @ S3Error::Fenced { .. }) => {
                 s.counters.fenced.store(true, Relaxed);
                 log::error!("{e}");
-                return;
+                return None;
             }
             Err(e) => complain("shipping", &e, &s.counters),
         }
         if stopping {
-            break;
+            return Some(Next::Stop);
         }
         crossbeam_channel::select! {
             recv(stop) -> _ => stopping = true,
@@ -406,9 +578,140 @@ fn run(s: ShipperSettings, woken: Receiver<()>, stop: Receiver<()>, started: Sen
             default(s.interval) => {}
         }
     }
-    if let Err(e) = db.close() {
-        log::warn!("closing {}: {e}", s.bucket.url());
+}
+
+fn generation_path(data: &DataDir, writer_id: &str) -> PathBuf {
+    data.receiver_dir(writer_id).join("generation")
+}
+
+/// The generation this data dir last shipped to; `None` when it never shipped (a new data
+/// dir, or one that ran without `--store`: nothing in it predates a reset it could know of).
+fn local_generation(data: &DataDir, writer_id: &str) -> Option<u64> {
+    store::read_file(&generation_path(data, writer_id))
+        .ok()
+        .flatten()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.trim().parse().ok())
+}
+
+fn set_local_generation(
+    data: &DataDir,
+    writer_id: &str,
+    generation: u64,
+) -> Result<(), store::StoreError> {
+    store::write_atomic(
+        &generation_path(data, writer_id),
+        format!("{generation}\n").as_bytes(),
+    )
+}
+
+/// Follows a reset of the cluster on this host, as `DELETE /events` resets one host: holds
+/// every receiver of the data dir (each drops what it holds pending and in its journal, and
+/// this one what its outbox could not take), drops this receiver's outbox, moves the local
+/// tree into `trash/` (deleted in the background) and lets them go.
+fn drop_local_state(s: &ShipperSettings) -> Result<(), String> {
+    let answers = control::hold_all(&s.data, SYNC_WAIT)
+        .map_err(|e| format!("listing the receivers of {}: {e}", s.data.root().display()))?;
+    let mut holds = Vec::new();
+    let mut refused = Vec::new();
+    for answer in answers {
+        match answer.result {
+            Ok(hold) => holds.push(hold),
+            Err(e) => refused.push(format!("{}: {e}", answer.writer_id)),
+        }
     }
+    let result = if refused.is_empty() {
+        drop_outbox(s).and_then(|()| move_tree_away(&s.data))
+    } else {
+        Err(format!(
+            "receivers could not be held ({})",
+            refused.join("; ")
+        ))
+    };
+    for hold in holds {
+        if let Err(e) = hold.end(SYNC_WAIT) {
+            log::warn!("following the reset: a receiver did not confirm its release: {e}");
+        }
+    }
+    result
+}
+
+/// Removes every outbox entry (the writer is held: none is being written).
+fn drop_outbox(s: &ShipperSettings) -> Result<(), String> {
+    for (epoch, bytes) in outbox::entries(&s.outbox_dir).map_err(|e| e.to_string())? {
+        outbox::remove_entry(&s.outbox_dir, epoch).map_err(|e| e.to_string())?;
+        s.counters.entries.fetch_sub(1, Relaxed);
+        s.counters.bytes.fetch_sub(bytes, Relaxed);
+    }
+    Ok(())
+}
+
+/// Renames the local tree into `trash/` and puts an empty one in its place; the old one is
+/// deleted on a thread of its own (and by the API's start if that is interrupted).
+fn move_tree_away(data: &DataDir) -> Result<(), String> {
+    let events = data.events_dir();
+    let trash = data.trash_dir();
+    store::create_dir_all(&trash).map_err(|e| e.to_string())?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let target = trash.join(format!("events-{nanos}-{}", std::process::id()));
+    match std::fs::rename(&events, &target) {
+        Ok(()) => {
+            let _ = std::thread::Builder::new()
+                .name("trash".into())
+                .spawn(move || {
+                    if let Err(e) = std::fs::remove_dir_all(&target) {
+                        log::warn!("deleting {}: {e}", target.display());
+                    }
+                });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("moving {} into the trash: {e}", events.display())),
+    }
+    store::create_dir_all(&events).map_err(|e| e.to_string())
+}
+
+/// Serves the cluster's sync requests (see `ipevent_store_s3::Bucket::sync_all`): when the
+/// bucket holds requests this shipper has not served, asks the writer to drain its sockets and
+/// flush, ships and publishes that flush, and then names every served request still waiting
+/// in this receiver's answer. A sync the writer refuses, or a flush the outbox could not
+/// take, is not answered (the reader names this receiver when it gives up).
+fn answer_syncs(
+    s: &ShipperSettings,
+    db: &ShipDb,
+    shipped: &mut u64,
+    unpublished: &mut bool,
+    served: &mut BTreeSet<String>,
+) -> Result<(), S3Error> {
+    let listed: BTreeSet<String> = s
+        .bucket
+        .sync_requests()?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    served.retain(|id| listed.contains(id));
+    if listed.iter().all(|id| served.contains(id)) {
+        return Ok(());
+    }
+    match control::request(&s.control_socket, Ctl::Sync, SYNC_WAIT) {
+        Ok(Reply::Synced(_)) => {}
+        Ok(other) => {
+            log::warn!("sync request from the bucket: the writer answered {other:?}");
+            return Ok(());
+        }
+        Err(e) => {
+            log::warn!("sync request from the bucket: asking the writer: {e}");
+            return Ok(());
+        }
+    }
+    // The sync's flush wrote its entry before the writer answered: one round ships it.
+    ship_round(s, db, shipped, unpublished)?;
+    if s.counters.carried.load(SeqCst) {
+        return Ok(());
+    }
+    served.extend(listed);
+    s.bucket.answer_syncs(&s.writer_id, served)
 }
 
 /// Ships every entry the outbox holds, oldest first, then publishes them to readers.
@@ -418,7 +721,7 @@ fn ship_round(
     shipped: &mut u64,
     unpublished: &mut bool,
 ) -> Result<(), S3Error> {
-    let written = s.counters.written_epoch.load(Relaxed);
+    let written = s.counters.written_epoch.load(SeqCst);
     for (epoch, bytes) in outbox::entries(&s.outbox_dir)? {
         // An entry the writer has not finished with (its marker not yet written) waits.
         if epoch > written {

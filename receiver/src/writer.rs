@@ -428,6 +428,9 @@ impl Writer {
     fn begin_hold(&mut self, hold: u64) -> u64 {
         let dropped = self.pending.events();
         self.pending = Pending::default();
+        if let Some(outbox) = &mut self.outbox {
+            outbox.discard_carried();
+        }
         self.journal.rewind();
         self.counters.zero();
         let resets = self.stats.resets + 1;
@@ -474,8 +477,12 @@ impl Writer {
             return 0;
         }
         if self.pending.is_empty() {
-            // Everything journaled is in the store (or was discarded by a reset).
-            self.journal.rewind();
+            // Everything journaled is in the store (or was discarded by a reset), and in the
+            // outbox unless an outbox write failed: then the journal keeps it.
+            if let Some(outbox) = &mut self.outbox {
+                outbox.retry_carried(self.epoch);
+            }
+            self.rewind_journal();
             return 0;
         }
         let started = Instant::now();
@@ -517,10 +524,19 @@ impl Writer {
             let events: u64 = addrs.iter().map(|(_, s)| s.count).sum();
             match self.store.append(app, epoch, addrs) {
                 Ok(()) => {
-                    if let Some(outbox) = &mut self.outbox {
-                        outbox.add(app, addrs);
-                    }
                     let refused = self.store.take_refused_addresses();
+                    if let Some(outbox) = &mut self.outbox {
+                        // The bucket gets what the local log got: the address limit's
+                        // refusals are not shipped either.
+                        let shipped = if refused > 0 {
+                            self.store.admitted_by_limit()
+                        } else {
+                            addrs
+                        };
+                        if !shipped.is_empty() {
+                            outbox.add(app, shipped);
+                        }
+                    }
                     written_events += events - refused;
                     if refused > 0 {
                         self.count_refused(store::REFUSED_ADDRESS_LIMIT, refused);
@@ -555,7 +571,7 @@ impl Writer {
             }
         }
         if self.pending.is_empty() {
-            self.journal.rewind();
+            self.rewind_journal();
         }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         self.stats.flushes += 1;
@@ -573,6 +589,16 @@ impl Writer {
             self.complain(&format!("{e}"));
         }
         failed_apps
+    }
+
+    /// Rewinds the journal once nothing it holds is needed any more: everything is in the
+    /// store, and in the outbox with `--store` (records an outbox write could not take stay
+    /// journaled, so a crash cannot lose them from the bucket, and a full journal bounds them).
+    fn rewind_journal(&mut self) {
+        if self.outbox.as_ref().is_some_and(|o| o.has_carried()) {
+            return;
+        }
+        self.journal.rewind();
     }
 
     /// Counts `events` refused by a store limit under `reason`.

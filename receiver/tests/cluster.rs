@@ -426,7 +426,15 @@ fn a_second_receiver_with_the_same_writer_id_is_refused() {
     let server = S3Server::start();
     let url = server.store_url("cluster5");
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = receiver(&server, &url, dir_a.path(), "same", "127.0.0.1:0", &[]);
+    // With an address limit: the bucket gets what the local log got, refusals included.
+    let mut a = receiver(
+        &server,
+        &url,
+        dir_a.path(),
+        "same",
+        "127.0.0.1:0",
+        &["--max-addresses-per-app", "6"],
+    );
     let targets = [a.addr.to_string()];
     let first = run_client(
         &targets,
@@ -462,8 +470,306 @@ fn a_second_receiver_with_the_same_writer_id_is_refused() {
         &targets,
         &["--count", "2000", "--rate", "20000", "--seed", "6"],
     );
-    sync_shipped(&mut a);
+    let stats = sync_shipped(&mut a);
     assert_bucket_matches_local(&server, &url, &[dir_a.path()], &first);
     assert_bucket_matches_local(&server, &url, &[dir_a.path()], &second);
+    if stats.kernel_drops == 0 {
+        // Each app of the scenario has more than 6 addresses: the limit refused some.
+        assert!(
+            stats.refused.get("address_limit").copied().unwrap_or(0) > 0,
+            "{stats:?}"
+        );
+    }
     a.stop();
+}
+
+/// The value of `metric` for `writer_id` in the API's `/metrics` text.
+fn metric(text: &str, metric: &str, writer_id: &str) -> f64 {
+    let prefix = format!("{metric}{{writer_id=\"{writer_id}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{prefix} missing from /metrics:\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn an_object_store_outage_grows_the_outbox_and_the_answer_is_exact_after_it() {
+    let mut server = S3Server::start();
+    let url = server.store_url("cluster3");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = receiver(&server, &url, dir_a.path(), "host-a", "127.0.0.1:0", &[]);
+    let mut b = receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0", &[]);
+    let targets = [a.addr.to_string(), b.addr.to_string()];
+    let traffic = |seed: &str| {
+        run_client(
+            &targets,
+            &[
+                "--count",
+                "4000",
+                "--rate",
+                "20000",
+                "--seed",
+                seed,
+                "--batch",
+                "16",
+                "--corrupt-pct",
+                "30",
+            ],
+        )
+    };
+    let before = traffic("3001");
+    wait_seen(&mut [&mut a, &mut b], 4000);
+    let shipped_before = [sync_shipped(&mut a), sync_shipped(&mut b)];
+
+    // The object store goes away; both receivers keep receiving and flushing, and every flush
+    // waits in their outboxes.
+    server.stop();
+    let during = traffic("3002");
+    wait_seen(&mut [&mut a, &mut b], 8000);
+    let mut accepted_during = 0;
+    let receivers = [(&mut a, dir_a.path()), (&mut b, dir_b.path())];
+    for ((r, dir), before) in receivers.into_iter().zip(&shipped_before) {
+        let socket = r.data.control_socket(&r.writer_id);
+        let epoch = match control::request(&socket, Ctl::Sync, CONTROL_TIMEOUT).expect("sync") {
+            control::Reply::Synced(synced) => synced.epoch,
+            other => panic!("sync answered {other:?}"),
+        };
+        let stats = r.wait_stats("the sync's flush, locally", |s| {
+            s.epoch >= epoch && s.events_pending == 0
+        });
+        let accepted = stats.events_accepted - before.events_accepted;
+        accepted_during += accepted;
+        if accepted > 0 {
+            // Whatever a receiver accepted since its last shipped flush is in its outbox: the
+            // bucket cannot have taken it.
+            assert!(
+                stats.ship_lag_epochs >= 1 && stats.outbox_bytes > 0,
+                "{stats:?}"
+            );
+            assert_eq!(stats.shipped_epoch, before.shipped_epoch, "{stats:?}");
+            // The API on the receiver's host serves the same counters at /metrics.
+            let api = Api::start(&server, &url, dir);
+            let text = http_get(&format!("http://{}/metrics", api.addr));
+            for (name, value) in [
+                ("ipevent_receiver_ship_lag_epochs", stats.ship_lag_epochs),
+                ("ipevent_receiver_outbox_bytes", stats.outbox_bytes),
+            ] {
+                // The API reads the stats file, rewritten since; the outbox only grows while
+                // the store is down.
+                assert!(metric(&text, name, &r.writer_id) >= value as f64, "{name}");
+            }
+        }
+    }
+
+    // The store returns: both outboxes drain, and the bucket answers exactly what the two
+    // receivers hold together, before and during the outage.
+    server.restart();
+    let after = [sync_shipped(&mut a), sync_shipped(&mut b)];
+    for stats in &after {
+        assert_eq!(stats.outbox_bytes, 0, "{stats:?}");
+    }
+    let drops: u64 = after.iter().map(|s| s.kernel_drops).sum();
+    if drops == 0 {
+        assert_eq!(accepted_during, during["valid"].as_u64().unwrap());
+    }
+    let dirs = [dir_a.path(), dir_b.path()];
+    assert_bucket_matches_local(&server, &url, &dirs, &before);
+    assert_bucket_matches_local(&server, &url, &dirs, &during);
+    a.stop();
+    b.stop();
+}
+
+/// A receiver that flushes only when asked (a sync), shipping to `url`.
+fn lazy_receiver(
+    server: &S3Server,
+    url: &str,
+    dir: &Path,
+    writer_id: &str,
+    listen: &str,
+) -> Receiver {
+    Receiver::start_as(
+        dir,
+        writer_id,
+        listen,
+        &server.env(),
+        &[
+            "--store",
+            url,
+            "--flush-interval-ms",
+            "3600000",
+            "--ship-interval-ms",
+            "100",
+            "--stats-interval-ms",
+            "50",
+        ],
+    )
+}
+
+#[test]
+fn sync_through_the_bucket_covers_every_receiver_and_names_the_silent_ones() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster4s");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Neither receiver flushes by itself: only the query's sync makes events reach the bucket.
+    let mut a = lazy_receiver(&server, &url, dir_a.path(), "host-a", "127.0.0.1:0");
+    let mut b = lazy_receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0");
+    let targets = [a.addr.to_string(), b.addr.to_string()];
+    let summary = run_client(
+        &targets,
+        &[
+            "--count",
+            "3000",
+            "--rate",
+            "20000",
+            "--seed",
+            "4001",
+            "--batch",
+            "16",
+            "--corrupt-pct",
+            "30",
+        ],
+    );
+    let stats = wait_seen(&mut [&mut a, &mut b], 3000);
+    let drops: u64 = stats.iter().map(|s| s.kernel_drops).sum();
+    let dirs = [dir_a.path(), dir_b.path()];
+    for app in summary["apps"].as_array().unwrap() {
+        let sha = app["sha"].as_str().unwrap();
+        let out = query_store(&server, &url, &["--sync", sha]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("did not answer"), "{stderr}");
+        // The sync flushed both receivers: their local trees now hold everything they
+        // received, and the bucket answered the same.
+        let local = local_merged(&dirs, &sha.parse().unwrap()).expect("stored locally");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim_end(),
+            Report::from_app(&local).to_json(false),
+            "app {sha}"
+        );
+        if drops == 0 {
+            let report = stdout_json(&out);
+            assert_eq!(report["count"], app["count"], "{app}");
+            assert_eq!(report["bad_ips"], app["bad"], "{app}");
+        }
+    }
+
+    // The API with --store syncs the same way before it reads.
+    let more = run_client(
+        &targets,
+        &[
+            "--count", "1000", "--rate", "20000", "--seed", "4002", "--batch", "16",
+        ],
+    );
+    let stats = wait_seen(&mut [&mut a, &mut b], 4000);
+    let drops: u64 = stats.iter().map(|s| s.kernel_drops).sum();
+    let api = Api::start(&server, &url, dir_a.path());
+    for app in more["apps"].as_array().unwrap() {
+        let sha = app["sha"].as_str().unwrap();
+        let resp = ureq::get(&format!("http://{}/events/{sha}", api.addr))
+            .call()
+            .expect("GET /events");
+        assert_eq!(resp.header("X-Ipevent-Sync"), Some("ok"));
+        let body: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+        let local = local_merged(&dirs, &sha.parse().unwrap()).expect("stored locally");
+        let expected: Value =
+            serde_json::from_str(&Report::from_app(&local).to_json(false)).unwrap();
+        assert_eq!(body, expected, "app {sha}");
+        if drops == 0 {
+            assert_eq!(body["count"], app["count"], "{app}");
+        }
+    }
+    drop(api);
+
+    // A receiver that died keeps its lease: a sync waits for it, then names it.
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut c = lazy_receiver(&server, &url, dir_c.path(), "host-c", "127.0.0.3:0");
+    assert!(!c.stop_with(libc::SIGKILL).success());
+    let out = query_store(&server, &url, &["--sync", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("receivers host-c did not answer the sync"),
+        "{stderr}"
+    );
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn a_reset_through_one_api_resets_every_receiver_on_the_bucket() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster4r");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = receiver(&server, &url, dir_a.path(), "host-a", "127.0.0.1:0", &[]);
+    let mut b = receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0", &[]);
+    let targets = [a.addr.to_string(), b.addr.to_string()];
+    let traffic = |seed: &str, sent_before: u64, a: &mut Receiver, b: &mut Receiver| {
+        let summary = run_client(
+            &targets,
+            &[
+                "--count", "2000", "--rate", "20000", "--seed", seed, "--batch", "16",
+            ],
+        );
+        let stats = wait_seen(&mut [a, b], sent_before + 2000);
+        (summary, stats.iter().map(|s| s.kernel_drops).sum::<u64>())
+    };
+    let (before, _) = traffic("4101", 0, &mut a, &mut b);
+    sync_shipped(&mut a);
+    sync_shipped(&mut b);
+    let dirs = [dir_a.path(), dir_b.path()];
+    assert_bucket_matches_local(&server, &url, &dirs, &before);
+
+    // One API host resets the cluster: both receivers follow before it answers.
+    let api = Api::start(&server, &url, dir_a.path());
+    let resp = ureq::delete(&format!("http://{}/events", api.addr))
+        .call()
+        .expect("DELETE /events");
+    let body: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    assert_eq!(body["reset"], true, "{body}");
+    assert_eq!(body["generation"], 1, "{body}");
+    assert_eq!(
+        body["following"],
+        serde_json::json!(["host-a", "host-b"]),
+        "{body}"
+    );
+    assert_eq!(body["not_following"], serde_json::json!([]), "{body}");
+    drop(api);
+
+    // Nothing from before is reported, by the bucket or by either host's own tree.
+    for app in before["apps"].as_array().unwrap() {
+        let sha = app["sha"].as_str().unwrap();
+        let out = query_store(&server, &url, &[sha]);
+        assert_eq!(out.status.code(), Some(1), "app {sha}");
+        assert!(
+            local_merged(&dirs, &sha.parse().unwrap()).is_none(),
+            "app {sha}"
+        );
+    }
+    let out = query_store(&server, &url, &["list"]);
+    assert_eq!(stdout_json(&out), serde_json::json!([]));
+
+    // Everything after it is, exactly, through --sync.
+    // A reset zeroes the receivers' counters.
+    let (after, drops) = traffic("4102", 0, &mut a, &mut b);
+    for app in after["apps"].as_array().unwrap() {
+        let sha = app["sha"].as_str().unwrap();
+        let out = query_store(&server, &url, &["--sync", sha]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let local = local_merged(&dirs, &sha.parse().unwrap()).expect("stored locally");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim_end(),
+            Report::from_app(&local).to_json(false),
+            "app {sha}"
+        );
+        if drops == 0 {
+            assert_eq!(stdout_json(&out)["count"], app["count"], "{app}");
+        }
+    }
+    a.stop();
+    b.stop();
 }

@@ -77,6 +77,25 @@ impl std::fmt::Display for StoreUrl {
 /// two let a slow request not hold up the others without competing with ingest for cores.
 const RUNTIME_THREADS: usize = 2;
 
+/// The HTTP client's own retries: short, because SlateDB retries the operations of a database
+/// again on top of them (without end for a writer). A request during an outage fails after a
+/// few seconds and is tried again; once the store returns, the next try is at most
+/// [`MAX_RETRY_BACKOFF`] away, not the client's default of 15 s.
+fn client_retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: MAX_RETRY_BACKOFF,
+            base: 2.0,
+        },
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(10),
+    }
+}
+
+/// Longest pause between two tries of one request.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
 /// A connection to the bucket, with its own small async runtime so that the callers (threads
 /// of the receiver, the CLI, the API's blocking tasks) stay synchronous.
 pub struct Bucket {
@@ -116,6 +135,7 @@ impl Bucket {
             builder = builder.with_secret_access_key(secret);
         }
         builder = builder.with_region(var("AWS_REGION").unwrap_or_else(|| "us-east-1".into()));
+        builder = builder.with_retry(client_retry());
         if let Some(allow) = var("AWS_ALLOW_HTTP") {
             builder = builder.with_allow_http(allow.eq_ignore_ascii_case("true"));
         }
@@ -150,18 +170,31 @@ impl Bucket {
         }
     }
 
-    /// The database path of `writer_id`.
-    pub(crate) fn writer_path(&self, writer_id: &str) -> ObjectPath {
-        self.path(&format!("writers/{writer_id}"))
+    /// The directory of the databases of `generation` (see [`Bucket::generation`]): the
+    /// first generation is `PREFIX/writers/`, a later one `PREFIX/g<N>/writers/`.
+    pub(crate) fn writers_dir(&self, generation: u64) -> ObjectPath {
+        if generation == 0 {
+            self.path("writers")
+        } else {
+            self.path(&format!("g{generation}/writers"))
+        }
     }
 
-    /// Every writer that has a database in the bucket, sorted.
+    /// The database path of `writer_id` in `generation`.
+    pub(crate) fn writer_path(&self, generation: u64, writer_id: &str) -> ObjectPath {
+        self.writers_dir(generation).join(writer_id)
+    }
+
+    /// Every writer that has a database in the current generation, sorted.
     pub fn writer_ids(&self) -> Result<Vec<String>, S3Error> {
-        self.runtime.block_on(self.writer_ids_async())
+        self.runtime.block_on(async {
+            let generation = self.generation_async().await?;
+            self.writer_ids_async(generation).await
+        })
     }
 
-    async fn writer_ids_async(&self) -> Result<Vec<String>, S3Error> {
-        let writers = self.path("writers");
+    pub(crate) async fn writer_ids_async(&self, generation: u64) -> Result<Vec<String>, S3Error> {
+        let writers = self.writers_dir(generation);
         let listing = self
             .store
             .list_with_delimiter(Some(&writers))
@@ -185,12 +218,13 @@ impl Bucket {
 
     /// Opens every writer's database read-only. A prefix that holds no database (a listing
     /// can still show a deleted one) is skipped.
-    async fn open_readers(&self) -> Result<Vec<(String, DbReader)>, S3Error> {
-        let ids = self.writer_ids_async().await?;
+    async fn open_readers(&self) -> Result<Vec<(u64, String, DbReader)>, S3Error> {
+        let generation = self.generation_async().await?;
+        let ids = self.writer_ids_async(generation).await?;
         let mut tasks = tokio::task::JoinSet::new();
         for id in ids {
             let store = Arc::clone(&self.store);
-            let path = self.writer_path(&id);
+            let path = self.writer_path(generation, &id);
             tasks.spawn(async move {
                 let opened = open_reader(path.clone(), Arc::clone(&store)).await;
                 (id, path, store, opened)
@@ -200,7 +234,7 @@ impl Bucket {
         while let Some(joined) = tasks.join_next().await {
             let (id, path, store, opened) = joined.expect("reader task does not panic");
             match opened {
-                Ok(reader) => readers.push((id, reader)),
+                Ok(reader) => readers.push((generation, id, reader)),
                 Err(source) => {
                     if has_manifest(&*store, &path).await? {
                         return Err(S3Error::Db {
@@ -213,7 +247,7 @@ impl Bucket {
                 }
             }
         }
-        readers.sort_by(|a, b| a.0.cmp(&b.0));
+        readers.sort_by(|a, b| a.1.cmp(&b.1));
         Ok(readers)
     }
 
@@ -225,8 +259,8 @@ impl Bucket {
             let readers = self.open_readers().await?;
             let mut merged: FxHashMap<u32, AddrStats> = FxHashMap::default();
             let mut out = AppData::default();
-            for (id, reader) in &readers {
-                let location = || self.writer_path(id).to_string();
+            for (generation, id, reader) in &readers {
+                let location = || self.writer_path(*generation, id).to_string();
                 let db_err = |action, source| S3Error::Db {
                     action,
                     location: location(),
@@ -269,8 +303,8 @@ impl Bucket {
         self.runtime.block_on(async {
             let readers = self.open_readers().await?;
             let mut totals: FxHashMap<AppSha, u64> = FxHashMap::default();
-            for (id, reader) in &readers {
-                let location = || self.writer_path(id).to_string();
+            for (generation, id, reader) in &readers {
+                let location = || self.writer_path(*generation, id).to_string();
                 let mut iter =
                     reader
                         .scan_prefix([codec::COUNT_TAG], ..)
@@ -341,8 +375,8 @@ fn skip_wal_replay() -> bool {
     std::env::var("IPEVENT_S3_REPLAY_WAL").map_or(true, |v| v != "1")
 }
 
-async fn close_all(readers: Vec<(String, DbReader)>) {
-    for (id, reader) in readers {
+async fn close_all(readers: Vec<(u64, String, DbReader)>) {
+    for (_, id, reader) in readers {
         if let Err(e) = reader.close().await {
             log::debug!("closing the reader of {id}: {e}");
         }

@@ -11,16 +11,20 @@
 //!   only) and the read path ([`Bucket::read_app`], [`Bucket::list_apps`]).
 //! - [`ShipDb`]: one writer's database: applies a flush's records and its epoch atomically.
 //! - [`outbox`]: the receiver's local queue of flushes not yet shipped.
+//! - [`Bucket::sync_all`], [`Bucket::reset`]: read after write and reset across hosts,
+//!   through requests in the bucket that every receiver's shipper answers.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod bucket;
+mod cluster;
 pub mod codec;
 pub mod outbox;
 mod ship;
 
 pub use bucket::{Bucket, StoreUrl};
+pub use cluster::{ClusterReset, ClusterSync, SyncRequest, ABANDONED_REQUEST};
 pub use ship::ShipDb;
 
 /// Errors of the object store path. Messages never contain credentials.

@@ -24,6 +24,7 @@ pub const MAX_INSTANCE_BYTES: usize = 64;
 pub struct ShipDb {
     bucket: Arc<Bucket>,
     db: Db,
+    generation: u64,
     writer_id: String,
     instance: String,
     location: String,
@@ -31,10 +32,22 @@ pub struct ShipDb {
 
 impl ShipDb {
     /// Takes the lease on `writer_id` for `instance` (a stable token of the local data dir,
-    /// at most [`MAX_INSTANCE_BYTES`] of `[0-9a-zA-Z-]`) and opens its database. `holder`
-    /// describes this receiver (host, data dir) for the error another one would see.
+    /// at most [`MAX_INSTANCE_BYTES`] of `[0-9a-zA-Z-]`) and opens its database in the first
+    /// generation. `holder` describes this receiver (host, data dir) for the error another
+    /// one would see.
     pub fn open(
         bucket: Arc<Bucket>,
+        writer_id: &str,
+        instance: &str,
+        holder: &str,
+    ) -> Result<ShipDb, S3Error> {
+        ShipDb::open_in(bucket, 0, writer_id, instance, holder)
+    }
+
+    /// [`ShipDb::open`] in `generation` (see [`Bucket::generation`]).
+    pub fn open_in(
+        bucket: Arc<Bucket>,
+        generation: u64,
         writer_id: &str,
         instance: &str,
         holder: &str,
@@ -48,7 +61,7 @@ impl ShipDb {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
             "instance token {instance:?}"
         );
-        let path = bucket.writer_path(writer_id);
+        let path = bucket.writer_path(generation, writer_id);
         let location = format!("s3://{}/{path}", bucket.url.bucket);
         let rt = bucket.runtime.handle().clone();
         rt.block_on(take_lease(&bucket, writer_id, instance, holder))?;
@@ -69,10 +82,16 @@ impl ShipDb {
         Ok(ShipDb {
             bucket,
             db,
+            generation,
             writer_id: writer_id.to_string(),
             instance: instance.to_string(),
             location,
         })
+    }
+
+    /// The generation the database belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The database's location, for messages.
@@ -137,10 +156,22 @@ impl ShipDb {
 
     /// Closes the database and gives the lease back (a clean stop).
     pub fn close(self) -> Result<(), S3Error> {
+        let (bucket, writer_id, instance) = (
+            Arc::clone(&self.bucket),
+            self.writer_id.clone(),
+            self.instance.clone(),
+        );
+        self.close_keeping_lease()?;
+        bucket
+            .runtime
+            .block_on(release_lease(&bucket, &writer_id, &instance))
+    }
+
+    /// Closes the database and keeps the lease (to open the next generation's).
+    pub fn close_keeping_lease(self) -> Result<(), S3Error> {
         let rt = self.bucket.runtime.handle().clone();
         rt.block_on(self.db.close())
-            .map_err(|source| db_error("closing", &self.location, source))?;
-        rt.block_on(release_lease(&self.bucket, &self.writer_id, &self.instance))
+            .map_err(|source| db_error("closing", &self.location, source))
     }
 }
 

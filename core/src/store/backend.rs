@@ -53,6 +53,13 @@ pub trait AppendBlocks {
         0
     }
 
+    /// After an [`AppendBlocks::append`] whose address limit refused events (see
+    /// [`AppendBlocks::take_refused_addresses`]): the records it did write, so that what is
+    /// shipped elsewhere matches the store.
+    fn admitted_by_limit(&self) -> &[(u32, AddrStats)] {
+        &[]
+    }
+
     /// Announces a flush that will append to `apps` (before any of its appends).
     fn begin_flush(&mut self, _apps: &[AppSha]) -> Result<(), StoreError> {
         Ok(())

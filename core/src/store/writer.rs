@@ -666,6 +666,11 @@ impl AppendBlocks for StoreWriter {
         std::mem::take(&mut self.refused_addresses)
     }
 
+    fn admitted_by_limit(&self) -> &[(u32, AddrStats)] {
+        // `append_records` leaves the admitted records here whenever the limit applied.
+        &self.admitted
+    }
+
     fn begin_flush(&mut self, apps: &[AppSha]) -> Result<(), StoreError> {
         self.index.begin(&self.data, &self.writer_id, apps)
     }
