@@ -5,7 +5,7 @@
 //! or more blocks linked by [`block::FLAG_CONTINUES_RUN`]) followed by a *tail* of runs, one
 //! per append. The writer rewrites the log (base and tail merged into a new base, written
 //! beside the log and renamed over it) only when the tail holds as many runs as the app's
-//! compaction limit (between half of [`super::COMPACT_AFTER_BLOCKS`] and one less than all of
+//! compaction limit (between half of [`COMPACT_AFTER_BLOCKS`] and one less than all of
 //! it, spread by the SHA so that apps which started together do not compact in the same
 //! flush) *and* at least as many bytes as the base.
 //! Each rewrite therefore writes at most twice the bytes appended since the previous one:
@@ -24,6 +24,20 @@ use std::collections::BinaryHeap;
 
 use crate::block::AddrStats;
 use crate::block::{self, BlockParse, BLOCK_HEADER_BYTES, BLOCK_RECORD_BYTES};
+use crate::wire::AppSha;
+
+/// Bounds the runs appended after a log's base before it is compacted: an app's limit is
+/// between half of this and one less than all of it ([`compact_limit`]), and the log is
+/// rewritten once its tail has that many runs and at least as many bytes as its base.
+pub const COMPACT_AFTER_BLOCKS: u32 = 64;
+
+/// Runs after the base at which `app`'s log may be compacted: between half of
+/// [`COMPACT_AFTER_BLOCKS`] and one less than all of it (32 to 63), spread by the SHA, so that apps which started together do not all compact in the
+/// same flush.
+pub(super) fn compact_limit(app: &AppSha) -> u32 {
+    let half = COMPACT_AFTER_BLOCKS / 2;
+    half + u32::from(app.0[31]) % half
+}
 
 /// Where the verified blocks of a log are, and how they group into runs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

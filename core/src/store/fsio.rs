@@ -183,6 +183,17 @@ pub fn open_read(path: &Path) -> Result<Option<File>, StoreError> {
     Ok(Some(file))
 }
 
+/// Maps the regular file at `path` read-only, opened as [`open_read`] opens it. `Ok(None)`
+/// when it does not exist.
+pub(crate) fn map_read(path: &Path) -> Result<Option<crate::sys::Mapped>, StoreError> {
+    let Some(file) = open_read(path)? else {
+        return Ok(None);
+    };
+    crate::sys::map_read_only(&file)
+        .map(Some)
+        .map_err(io_err("mapping", path))
+}
+
 /// Flushes `dir` itself to disk (without following a symlink), so that files created or
 /// renamed in it survive a power loss.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {

@@ -19,9 +19,11 @@
 //!
 //! The rooms: [`layout`] (paths, the layout marker, writer ids and their locks), [`fsio`]
 //! (no-follow opens, atomic replacement, the directory walker, [`StoreError`]), [`reader`]
-//! ([`read_app`], [`list_apps`]), [`writer`] ([`StoreWriter`]: append, repair, limits on new
-//! apps), [`compact`] (rewriting a log's runs into one) and [`index`] (each writer's app index,
-//! for `list`). The receiver, the query CLI and the API reach the data through the [`Store`]
+//! ([`read_app`], [`list_apps`]), [`writer`] ([`StoreWriter`]: the append path), [`log_state`]
+//! (what the writer knows of each log), [`run`] (writing a run: appended, or a rewrite for
+//! compaction and repair), [`limits`] (on new apps and on addresses per app), [`compact`] (a
+//! log's runs, when to compact, the merge) and [`index`] (each writer's app index, for
+//! `list`). The receiver, the query CLI and the API reach the data through the [`Store`]
 //! and [`AppendBlocks`] traits ([`backend`]), which the file tree implements; the object store
 //! (`ipevent-store-s3`) implements [`Store`] beside it.
 
@@ -30,7 +32,10 @@ pub mod compact;
 pub mod fsio;
 pub mod index;
 pub mod layout;
+pub mod limits;
+pub mod log_state;
 pub mod reader;
+pub mod run;
 pub mod writer;
 
 pub use crate::block::AddrStats;
@@ -46,7 +51,7 @@ pub use layout::{
     MAX_WRITER_ID_BYTES,
 };
 pub use reader::{list_apps, max_epoch_of_writer, read_app, scan_log_file, AppCount, AppData};
-pub use writer::{
-    StoreCounters, StoreLimits, StoreWriter, COMPACT_AFTER_BLOCKS, MAX_TRACKED_LOGS,
-    REFUSED_ADDRESS_LIMIT,
-};
+pub use compact::COMPACT_AFTER_BLOCKS;
+pub use limits::{StoreLimits, REFUSED_ADDRESS_LIMIT};
+pub use log_state::MAX_TRACKED_LOGS;
+pub use writer::{StoreCounters, StoreWriter};

@@ -5,7 +5,7 @@ use rustc_hash::FxHashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::fsio::{for_each_entry, io_err, open_read, plain_dir, StoreError};
+use super::fsio::{for_each_entry, map_read, plain_dir, StoreError};
 use super::layout::DataDir;
 use crate::block::{self, AddrStats, ScanSummary, Tail};
 use crate::wire::AppSha;
@@ -16,10 +16,9 @@ pub fn scan_log_file(
     path: &Path,
     on_record: impl FnMut(u32, AddrStats),
 ) -> Result<Option<ScanSummary>, StoreError> {
-    let Some(file) = open_read(path)? else {
+    let Some(map) = map_read(path)? else {
         return Ok(None);
     };
-    let map = crate::sys::map_read_only(&file).map_err(io_err("mapping", path))?;
     Ok(Some(block::scan_log(map.as_ref(), on_record)))
 }
 
