@@ -6,9 +6,20 @@
 use super::fsio::StoreError;
 use super::layout::DataDir;
 use super::reader::{self, AppCount, AppData};
-use super::writer::StoreCounters;
 use crate::block::AddrStats;
 use crate::wire::AppSha;
+
+/// What the writer has done to the store since it started: for the stats, and for tests of
+/// the compaction's cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Bytes of blocks appended to logs.
+    pub appended_bytes: u64,
+    /// Bytes written by rewrites (compaction and repair).
+    pub rewritten_bytes: u64,
+    /// Rewrites done.
+    pub rewrites: u64,
+}
 
 /// Where the events are kept, as every binary reads them: one app's data merged over all
 /// writers, and every app with its count. The file tree ([`DataDir`]) is one; another backend

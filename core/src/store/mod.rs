@@ -39,7 +39,7 @@ pub mod run;
 pub mod writer;
 
 pub use crate::block::AddrStats;
-pub use backend::{AppendBlocks, Store};
+pub use backend::{AppendBlocks, Store, StoreCounters};
 pub(crate) use fsio::io_err;
 pub use fsio::{
     create_dir_all, open_append, open_read, open_read_write, open_write_existing, plain_dir,
@@ -54,4 +54,4 @@ pub use reader::{list_apps, max_epoch_of_writer, read_app, scan_log_file, AppCou
 pub use compact::COMPACT_AFTER_BLOCKS;
 pub use limits::{StoreLimits, REFUSED_ADDRESS_LIMIT};
 pub use log_state::MAX_TRACKED_LOGS;
-pub use writer::{StoreCounters, StoreWriter};
+pub use writer::StoreWriter;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::backend::AppendBlocks;
+use super::backend::{AppendBlocks, StoreCounters};
 use super::fsio::StoreError;
 use super::index::IndexWriter;
 use super::layout::{validate_writer_id, DataDir};
@@ -13,18 +13,6 @@ use super::log_state::{LogState, TrackedLogs};
 use super::run::{append_run, rewrite_log, run_bytes};
 use crate::block::{AddrStats, BlockBuilder};
 use crate::wire::AppSha;
-
-/// What the writer has done to the store since it started: for the stats, and for tests of
-/// the compaction's cost.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StoreCounters {
-    /// Bytes of blocks appended to logs.
-    pub appended_bytes: u64,
-    /// Bytes written by rewrites (compaction and repair).
-    pub rewritten_bytes: u64,
-    /// Rewrites done.
-    pub rewrites: u64,
-}
 
 /// Appends blocks to one writer's logs, repairing and compacting them as it goes, keeps its
 /// app index ([`super::index`]) and the limits on new apps and addresses.
