@@ -34,8 +34,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 
 use crate::aggregate::Record;
-use crate::store::{io_err, StoreError};
+use crate::store::fsio::{io_err, open_read_write, StoreError};
 use crate::wire::AppSha;
+
+mod stopped;
+pub use stopped::{for_each_stopped_record, read};
 
 const MAGIC: [u8; 4] = *b"IPEJ";
 /// Journal format version this build writes and reads.
@@ -223,26 +226,6 @@ fn decode_record(slot: &[u8]) -> Record {
     }
 }
 
-/// Reads the journal at `path` without changing it (for queries about a writer that is not
-/// running): calls `each` with every verified batch. `Ok(None)` when there is no journal or it
-/// holds nothing.
-pub fn read(
-    path: &Path,
-    each: impl FnMut(u64, &[Record]),
-) -> Result<Option<Replayed>, JournalError> {
-    let Some(file) = crate::store::open_read(path)? else {
-        return Ok(None);
-    };
-    let len = file
-        .metadata()
-        .map_err(io_err("inspecting journal", path))?
-        .len();
-    let Some(header) = Header::read(&file, len, path)? else {
-        return Ok(None);
-    };
-    stream(&file, header.committed, path, each).map(Some)
-}
-
 /// A journal file mapped for appending.
 pub struct Journal {
     path: PathBuf,
@@ -259,7 +242,7 @@ impl Journal {
     /// another format version, or a file that is no journal, is refused and left untouched.
     pub fn open(path: &Path, bytes: u64) -> Result<Journal, JournalError> {
         let bytes = bytes.max(MIN_JOURNAL_BYTES);
-        let file = crate::store::open_read_write(path)?;
+        let file = open_read_write(path)?;
         let len = file
             .metadata()
             .map_err(io_err("inspecting journal", path))?

@@ -1,13 +1,62 @@
 //! What a storage backend offers: [`Store`] for readers (one app, every app) and
-//! [`AppendBlocks`] for a writer (a flush's blocks). The file tree implements both ([`DataDir`]
+//! [`AppendBlocks`] for a writer (a flush's blocks). The file tree implements both ([`DataDir`](super::DataDir)
 //! and [`StoreWriter`](super::StoreWriter)); another backend (object storage) would sit beside
 //! it without touching the receiver, the query CLI or the API.
 
+use std::path::PathBuf;
+
 use super::fsio::StoreError;
-use super::layout::DataDir;
-use super::reader::{self, AppCount, AppData};
 use crate::block::AddrStats;
 use crate::wire::AppSha;
+
+/// Everything the store holds for one app, merged over all writers' logs.
+#[derive(Debug, Clone, Default)]
+pub struct AppData {
+    /// Per address, sorted by address.
+    pub addrs: Vec<(u32, AddrStats)>,
+    /// Logs read.
+    pub logs: usize,
+    /// Verified blocks read.
+    pub blocks: u64,
+    /// Logs whose tail did not verify, with the offset where counting stopped.
+    pub torn: Vec<(PathBuf, u64)>,
+    /// Logs that could not be read at all (a directory or a symlink planted in their place, an
+    /// I/O error), with why; the other logs of the app are counted.
+    pub unreadable: Vec<(PathBuf, String)>,
+    /// Events read from the journals of writers that are not running: accepted, not yet in
+    /// their logs, and replayed by their next start.
+    pub journaled: u64,
+}
+
+impl AppData {
+    /// Total events over all addresses.
+    pub fn count(&self) -> u64 {
+        self.addrs.iter().map(|(_, s)| s.count).sum()
+    }
+}
+
+/// One app known to the store and its event count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppCount {
+    /// The app.
+    pub app: AppSha,
+    /// Its events, over all writers (the logs that could be read).
+    pub count: u64,
+    /// Why some of its data could not be read (a planted symlink or directory, an I/O
+    /// error); `None` when all of it was.
+    pub unreadable: Option<String>,
+}
+
+impl AppCount {
+    /// An app whose logs were all read.
+    pub fn new(app: AppSha, count: u64) -> AppCount {
+        AppCount {
+            app,
+            count,
+            unreadable: None,
+        }
+    }
+}
 
 /// What the writer has done to the store since it started: for the stats, and for tests of
 /// the compaction's cost.
@@ -22,7 +71,7 @@ pub struct StoreCounters {
 }
 
 /// Where the events are kept, as every binary reads them: one app's data merged over all
-/// writers, and every app with its count. The file tree ([`DataDir`]) is one; another backend
+/// writers, and every app with its count. The file tree ([`DataDir`](super::DataDir)) is one; another backend
 /// (object storage) implements the same.
 pub trait Store {
     /// Reads and merges every writer's data of `app`. `Ok(None)` when the store has never
@@ -88,15 +137,5 @@ pub trait AppendBlocks {
     /// What this writer has appended and rewritten so far.
     fn store_counters(&self) -> StoreCounters {
         StoreCounters::default()
-    }
-}
-
-impl Store for DataDir {
-    fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, StoreError> {
-        reader::read_app(self, app)
-    }
-
-    fn list_apps(&self) -> Result<Vec<AppCount>, StoreError> {
-        reader::list_apps(self)
     }
 }

@@ -36,11 +36,12 @@ use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
+use super::backend::AppCount;
 use super::fsio::{
     for_each_entry, io_err, open_append, open_read, plain_dir, write_atomic, StoreError, DIR_MODE,
 };
 use super::layout::{validate_writer_id, DataDir};
-use super::reader::{for_each_app_dir, scan_log_file, AppCount};
+use super::walk::{for_each_app_dir, scan_log_file};
 use crate::wire::AppSha;
 
 /// First four bytes of every index block.

@@ -12,7 +12,7 @@ use super::compact;
 use super::fsio::{io_err, map_read, StoreError, DIR_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK};
 use super::layout::DataDir;
 use super::log_state::LogState;
-use super::reader::count_app_dirs;
+use super::walk::count_app_dirs;
 use crate::block::AddrStats;
 use crate::wire::AppSha;
 

@@ -18,8 +18,9 @@
 //! Several writers (receivers or hosts) share one tree without ever writing the same file.
 //!
 //! The rooms: [`layout`] (paths, the layout marker, writer ids and their locks), [`fsio`]
-//! (no-follow opens, atomic replacement, the directory walker, [`StoreError`]), [`reader`]
-//! ([`read_app`], [`list_apps`]), [`writer`] ([`StoreWriter`]: the append path), [`log_state`]
+//! (no-follow opens, atomic replacement, the directory walker, [`StoreError`]), [`walk`]
+//! (every app directory, every log, one log's records), [`reader`] ([`read_app`],
+//! [`list_apps`]), [`writer`] ([`StoreWriter`]: the append path), [`log_state`]
 //! (what the writer knows of each log), [`run`] (writing a run: appended, or a rewrite for
 //! compaction and repair), [`limits`] (on new apps and on addresses per app), [`compact`] (a
 //! log's runs, when to compact, the merge) and [`index`] (each writer's app index, for
@@ -36,11 +37,12 @@ pub mod limits;
 pub mod log_state;
 pub mod reader;
 pub mod run;
+pub mod walk;
 pub mod writer;
 
 pub use crate::block::AddrStats;
-pub use backend::{AppendBlocks, Store, StoreCounters};
-pub(crate) use fsio::io_err;
+pub use backend::{AppCount, AppData, AppendBlocks, Store, StoreCounters};
+pub use compact::COMPACT_AFTER_BLOCKS;
 pub use fsio::{
     create_dir_all, open_append, open_read, open_read_write, open_write_existing, plain_dir,
     read_file, sync_dir, write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT,
@@ -50,8 +52,8 @@ pub use layout::{
     host_writer_id, validate_writer_id, writer_id_for_host, DataDir, WriterLock, LAYOUT_VERSION,
     MAX_WRITER_ID_BYTES,
 };
-pub use reader::{list_apps, max_epoch_of_writer, read_app, scan_log_file, AppCount, AppData};
-pub use compact::COMPACT_AFTER_BLOCKS;
 pub use limits::{StoreLimits, REFUSED_ADDRESS_LIMIT};
 pub use log_state::MAX_TRACKED_LOGS;
+pub use reader::{list_apps, max_epoch_of_writer, read_app};
+pub use walk::scan_log_file;
 pub use writer::StoreWriter;

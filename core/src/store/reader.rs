@@ -2,51 +2,15 @@
 //! what verifies; lists every app with its count.
 
 use rustc_hash::FxHashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::fsio::{for_each_entry, map_read, plain_dir, StoreError};
+use super::backend::{AppCount, AppData, Store};
+use super::fsio::{plain_dir, StoreError};
 use super::layout::DataDir;
-use crate::block::{self, AddrStats, ScanSummary, Tail};
+use super::walk::{for_each_app_dir, for_each_log, scan_log_file};
+use crate::block::{AddrStats, Tail};
+use crate::journal::for_each_stopped_record;
 use crate::wire::AppSha;
-
-/// Scans the log at `path`, calling `on_record` for each verified record. `Ok(None)` when
-/// there is no such file.
-pub fn scan_log_file(
-    path: &Path,
-    on_record: impl FnMut(u32, AddrStats),
-) -> Result<Option<ScanSummary>, StoreError> {
-    let Some(map) = map_read(path)? else {
-        return Ok(None);
-    };
-    Ok(Some(block::scan_log(map.as_ref(), on_record)))
-}
-
-/// Everything the store holds for one app, merged over all writers' logs.
-#[derive(Debug, Clone, Default)]
-pub struct AppData {
-    /// Per address, sorted by address.
-    pub addrs: Vec<(u32, AddrStats)>,
-    /// Logs read.
-    pub logs: usize,
-    /// Verified blocks read.
-    pub blocks: u64,
-    /// Logs whose tail did not verify, with the offset where counting stopped.
-    pub torn: Vec<(PathBuf, u64)>,
-    /// Logs that could not be read at all (a directory or a symlink planted in their place, an
-    /// I/O error), with why; the other logs of the app are counted.
-    pub unreadable: Vec<(PathBuf, String)>,
-    /// Events read from the journals of writers that are not running: accepted, not yet in
-    /// their logs, and replayed by their next start.
-    pub journaled: u64,
-}
-
-impl AppData {
-    /// Total events over all addresses.
-    pub fn count(&self) -> u64 {
-        self.addrs.iter().map(|(_, s)| s.count).sum()
-    }
-}
 
 /// Reads and merges every log of `app`. `Ok(None)` when the store has never seen the app.
 /// An app directory (or its fan-out directory) that is a symlink is refused, as writers
@@ -54,7 +18,7 @@ impl AppData {
 /// are counted.
 ///
 /// Events still in the journal of a writer that is not running are counted too (see
-/// [`for_each_stopped_journal_record`]), so a query never under-reports while a receiver is
+/// [`for_each_stopped_record`]), so a query never under-reports while a receiver is
 /// down, and never counts an event twice.
 pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreError> {
     data.check_layout()?;
@@ -92,7 +56,7 @@ pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreEr
     }
     // After the logs: a record read here with an epoch above what its writer's log held when
     // read is in no block read above, whatever that writer did in between.
-    for_each_stopped_journal_record(data, |writer, epoch, record| {
+    for_each_stopped_record(data, |writer, epoch, record| {
         if record.app == *app && epoch > log_epochs.get(writer).copied().unwrap_or(0) {
             merged
                 .entry(record.ip)
@@ -122,61 +86,6 @@ fn writer_of_log(path: &Path) -> Option<String> {
     path.file_stem()
         .and_then(|s| s.to_str())
         .map(str::to_string)
-}
-
-/// Calls `each` with every record still in the journal of a writer that is not running
-/// (`writer id, epoch, record`): events it accepted and had not written to its logs when it
-/// stopped, which its next start replays. Journals are only read, never changed. A journal
-/// that cannot be read is skipped with a warning.
-pub fn for_each_stopped_journal_record(
-    data: &DataDir,
-    mut each: impl FnMut(&str, u64, &crate::aggregate::Record),
-) {
-    let Ok(ids) = data.writer_ids() else {
-        return;
-    };
-    for id in ids {
-        let path = data.journal_path(&id);
-        // Most writers have no journal (the API) or are running: look before probing the lock.
-        match fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_file() && meta.len() > 0 => {}
-            _ => continue,
-        }
-        if data.writer_running(&id) {
-            continue;
-        }
-        let read = crate::journal::read(&path, |epoch, records| {
-            for record in records {
-                each(&id, epoch, record);
-            }
-        });
-        if let Err(e) = read {
-            log::warn!("not counting the journal of stopped writer {id}: {e}");
-        }
-    }
-}
-
-/// One app known to the store and its event count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppCount {
-    /// The app.
-    pub app: AppSha,
-    /// Its events, over all writers (the logs that could be read).
-    pub count: u64,
-    /// Why some of its data could not be read (a planted symlink or directory, an I/O
-    /// error); `None` when all of it was.
-    pub unreadable: Option<String>,
-}
-
-impl AppCount {
-    /// An app whose logs were all read.
-    pub fn new(app: AppSha, count: u64) -> AppCount {
-        AppCount {
-            app,
-            count,
-            unreadable: None,
-        }
-    }
 }
 
 /// Every app in the store with its count, most events first (ties by SHA). One app that
@@ -271,7 +180,7 @@ impl JournalTails {
             writers: Vec::new(),
             by_app: FxHashMap::default(),
         };
-        for_each_stopped_journal_record(data, |writer, epoch, record| {
+        for_each_stopped_record(data, |writer, epoch, record| {
             if tails.writers.last().map(String::as_str) != Some(writer) {
                 tails.writers.push(writer.to_string());
             }
@@ -333,52 +242,12 @@ impl JournalTails {
     }
 }
 
-/// Counts the app directories under `events/`.
-pub(crate) fn count_app_dirs(data: &DataDir) -> Result<u64, StoreError> {
-    let mut count = 0;
-    for_each_app_dir(data, |_| {
-        count += 1;
-        Ok(())
-    })?;
-    Ok(count)
-}
+impl Store for DataDir {
+    fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, StoreError> {
+        read_app(self, app)
+    }
 
-/// Calls `each` with every entry of every fan-out directory (two hex digits) under
-/// `events/`: the app directories, and whatever else was put there. Fan-out entries that are
-/// not plain directories are skipped with a warning: readers do not follow links.
-pub(crate) fn for_each_app_dir(
-    data: &DataDir,
-    mut each: impl FnMut(&fs::DirEntry) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    for_each_entry(&data.events_dir(), |fan| {
-        let path = fan.path();
-        let name = fan.file_name();
-        let is_fan = name.len() == 2 && name.as_encoded_bytes().iter().all(u8::is_ascii_hexdigit);
-        if !is_fan {
-            // The writers' app indexes (`index/`), or something no writer made.
-            return Ok(());
-        }
-        if let Err(e) = plain_dir(&path) {
-            log::warn!("{e}");
-            return Ok(());
-        }
-        for_each_entry(&path, &mut each).map(drop)
-    })
-    .map(drop)
-}
-
-/// Calls `each` with the path of every `.log` file in the app directory `dir` (none when it
-/// does not exist).
-fn for_each_log(
-    dir: &Path,
-    mut each: impl FnMut(PathBuf) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    for_each_entry(dir, |entry| {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("log") {
-            return Ok(());
-        }
-        each(path)
-    })
-    .map(drop)
+    fn list_apps(&self) -> Result<Vec<AppCount>, StoreError> {
+        list_apps(self)
+    }
 }
