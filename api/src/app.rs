@@ -18,7 +18,7 @@ use axum::Router;
 use ipevent_core::lookup;
 use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::stats::ReceiverStats;
-use ipevent_core::store::{Store, StoreError};
+use ipevent_core::store::{self, Store, StoreError};
 use ipevent_core::wire::{self, AppSha, Reject, MAX_DATAGRAM_BYTES};
 use ipevent_core::DataDir;
 use serde::Deserialize;
@@ -142,12 +142,7 @@ async fn not_found() -> Response {
 /// `GET /`: name and version.
 async fn root() -> Response {
     let body = serde_json::json!({ "name": "ipevent-api", "version": ipevent_core::VERSION });
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    json_response(body.to_string())
 }
 
 /// `GET /healthz`: `ok` when the store can be read.
@@ -156,9 +151,15 @@ async fn healthz(State(state): State<Shared>) -> Response {
     let checked = tokio::task::spawn_blocking(move || -> Result<(), String> {
         data.check_layout().map_err(|e| e.to_string())?;
         let events = data.events_dir();
-        std::fs::read_dir(&events)
-            .map(drop)
-            .map_err(|e| format!("data dir unreadable: listing {}: {e}", events.display()))
+        match store::for_each_entry(&events, |_| Ok(())) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "data dir unreadable: listing {}: {}",
+                events.display(),
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )),
+            Err(e) => Err(format!("data dir unreadable: {e}")),
+        }
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
@@ -249,26 +250,16 @@ async fn get_events(
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
 
-    // Held until the read is done, so that a reset never moves the tree under it.
-    let _gate = state.gate.read().await;
-    let synced = state.syncer.sync().await;
     let reader = Arc::clone(&state.reader);
-    let read = tokio::task::spawn_blocking(move || read_report(&*reader, &app, detail)).await;
-    let mut response = match read {
-        Ok(Ok(Some(json))) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            json,
-        )
-            .into_response(),
-        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("unknown app {app}")),
-        Ok(Err(e)) => internal_error("reading the store", e),
-        Err(e) => internal_error("reading the store", e),
-    };
-    let headers = response.headers_mut();
-    headers.insert(&SYNC_HEADER, HeaderValue::from_static(synced.name()));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    synced_read(
+        &state,
+        move || read_report(&*reader, &app, detail),
+        |report| match report {
+            Some(json) => json_response(json),
+            None => error(StatusCode::NOT_FOUND, format!("unknown app {app}")),
+        },
+    )
+    .await
 }
 
 /// `GET /ips/{addr}` and `GET /ips/{net}/{prefix}`: the apps that talked to the address or
@@ -289,17 +280,29 @@ async fn get_ips(
         Ok(cidr) => cidr,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
     };
+    let data = state.data.clone();
+    synced_read(
+        &state,
+        move || lookup::apps_by_address(&data, cidr),
+        |found| {
+            json_response(serde_json::to_string(&found.report).expect("address reports serialise"))
+        },
+    )
+    .await
+}
+
+/// A read after the receivers flushed: holds the gate until `read` is done (on the blocking
+/// pool), so that a reset never moves the tree under it, answers with `respond` to what it
+/// read, and says in [`SYNC_HEADER`] how the sync went; never cached.
+async fn synced_read<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    state: &AppState,
+    read: impl FnOnce() -> Result<T, E> + Send + 'static,
+    respond: impl FnOnce(T) -> Response,
+) -> Response {
     let _gate = state.gate.read().await;
     let synced = state.syncer.sync().await;
-    let data = state.data.clone();
-    let read = tokio::task::spawn_blocking(move || lookup::apps_by_address(&data, cidr)).await;
-    let mut response = match read {
-        Ok(Ok(found)) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::to_string(&found.report).expect("address reports serialise"),
-        )
-            .into_response(),
+    let mut response = match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(found)) => respond(found),
         Ok(Err(e)) => internal_error("reading the store", e),
         Err(e) => internal_error("reading the store", e),
     };
@@ -307,6 +310,16 @@ async fn get_ips(
     headers.insert(&SYNC_HEADER, HeaderValue::from_static(synced.name()));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// A 200 with the JSON `body`.
+fn json_response(body: String) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 /// The report JSON of `app`, `None` for an app the store has never seen.
@@ -492,12 +505,7 @@ async fn delete_events(
                 body["following"] = cluster.following.into();
                 body["not_following"] = cluster.not_following.into();
             }
-            (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                body.to_string(),
-            )
-                .into_response()
+            json_response(body.to_string())
         }
         Ok(Err(e @ ResetError::Receivers(_))) => {
             log::warn!("reset by {peer} failed: {e}");

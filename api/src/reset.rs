@@ -137,16 +137,7 @@ fn delete_in_background(tree: PathBuf) {
 
 /// Deletes every tree earlier resets left in `trash/` (in the background).
 pub fn empty_trash(data: &DataDir) {
-    let trash_dir = data.trash_dir();
-    let entries = match fs::read_dir(&trash_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-        Err(e) => {
-            log::warn!("listing {}: {e}", trash_dir.display());
-            return;
-        }
-    };
-    for entry in entries.flatten() {
+    let listed = store::for_each_entry(&data.trash_dir(), |entry| {
         if entry
             .file_name()
             .to_string_lossy()
@@ -154,6 +145,10 @@ pub fn empty_trash(data: &DataDir) {
         {
             delete_in_background(entry.path());
         }
+        Ok(())
+    });
+    if let Err(e) = listed {
+        log::warn!("{e}");
     }
 }
 

@@ -286,7 +286,7 @@ pub fn open_write_existing(path: &Path) -> Result<File, StoreError> {
 
 /// Calls `each` with every entry of the directory `dir`, and says whether `dir` exists (a
 /// missing directory has no entries). Every listing of the tree goes through here.
-pub(crate) fn for_each_entry(
+pub fn for_each_entry(
     dir: &Path,
     mut each: impl FnMut(&fs::DirEntry) -> Result<(), StoreError>,
 ) -> Result<bool, StoreError> {

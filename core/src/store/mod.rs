@@ -44,9 +44,9 @@ pub use crate::block::AddrStats;
 pub use backend::{AppCount, AppData, AppendBlocks, Store, StoreCounters};
 pub use compact::COMPACT_AFTER_BLOCKS;
 pub use fsio::{
-    create_dir_all, open_append, open_read, open_read_write, open_write_existing, plain_dir,
-    read_file, sync_dir, write_atomic, StoreError, DIR_MODE, FILE_MODE, REFUSED_APP_LIMIT,
-    REFUSED_LOW_DISK, REFUSED_NOT_A_DIRECTORY, REFUSED_NOT_A_FILE,
+    create_dir_all, for_each_entry, open_append, open_read, open_read_write, open_write_existing,
+    plain_dir, read_file, sync_dir, write_atomic, StoreError, DIR_MODE, FILE_MODE,
+    REFUSED_APP_LIMIT, REFUSED_LOW_DISK, REFUSED_NOT_A_DIRECTORY, REFUSED_NOT_A_FILE,
 };
 pub use layout::{
     host_writer_id, validate_writer_id, writer_id_for_host, DataDir, WriterLock, LAYOUT_VERSION,
