@@ -5,24 +5,25 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use ipevent_core::control::{self, ControlError, Reply};
-use ipevent_core::wire::{self, IpEvent};
 use ipevent_core::AppSha;
-use ipevent_testkit::{bin, sender, stdout_json, Receiver, WAIT_LIMIT};
+use ipevent_testkit::{receiver_command, sender, stdout_json, Receiver, WAIT_LIMIT};
 
 fn send_events(rx: &Receiver, app: AppSha, n: u32) {
-    let tx = sender();
-    for i in 0..n {
-        let datagram = wire::encode_to_vec(&IpEvent {
-            app,
-            ip: 0x0a00_0001 + i % 14,
-        });
-        tx.send_to(&datagram, rx.addr).expect("sending");
-    }
+    let ips = (0..n).map(|i| 0x0a00_0001 + i % 14);
+    ipevent_testkit::send_events(&sender(), rx.addr, &app, ips);
+}
+
+/// Asserts that `ipevent-query --sync` succeeded without a warning and counted `accepted`.
+fn assert_counted(out: &Output, accepted: u64) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert_eq!(stdout_json(out)["count"], accepted);
 }
 
 /// Waits until the receiver has read or lost (counted as kernel drops) `n` datagrams since
@@ -59,10 +60,7 @@ fn idle_control_connections_never_keep_a_sync_out() {
     let accepted = wait_accepted(&mut rx, 3);
 
     let out = rx.query(&["--sync", &app.to_hex()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("warning"), "{stderr}");
-    assert_eq!(stdout_json(&out)["count"], accepted);
+    assert_counted(&out, accepted);
 
     let stats = rx.wait_stats("the full slots to be counted", |s| s.control_conns_full > 0);
     assert!(
@@ -118,10 +116,7 @@ fn a_reset_whose_client_dies_ends_its_hold_and_no_sync_says_ok_meanwhile() {
     // The client dies without `reset-end`.
     drop(holder);
     let out = rx.query(&["--sync", &after.to_hex()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("warning"), "{stderr}");
-    assert_eq!(stdout_json(&out)["count"], accepted);
+    assert_counted(&out, accepted);
     let out = rx.query(&[&before.to_hex()]);
     assert_eq!(
         out.status.code(),
@@ -169,18 +164,8 @@ fn a_sync_right_after_a_restart_reports_what_the_journal_holds() {
 
     // Restart; as soon as it has bound its UDP socket (it logs the buffer it got), it is a
     // running receiver, and a query must see everything it had accepted before the kill.
-    let mut child = Command::new(bin("ipevent-receiver"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--writer-id",
-            "test",
-            "--allow-root",
-        ])
-        .arg("--data-dir")
-        .arg(tmp.path())
+    let mut child = receiver_command(tmp.path())
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning ipevent-receiver");
@@ -198,10 +183,7 @@ fn a_sync_right_after_a_restart_reports_what_the_journal_holds() {
     let _ = child.kill();
     let _ = child.wait();
     bound.expect("the receiver to bind its UDP socket");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("warning"), "{stderr}");
-    assert_eq!(stdout_json(&out)["count"], accepted);
+    assert_counted(&out, accepted);
 }
 
 #[test]
@@ -216,10 +198,7 @@ fn a_reset_begun_by_a_client_that_closes_at_once_holds_nothing() {
     send_events(&rx, app, 3);
     let accepted = wait_accepted(&mut rx, 3);
     let out = rx.query(&["--sync", &app.to_hex()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("warning"), "{stderr}");
-    assert_eq!(stdout_json(&out)["count"], accepted);
+    assert_counted(&out, accepted);
 }
 
 #[test]

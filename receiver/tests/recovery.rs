@@ -2,33 +2,19 @@
 //! a journal of another version, a full journal at start. Real binaries, real files, real
 //! signals.
 
-use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use ipevent_core::aggregate::Record;
 use ipevent_core::journal::{self, Journal};
-use ipevent_core::wire::{self, IpEvent};
 use ipevent_core::{AppSha, DataDir};
-use ipevent_testkit::{bin, sender, stdout_json, Receiver};
+use ipevent_testkit::{
+    report_count, run_receiver_to_exit, send_events, sender, stdout_json, Receiver,
+};
 
 const LONG_FLUSH: &[&str] = &["--flush-interval-ms", "600000"];
 
-fn send_events(tx: &UdpSocket, to: SocketAddr, app: &AppSha, ips: std::ops::Range<u32>) {
-    for ip in ips {
-        tx.send_to(&wire::encode_to_vec(&IpEvent { app: *app, ip }), to)
-            .expect("sending");
-    }
-}
-
 fn count_of(data_dir: &Path, app: &AppSha) -> u64 {
-    let out = ipevent_testkit::query(data_dir, &[&app.to_hex()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout_json(&out)["count"].as_u64().unwrap()
+    report_count(&ipevent_testkit::query(data_dir, &[&app.to_hex()]))
 }
 
 /// A receiver flushes four epochs of ten events for one app; `spoil` then stops it and damages
@@ -128,41 +114,6 @@ fn a_deleted_run_state_and_journal_lose_nothing() {
     );
 }
 
-/// Spawns a receiver on `data_dir` and waits for it to exit by itself; kills it and fails if it
-/// keeps running.
-fn run_expecting_exit(data_dir: &Path) -> std::process::Output {
-    let mut child = Command::new(bin("ipevent-receiver"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--writer-id",
-            "test",
-            "--allow-root",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning ipevent-receiver");
-    let start = std::time::Instant::now();
-    loop {
-        if child.try_wait().expect("waiting").is_some() {
-            return child.wait_with_output().expect("collecting output");
-        }
-        if start.elapsed() > ipevent_testkit::WAIT_LIMIT {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("collecting output");
-            panic!(
-                "the receiver kept running; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::park_timeout(std::time::Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn a_journal_of_another_version_stops_the_start_and_is_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,7 +127,7 @@ fn a_journal_of_another_version_stops_the_start_and_is_kept() {
     bytes[4096..4200].fill(0x77);
     std::fs::write(&path, &bytes).unwrap();
 
-    let out = run_expecting_exit(dir.path());
+    let out = run_receiver_to_exit(dir.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stderr
@@ -195,7 +146,7 @@ fn a_journal_of_another_version_stops_the_start_and_is_kept() {
     // Something that is no journal at all is refused the same way.
     bytes[0..4].copy_from_slice(b"\x7fELF");
     std::fs::write(&path, &bytes).unwrap();
-    let out = run_expecting_exit(dir.path());
+    let out = run_receiver_to_exit(dir.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not an ipevent journal"));
     assert_eq!(std::fs::read(&path).unwrap(), bytes);

@@ -10,7 +10,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ipevent_core::stats::ReceiverStats;
-use ipevent_core::DataDir;
+use ipevent_core::wire::{self, IpEvent};
+use ipevent_core::{AppSha, DataDir};
 
 pub mod s3;
 
@@ -91,20 +92,10 @@ impl Receiver {
         let data = DataDir::new(data_dir);
         // A stats file from an earlier run in the same dir must not pass for readiness.
         let _ = std::fs::remove_file(data.stats_path(&writer_id));
-        let child = Command::new(bin("ipevent-receiver"))
-            .args([
-                "--listen",
-                listen,
-                "--writer-id",
-                &writer_id,
-                "--allow-root",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
+        let child = receiver_command_as(data_dir, &writer_id, listen)
             .args(extra)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
             .spawn()
             .expect("spawning ipevent-receiver");
         let mut receiver = Receiver {
@@ -209,6 +200,35 @@ fn signal_and_wait(mut child: Child, signal: &str) -> ExitStatus {
     }
 }
 
+/// Waits for `child` (spawned with piped stdout and stderr) to exit by itself and returns its
+/// output, read while it runs; kills it and fails the test, with its stderr, when it
+/// outlives [`WAIT_LIMIT`].
+pub fn output_at_exit(child: Child) -> Output {
+    let name = child_name(&child);
+    let pid = child.id();
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match output.recv_timeout(WAIT_LIMIT) {
+        Ok(out) => out.expect("collecting a child's output"),
+        Err(_) => {
+            // The child is not reaped before the thread's wait returns: the pid is still its.
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+            let stderr = output
+                .recv()
+                .ok()
+                .and_then(Result::ok)
+                .map(|out| String::from_utf8_lossy(&out.stderr).into_owned())
+                .unwrap_or_default();
+            panic!("{name} kept running past {WAIT_LIMIT:?}; stderr: {stderr}");
+        }
+    }
+}
+
 fn child_name(child: &Child) -> String {
     std::fs::read_to_string(format!("/proc/{}/comm", child.id()))
         .map(|comm| comm.trim().to_string())
@@ -309,23 +329,60 @@ pub fn clear_ipevent_env(command: &mut Command) {
     }
 }
 
-/// Runs a receiver on `data_dir` with `extra` flags until it exits by itself (a crash hook or
-/// a fatal error) and returns how it ended.
-pub fn run_receiver_to_exit(data_dir: &Path, extra: &[&str]) -> Output {
-    Command::new(bin("ipevent-receiver"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--writer-id",
-            "test",
-            "--allow-root",
-        ])
+/// A command that runs `ipevent-receiver` as writer `test` on `data_dir`, listening on
+/// 127.0.0.1 at a port the kernel chooses, with no stdin.
+pub fn receiver_command(data_dir: &Path) -> Command {
+    receiver_command_as(data_dir, "test", "127.0.0.1:0")
+}
+
+/// [`receiver_command`] as `writer_id`, listening on `listen`.
+fn receiver_command_as(data_dir: &Path, writer_id: &str, listen: &str) -> Command {
+    let mut command = Command::new(bin("ipevent-receiver"));
+    command
+        .args(["--listen", listen, "--writer-id", writer_id, "--allow-root"])
         .arg("--data-dir")
         .arg(data_dir)
+        .stdin(Stdio::null());
+    command
+}
+
+/// Runs a receiver on `data_dir` with `extra` flags until it exits by itself (a crash hook or
+/// a fatal error) and returns how it ended; fails the test when it keeps running past
+/// [`WAIT_LIMIT`].
+pub fn run_receiver_to_exit(data_dir: &Path, extra: &[&str]) -> Output {
+    let child = receiver_command(data_dir)
         .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running ipevent-receiver")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning ipevent-receiver");
+    output_at_exit(child)
+}
+
+/// Sends one `IpEvent` of `app` to `to` from `tx` for each address of `ips`.
+pub fn send_events(
+    tx: &UdpSocket,
+    to: SocketAddr,
+    app: &AppSha,
+    ips: impl IntoIterator<Item = u32>,
+) {
+    for ip in ips {
+        tx.send_to(&wire::encode_to_vec(&IpEvent { app: *app, ip }), to)
+            .expect("sending");
+    }
+}
+
+/// The `count` of the report a successful `ipevent-query` printed; fails the test with its
+/// stderr when the query failed.
+pub fn report_count(output: &Output) -> u64 {
+    assert!(
+        output.status.success(),
+        "ipevent-query failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout_json(output)["count"]
+        .as_u64()
+        .expect("a count in the report")
 }
 
 /// Runs `ipevent-query --data-dir <dir> <args>` and returns its output.
@@ -378,11 +435,11 @@ impl Rng {
     }
 
     /// A random app SHA.
-    pub fn app(&mut self) -> ipevent_core::AppSha {
+    pub fn app(&mut self) -> AppSha {
         let mut bytes = [0u8; 32];
         for chunk in bytes.chunks_exact_mut(8) {
             chunk.copy_from_slice(&self.next_u64().to_le_bytes());
         }
-        ipevent_core::AppSha(bytes)
+        AppSha(bytes)
     }
 }
