@@ -149,14 +149,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     result
 }
 
+/// Options for every open of the store: a symlink at the path is never followed
+/// (`O_NOFOLLOW`), the descriptor does not leak into child processes (`O_CLOEXEC`), a file
+/// created gets [`FILE_MODE`]; `flags` are added.
+fn no_follow(flags: libc::c_int) -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | flags);
+    options
+}
+
+/// `file`, opened at `path`, when it is a regular file; [`StoreError::NotAFile`] otherwise.
+fn regular_file(file: File, path: &Path) -> Result<File, StoreError> {
+    let meta = file.metadata().map_err(io_err("inspecting", path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotAFile(path.to_path_buf()));
+    }
+    Ok(file)
+}
+
 /// Creates (or truncates) a file without following a symlink at `path`.
 pub(crate) fn open_new(path: &Path) -> Result<File, StoreError> {
-    OpenOptions::new()
+    no_follow(0)
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(io_err("creating", path))
 }
@@ -164,11 +182,7 @@ pub(crate) fn open_new(path: &Path) -> Result<File, StoreError> {
 /// Opens a regular file for reading without following a symlink. `Ok(None)` when it does not
 /// exist; [`StoreError::NotAFile`] when a symlink, a directory or anything else is there.
 pub fn open_read(path: &Path) -> Result<Option<File>, StoreError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)
-    {
+    let file = match no_follow(libc::O_NONBLOCK).read(true).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
@@ -176,11 +190,7 @@ pub fn open_read(path: &Path) -> Result<Option<File>, StoreError> {
         }
         Err(e) => return Err(io_err("opening", path)(e)),
     };
-    let meta = file.metadata().map_err(io_err("inspecting", path))?;
-    if !meta.is_file() {
-        return Err(StoreError::NotAFile(path.to_path_buf()));
-    }
-    Ok(Some(file))
+    regular_file(file, path).map(Some)
 }
 
 /// Maps the regular file at `path` read-only, opened as [`open_read`] opens it. `Ok(None)`
@@ -197,9 +207,8 @@ pub(crate) fn map_read(path: &Path) -> Result<Option<crate::sys::Mapped>, StoreE
 /// Flushes `dir` itself to disk (without following a symlink), so that files created or
 /// renamed in it survive a power loss.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    let file = OpenOptions::new()
+    let file = no_follow(libc::O_DIRECTORY)
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_DIRECTORY)
         .open(dir)
         .map_err(io_err("opening", dir))?;
     file.sync_all().map_err(io_err("syncing", dir))
@@ -218,13 +227,11 @@ pub fn plain_dir(dir: &Path) -> Result<bool, StoreError> {
 
 /// Opens a file for reading and writing, creating it if missing, without following a symlink.
 pub fn open_read_write(path: &Path) -> Result<File, StoreError> {
-    OpenOptions::new()
+    no_follow(0)
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(io_err("opening", path))
 }
@@ -232,11 +239,9 @@ pub fn open_read_write(path: &Path) -> Result<File, StoreError> {
 /// Opens a regular file for appending, creating it if missing, without following a symlink;
 /// [`StoreError::NotAFile`] when something else is there.
 pub fn open_append(path: &Path) -> Result<File, StoreError> {
-    let file = OpenOptions::new()
+    let file = no_follow(libc::O_NONBLOCK)
         .append(true)
         .create(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP | libc::EISDIR | libc::ENXIO) => {
@@ -244,21 +249,15 @@ pub fn open_append(path: &Path) -> Result<File, StoreError> {
             }
             _ => io_err("opening", path)(e),
         })?;
-    let meta = file.metadata().map_err(io_err("inspecting", path))?;
-    if !meta.is_file() {
-        return Err(StoreError::NotAFile(path.to_path_buf()));
-    }
-    Ok(file)
+    regular_file(file, path)
 }
 
 /// Creates a file for appending, failing if anything is at `path` already (no symlink is
 /// followed): for a log whose directory was just made.
 pub fn open_create_new(path: &Path) -> Result<File, StoreError> {
-    OpenOptions::new()
+    no_follow(0)
         .append(true)
         .create_new(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(io_err("creating", path))
 }
@@ -277,9 +276,8 @@ pub fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 
 /// Opens an existing file for writing in place without following a symlink.
 pub fn open_write_existing(path: &Path) -> Result<File, StoreError> {
-    OpenOptions::new()
+    no_follow(0)
         .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(io_err("opening", path))
 }
