@@ -62,6 +62,14 @@ fn row(f: &mut fmt::Formatter<'_>, name: &str, values: &[String], note: &str) ->
     }
 }
 
+/// Rows of the table, each a name, its values and a note ([`row`]).
+fn rows(f: &mut fmt::Formatter<'_>, rows: &[(&str, Vec<String>, &str)]) -> fmt::Result {
+    for (name, values, note) in rows {
+        row(f, name, values, note)?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for CapacityEstimate {
     /// A table for operators: the input, then the store, one writer, and all writers.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,116 +121,113 @@ impl CapacityEstimate {
             "worst case",
             width = NAME_CHARS + 2
         )?;
-        let both = |a: u64, b: u64, show: fn(u64) -> String| [show(a), show(b)];
-        row(
+        let both = |a: u64, b: u64, show: fn(u64) -> String| vec![show(a), show(b)];
+        let logs_note = format!(
+            "in {} app dirs; {:.1} addresses per log, {:.1} records per appended block",
+            count(self.apps_seen),
+            self.addresses_per_log,
+            self.records_per_append
+        );
+        rows(
             f,
-            "disk space",
-            &both(self.disk_bytes_steady, self.disk_bytes_worst, bytes),
-            "and each receiver's --journal-bytes",
-        )?;
-        row(
-            f,
-            "log data (apparent size)",
-            &both(self.data_bytes_steady, self.data_bytes_worst, bytes),
-            "",
-        )?;
-        row(
-            f,
-            "inodes",
-            &both(self.inodes, self.inodes_worst, count),
-            "",
-        )?;
-        row(
-            f,
-            "one log",
-            &both(self.log_bytes_steady, self.log_bytes_worst, bytes),
-            "",
-        )?;
-        row(
-            f,
-            "logs",
-            &[count(self.logs)],
-            &format!(
-                "in {} app dirs; {:.1} addresses per log, {:.1} records per appended block",
-                count(self.apps_seen),
-                self.addresses_per_log,
-                self.records_per_append
-            ),
+            &[
+                (
+                    "disk space",
+                    both(self.disk_bytes_steady, self.disk_bytes_worst, bytes),
+                    "and each receiver's --journal-bytes",
+                ),
+                (
+                    "log data (apparent size)",
+                    both(self.data_bytes_steady, self.data_bytes_worst, bytes),
+                    "",
+                ),
+                ("inodes", both(self.inodes, self.inodes_worst, count), ""),
+                (
+                    "one log",
+                    both(self.log_bytes_steady, self.log_bytes_worst, bytes),
+                    "",
+                ),
+                ("logs", vec![count(self.logs)], &logs_note),
+            ],
         )
     }
 
     /// One writer: memory, journal, traffic in, appends and compactions.
     fn fmt_per_writer(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "per writer")?;
-        row(
+        let memory_note = format!(
+            "{} apps, {} app/address pairs per flush",
+            count(self.pending_apps_per_writer),
+            count(self.pending_entries_per_writer)
+        );
+        let network_note = format!(
+            "bit/s IP, {} bit/s on Ethernet",
+            human_count(self.wire_bits_per_sec_per_writer)
+        );
+        rows(
             f,
-            "memory for pending events",
-            &[bytes(self.memory_bytes_per_writer)],
-            &format!(
-                "{} apps, {} app/address pairs per flush",
-                count(self.pending_apps_per_writer),
-                count(self.pending_entries_per_writer)
-            ),
-        )?;
-        row(
-            f,
-            "journal filled per flush",
-            &[bytes(self.journal_bytes_per_flush_per_writer)],
-            "--journal-bytes must be larger; also resident memory",
-        )?;
-        row(
-            f,
-            "datagrams in",
-            &[human_count(self.packets_per_sec_per_writer)],
-            "per second",
-        )?;
-        row(
-            f,
-            "network in",
-            &[human_count(self.ip_bits_per_sec_per_writer)],
-            &format!(
-                "bit/s IP, {} bit/s on Ethernet",
-                human_count(self.wire_bits_per_sec_per_writer)
-            ),
-        )?;
-        row(
-            f,
-            "appends per flush",
-            &[count(self.appends_per_flush_per_writer)],
-            "",
-        )?;
-        row(
-            f,
-            "compactions in one flush, worst case",
-            &[count(self.compactions_per_flush_worst)],
-            "each ends with an fdatasync",
+            &[
+                (
+                    "memory for pending events",
+                    vec![bytes(self.memory_bytes_per_writer)],
+                    &memory_note,
+                ),
+                (
+                    "journal filled per flush",
+                    vec![bytes(self.journal_bytes_per_flush_per_writer)],
+                    "--journal-bytes must be larger; also resident memory",
+                ),
+                (
+                    "datagrams in",
+                    vec![human_count(self.packets_per_sec_per_writer)],
+                    "per second",
+                ),
+                (
+                    "network in",
+                    vec![human_count(self.ip_bits_per_sec_per_writer)],
+                    &network_note,
+                ),
+                (
+                    "appends per flush",
+                    vec![count(self.appends_per_flush_per_writer)],
+                    "",
+                ),
+                (
+                    "compactions in one flush, worst case",
+                    vec![count(self.compactions_per_flush_worst)],
+                    "each ends with an fdatasync",
+                ),
+            ],
         )
     }
 
     /// All writers together: network and disk writes.
     fn fmt_all_writers(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "all writers")?;
-        row(
+        let disk_note = format!(
+            "per second ({} appends/s, {} compactions/s)",
+            human_count(self.appends_per_sec),
+            human_count(self.compactions_per_sec)
+        );
+        rows(
             f,
-            "network in",
-            &[human_count(self.ip_bits_per_sec_total)],
-            "bit/s IP",
-        )?;
-        row(
-            f,
-            "disk writes",
-            &[human_bytes(self.disk_write_bytes_per_sec)],
-            &format!(
-                "per second ({} appends/s, {} compactions/s)",
-                human_count(self.appends_per_sec),
-                human_count(self.compactions_per_sec)
-            ),
-        )?;
-        row(
-            f,
-            "journal writes",
-            &[human_bytes(self.journal_write_bytes_per_sec)],
-            "per second at most",
+            &[
+                (
+                    "network in",
+                    vec![human_count(self.ip_bits_per_sec_total)],
+                    "bit/s IP",
+                ),
+                (
+                    "disk writes",
+                    vec![human_bytes(self.disk_write_bytes_per_sec)],
+                    &disk_note,
+                ),
+                (
+                    "journal writes",
+                    vec![human_bytes(self.journal_write_bytes_per_sec)],
+                    "per second at most",
+                ),
+            ],
         )
     }
 }
