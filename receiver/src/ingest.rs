@@ -22,7 +22,8 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::control::{self, Control, Op, Request};
 use crate::counters::{Counters, LocalCounts};
-use crate::writer::{unix_now, BatchPool, Record, ToWriter, BATCH_RECORDS};
+use crate::run_state::unix_now;
+use crate::writer::{BatchPool, Record, ToWriter, BATCH_RECORDS};
 
 /// Datagrams per `recvmmsg` call.
 pub const RECV_BATCH: usize = 64;

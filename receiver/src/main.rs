@@ -10,6 +10,7 @@ mod config;
 mod control;
 mod counters;
 mod ingest;
+mod run_state;
 mod ship;
 mod sockets;
 mod writer;
@@ -73,7 +74,7 @@ fn run(config: Config) -> Result<()> {
     let sockets = bind_sockets(&config)?;
     let journal = Journal::open(&data.journal_path(&writer_id), config.journal_bytes)?;
     // The journal, not this file, is what recovery relies on: a full disk must not stop a start.
-    if let Err(e) = writer::write_state(&data, &writer_id, previous.epoch, false) {
+    if let Err(e) = run_state::write_state(&data, &writer_id, previous.epoch, false) {
         log::warn!("recording the run state: {e}");
     }
 
@@ -113,7 +114,7 @@ fn run(config: Config) -> Result<()> {
     if !flushed_all {
         bail!("stopped with events that could not be written to the store (see above)");
     }
-    if let Err(e) = writer::write_state(&data, &writer_id, epoch, true) {
+    if let Err(e) = run_state::write_state(&data, &writer_id, epoch, true) {
         // Everything is in the store; the next start only misreads this stop as a crash.
         log::warn!("recording the clean stop: {e}");
     }
@@ -122,8 +123,8 @@ fn run(config: Config) -> Result<()> {
 }
 
 /// How the previous run of this writer ended; warns when it did not stop cleanly.
-fn read_previous_run(data: &DataDir, writer_id: &str) -> writer::RunState {
-    let previous = writer::read_state(data, writer_id);
+fn read_previous_run(data: &DataDir, writer_id: &str) -> run_state::RunState {
+    let previous = run_state::read_state(data, writer_id);
     if !previous.clean {
         log::warn!(
             "the previous run of writer {writer_id} did not stop cleanly (crash, kill or power \
@@ -177,14 +178,14 @@ fn bind_sockets(config: &Config) -> Result<Sockets> {
 fn first_stats(
     config: &Config,
     writer_id: &str,
-    previous: &writer::RunState,
+    previous: &run_state::RunState,
     sockets: &Sockets,
 ) -> ReceiverStats {
     ReceiverStats {
         writer_id: writer_id.to_string(),
         pid: std::process::id(),
         version: ipevent_core::VERSION.to_string(),
-        started_unix: writer::unix_now(),
+        started_unix: run_state::unix_now(),
         last_stop_clean: previous.clean,
         listen: sockets.listen.clone(),
         rcvbuf_bytes: sockets.rcvbuf_bytes.clone(),

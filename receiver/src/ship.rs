@@ -374,7 +374,7 @@ pub fn instance_token(data: &DataDir, writer_id: &str) -> Result<String, store::
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
         bytes[..8].copy_from_slice(&h.finish().to_le_bytes());
-        bytes[8..].copy_from_slice(&crate::writer::unix_now().to_le_bytes());
+        bytes[8..].copy_from_slice(&crate::run_state::unix_now().to_le_bytes());
     }
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     store::write_atomic(&path, format!("{token}\n").as_bytes())?;
