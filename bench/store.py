@@ -4,6 +4,7 @@
     python3 bench/store.py giant [--addrs 16000000] [--root /dev/shm]
     python3 bench/store.py many-apps [--apps 1000000] [--root /dev/shm] [--keep DIR] [--strace]
     python3 bench/store.py list DIR [--runs 5]
+    python3 bench/store.py ip DIR ADDR[/PREFIX] [--runs 5]
 
 `giant`: one receiver; `ipevent-blast` sends one app ADDRS distinct addresses as fast as it
 can while, every second, a second app gets one event and `ipevent-query --sync` asks for it.
@@ -12,12 +13,16 @@ flushes and their longest, the bytes the writer appended and rewrote (compaction
 resident memory of the receiver (VmHWM) and how long SIGTERM took to end it.
 
 `many-apps`: one receiver with a 1-hour flush interval takes `--apps` new apps
-(`ipevent-test-client`, random scenario, 3 events per app); SIGTERM then makes one flush that
-creates every app. Prints that flush's duration (`flush_last_ms`), per app, and, with
+(`ipevent-test-client`, random scenario, `--events-per-app` events per app, default 3, drawn
+from its 14 hosts and 1 to 10 outsiders: 13 give about 10 distinct addresses per app);
+SIGTERM then makes one flush that creates every app (more when the pending map fills). Prints that flush's duration (`flush_last_ms`), per app, and, with
 `--strace`, the syscalls of the whole run by count (`strace -f -c`). `--keep DIR` leaves the
 store there for `list`.
 
 `list DIR`: times `ipevent-query --data-dir DIR list --limit 0` (process start included).
+
+`ip DIR ADDR`: times `ipevent-query --data-dir DIR ip ADDR` (process start included) and says
+how many apps the answer held.
 
 Linux, Python 3 (standard library), the release binaries (`cargo build --release
 --workspace` and `cargo build --release --manifest-path bench/drain/Cargo.toml`).
@@ -159,7 +164,8 @@ def case_many_apps(args):
             pid = read_json(stats_path)["pid"]
         sent = subprocess.run(
             [str(RELEASE / "ipevent-test-client"), "run", "--to", addr, "--scenario", "random",
-             "--apps", str(args.apps), "--count", str(args.apps * 3), "--rate", "0",
+             "--apps", str(args.apps), "--count", str(args.apps * args.events_per_app),
+             "--rate", "0",
              "--seed", "11", "--json", "--no-progress"],
             capture_output=True, text=True)
         sent = json.loads(sent.stdout)
@@ -199,6 +205,21 @@ def case_list(args):
                       "median_secs": round(sorted(times)[len(times) // 2], 3)}, indent=2))
 
 
+def case_ip(args):
+    times = []
+    for _ in range(args.runs):
+        started = time.monotonic()
+        done = subprocess.run([str(RELEASE / "ipevent-query"), "--data-dir", args.dir, "ip",
+                               args.addr], capture_output=True, text=True)
+        times.append(time.monotonic() - started)
+        if done.returncode != 0:
+            raise SystemExit(f"ip: exit {done.returncode}: {done.stderr.strip()}")
+    answer = json.loads(done.stdout)
+    print(json.dumps({"ip": answer["ip"], "apps_found": len(answer["apps"]),
+                      "secs": [round(t, 3) for t in times],
+                      "median_secs": round(sorted(times)[len(times) // 2], 3)}, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bin-dir", help="where the ipevent binaries are (default target/release)")
@@ -213,16 +234,23 @@ def main():
     many.add_argument("--keep", help="build the store in this dir and leave it there")
     many.add_argument("--strace", action="store_true", help="count syscalls (strace -f -c)")
     many.add_argument("--count-apps", action="store_true", help="count the app directories")
+    many.add_argument("--events-per-app", type=int, default=3,
+                      help="events sent per app (13: about 10 distinct addresses each)")
     lst = sub.add_parser("list")
     lst.add_argument("dir")
     lst.add_argument("--runs", type=int, default=5)
+    ip = sub.add_parser("ip")
+    ip.add_argument("dir")
+    ip.add_argument("addr")
+    ip.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     global RELEASE, TOOLS
     if args.bin_dir:
         RELEASE = Path(args.bin_dir)
     if args.tools_dir:
         TOOLS = Path(args.tools_dir)
-    {"giant": case_giant, "many-apps": case_many_apps, "list": case_list}[args.case](args)
+    {"giant": case_giant, "many-apps": case_many_apps, "list": case_list,
+     "ip": case_ip}[args.case](args)
 
 
 if __name__ == "__main__":

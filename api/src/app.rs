@@ -66,6 +66,8 @@ pub struct AppState {
     pub admin: AdminPolicy,
     /// Per-receiver timeout for control requests.
     pub control_timeout: Duration,
+    /// The open `GET /watch` streams.
+    pub watches: Arc<crate::watch::Watches>,
 }
 
 type Shared = Arc<AppState>;
@@ -85,6 +87,7 @@ pub fn router(state: Shared, request_timeout: Duration) -> Router {
         .route("/events/{sha}", get(get_events))
         .route("/ips/{addr}", get(get_ips))
         .route("/ips/{addr}/{prefix}", get(get_ips))
+        .route("/watch", get(crate::watch::get_watch))
         .fallback(not_found)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -125,7 +128,7 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// A JSON error body `{"error":"..."}` with `status`.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": message.into() }).to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

@@ -65,6 +65,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub header_timeout_ms: u64,
 
+    /// Most `GET /watch` streams open at once (each a connection for as long as its client
+    /// stays); beyond it, 503. At most half of --max-connections.
+    #[arg(long, env = "IPEVENT_API_MAX_WATCH_STREAMS", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_watch_streams: u64,
+
     /// Name of the API's own log files in the store (events taken by `POST /events`).
     /// Must differ from every receiver's writer id. Defaults to `api-<host name>`.
     #[arg(long, env = "IPEVENT_API_WRITER_ID", value_parser = parse_writer_id)]

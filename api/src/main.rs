@@ -16,6 +16,7 @@ mod post;
 mod reset;
 mod serve;
 mod sync;
+mod watch;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -129,6 +130,8 @@ async fn serve(
             move |outcome| metrics.sync_round(outcome),
         )
     };
+    let limits = connection_limits(&config);
+    let watches = Arc::new(watch::Watches::new(watch_streams(&config, &limits)));
     let state = Arc::new(AppState {
         data: data.clone(),
         reader,
@@ -139,9 +142,9 @@ async fn serve(
         posts: Arc::new(Mutex::new(posts)),
         admin: AdminPolicy::new(config.admin_token.clone(), config.allow_loopback_admin),
         control_timeout: config.sync_timeout(),
+        watches: watches.clone(),
     });
     let app: Router = app::router(state, config.request_timeout());
-    let limits = connection_limits(&config);
 
     let listener = listen::bind(config.listen)?;
     let listener =
@@ -150,7 +153,9 @@ async fn serve(
     announce(&config, bound, &writer_id)?;
 
     serve::serve(listener, app, limits, conns, async move {
-        stop_signal(&mut sigterm, &mut sigint).await
+        stop_signal(&mut sigterm, &mut sigint).await;
+        // Streams end here, so the requests in flight can finish.
+        watches.stop();
     })
     .await;
     log::info!("stopped");
@@ -181,6 +186,19 @@ fn connection_limits(config: &Config) -> serve::Limits {
         max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
         header_timeout: Duration::from_millis(config.header_timeout_ms),
     }
+}
+
+/// The cap on watch streams: the flag, at most half the connections, so that streams never
+/// keep ordinary requests out.
+fn watch_streams(config: &Config, limits: &serve::Limits) -> usize {
+    let wanted = usize::try_from(config.max_watch_streams).unwrap_or(usize::MAX);
+    let room = limits.max_connections / 2;
+    if wanted > room {
+        log::warn!(
+            "serving at most {room} watch streams (half the connection cap) instead of {wanted}"
+        );
+    }
+    wanted.min(room)
 }
 
 /// Says where the API listens: on stderr, and in the ready file if one was asked for.

@@ -1,7 +1,8 @@
 //! What every ipevent binary shares: the wire format ([`wire`]), the hash of an app file
 //! ([`apk`]), the log block format ([`block`]), the store and its one reader and writer
 //! ([`store`]), the receiver's journal ([`journal`]) and pending map ([`aggregate`]), the report
-//! ([`report`]), the lookup by address ([`lookup`]), the control channel ([`control`]), the
+//! ([`report`]), the lookup by address ([`lookup`]), following the store for new bad
+//! addresses ([`watch`]), the control channel ([`control`]), the
 //! receiver's counters ([`stats`]), sizing estimates ([`capacity`]), hex ([`hex`]), the
 //! conformance vectors ([`testdata`]) and the batch socket calls ([`sys`]).
 //!
@@ -27,6 +28,7 @@ pub mod stats;
 pub mod store;
 pub mod sys;
 pub mod testdata;
+pub mod watch;
 pub mod wire;
 
 pub use block::AddrStats;

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+mod watch;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,6 +86,17 @@ enum Sub {
         /// An IPv4 address (185.220.101.7) or CIDR block (185.220.101.0/24).
         addr: String,
     },
+    /// Follows the store and prints one JSON line each time an app gains an address its
+    /// report classifies as bad ("event":"bad_address"), or its chosen netblock moves and a
+    /// good address turns bad ("event":"netblock_changed"): {"event":…,"app_sha256":…,
+    /// "ip":…,"count":…,"first_seen":…,"last_seen":…,"netblock":…,"previous_netblock":…}.
+    /// Runs until SIGINT or SIGTERM (exit 0). Reads the local data dir only.
+    Watch {
+        /// Also report what happened from this time on (RFC 3339, 2026-12-01T17:00:00Z, or a
+        /// duration ago: 15m, 2h, 3days): every app is read once first. Default: from now.
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
     /// Estimates disk, inodes, memory and network for a given traffic, from the real record
     /// sizes of the store.
     Capacity {
@@ -129,6 +142,16 @@ impl Failure {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    if let Some(Sub::Watch { since }) = &cli.command {
+        // Lines are printed as they come, not as one result.
+        return match follow(&cli, since.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => {
+                eprintln!("ipevent-query: {}", failure.message);
+                ExitCode::from(failure.code)
+            }
+        };
+    }
     match run(&cli) {
         Ok(output) => print_output(&output),
         Err(failure) => {
@@ -166,6 +189,19 @@ fn init_logging() {
         .init();
 }
 
+/// `watch`: the local data dir only (a bucket cannot be followed yet: exit 2).
+fn follow(cli: &Cli, since: Option<&str>) -> Result<(), Failure> {
+    if let Some(url) = &cli.store {
+        return Err(Failure::new(
+            2,
+            format!("watch reads a local data dir; --store {url} cannot be watched yet"),
+        ));
+    }
+    let data = DataDir::new(&cli.data_dir);
+    let name = data.root().display().to_string();
+    watch::run(&data, &name, since)
+}
+
 fn run(cli: &Cli) -> Result<String, Failure> {
     let data = DataDir::new(&cli.data_dir);
     match (&cli.command, &cli.sha) {
@@ -174,6 +210,8 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             sync_if_asked(cli, &data);
             list(store.as_ref(), *limit, cli.pretty)
         }
+        // Run by `main`, which prints its lines as they come.
+        (Some(Sub::Watch { since }), _) => follow(cli, since.as_deref()).map(|()| String::new()),
         (Some(Sub::Ip { addr }), _) => {
             let cidr: Cidr = addr
                 .parse()

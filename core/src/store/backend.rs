@@ -1,7 +1,8 @@
-//! What a storage backend offers: [`Store`] for readers (one app, every app) and
-//! [`AppendBlocks`] for a writer (a flush's blocks). The file tree implements both ([`DataDir`](super::DataDir)
-//! and [`StoreWriter`](super::StoreWriter)); another backend (object storage) would sit beside
-//! it without touching the receiver, the query CLI or the API.
+//! What a storage backend offers: [`Store`] for readers (one app, every app, and the
+//! [`ChangeFeed`] of the apps flushes change) and [`AppendBlocks`] for a writer (a flush's
+//! blocks). The file tree implements both ([`DataDir`](super::DataDir) and
+//! [`StoreWriter`](super::StoreWriter)); another backend (object storage) would sit beside it
+//! without touching the receiver, the query CLI or the API.
 
 use std::path::PathBuf;
 
@@ -80,6 +81,26 @@ pub trait Store {
 
     /// Every app in the store with its count, most events first (ties by SHA).
     fn list_apps(&self) -> Result<Vec<AppCount>, StoreError>;
+
+    /// Starts following which apps the writers' flushes change, from now on: what
+    /// `watch` reads ([`crate::watch`]). A backend that cannot answers
+    /// [`StoreError::Unsupported`].
+    fn follow_changes(&self) -> Result<Box<dyn ChangeFeed>, StoreError> {
+        Err(StoreError::Unsupported(
+            "this store cannot be watched (watch reads a local data dir)".to_string(),
+        ))
+    }
+}
+
+/// The apps that writers' flushes changed, as they finish: what `watch` re-reads, so that
+/// it never reads every app of the store. From [`Store::follow_changes`].
+pub trait ChangeFeed: Send {
+    /// Appends to `out` every app whose data a flush changed since the previous call (or
+    /// since the feed was made), each app once per call, in the order the flushes finished
+    /// (one writer's flushes in their order; different writers' by when they were seen).
+    /// An app may be named although nothing of it changed (a writer's restart after a
+    /// crash, say), never left out when something did.
+    fn changed(&mut self, out: &mut Vec<AppSha>) -> Result<(), StoreError>;
 }
 
 /// One writer's side of a store: where a flush's blocks go, one block per app and flush.

@@ -74,6 +74,9 @@ pub enum StoreError {
     /// names what was being done and where, never a credential.
     #[error("{0}")]
     Backend(String),
+    /// The backend does not offer this operation; the message says which and where.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// [`StoreError::Refused`] reason: `--max-apps` reached.

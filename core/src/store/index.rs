@@ -171,6 +171,35 @@ fn parse(bytes: &[u8]) -> Option<(u16, u64, &[u8], usize)> {
     Some((kind, sequence, &bytes[INDEX_HEADER_BYTES..len], len))
 }
 
+/// What an index block says, for readers that follow an index as it grows
+/// ([`super::changes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockKind {
+    /// A flush is about to write the logs of these apps.
+    Begin,
+    /// A flush wrote the logs of these apps (with their totals).
+    Counts,
+    /// The writer could not write the logs of these apps.
+    Check,
+}
+
+/// One verified index block at the start of `bytes`: its kind, sequence, the apps it names
+/// (in order) and its length in bytes. `None` when no whole verified block is there.
+pub(crate) fn next_block(
+    bytes: &[u8],
+) -> Option<(BlockKind, u64, impl Iterator<Item = AppSha> + '_, usize)> {
+    let (kind, sequence, records, len) = parse(bytes)?;
+    let (kind, record_bytes) = match kind {
+        KIND_BEGIN => (BlockKind::Begin, BEGIN_RECORD_BYTES),
+        KIND_CHECK => (BlockKind::Check, BEGIN_RECORD_BYTES),
+        _ => (BlockKind::Counts, COUNTS_RECORD_BYTES),
+    };
+    let apps = records
+        .chunks_exact(record_bytes)
+        .map(|record| AppSha(record[..32].try_into().expect("32 bytes")));
+    Some((kind, sequence, apps, len))
+}
+
 /// Reads an index: per app the last count, and the apps of begins that no counts block
 /// followed. Stops at the first block that does not verify. Also returns the bytes verified.
 pub fn read_index(bytes: &[u8]) -> (IndexView, u64) {

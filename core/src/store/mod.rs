@@ -23,12 +23,13 @@
 //! [`list_apps`]), [`writer`] ([`StoreWriter`]: the append path), [`log_state`]
 //! (what the writer knows of each log), [`run`] (writing a run: appended, or a rewrite for
 //! compaction and repair), [`limits`] (on new apps and on addresses per app), [`compact`] (a
-//! log's runs, when to compact, the merge) and [`index`] (each writer's app index, for
-//! `list`). The receiver, the query CLI and the API reach the data through the [`Store`]
+//! log's runs, when to compact, the merge), [`index`] (each writer's app index, for
+//! `list`) and [`changes`] (following the indexes as they grow, for `watch`). The receiver, the query CLI and the API reach the data through the [`Store`]
 //! and [`AppendBlocks`] traits ([`backend`]), which the file tree implements; the object store
 //! (`ipevent-store-s3`) implements [`Store`] beside it.
 
 pub mod backend;
+pub mod changes;
 pub mod compact;
 pub mod fsio;
 pub mod index;
@@ -41,7 +42,7 @@ pub mod walk;
 pub mod writer;
 
 pub use crate::block::AddrStats;
-pub use backend::{AppCount, AppData, AppendBlocks, Store, StoreCounters};
+pub use backend::{AppCount, AppData, AppendBlocks, ChangeFeed, Store, StoreCounters};
 pub use compact::COMPACT_AFTER_BLOCKS;
 pub use fsio::{
     create_dir_all, for_each_entry, open_append, open_read, open_read_write, open_write_existing,

@@ -250,4 +250,8 @@ impl Store for DataDir {
     fn list_apps(&self) -> Result<Vec<AppCount>, StoreError> {
         list_apps(self)
     }
+
+    fn follow_changes(&self) -> Result<Box<dyn super::backend::ChangeFeed>, StoreError> {
+        Ok(Box::new(super::changes::IndexFeed::start(self)?))
+    }
 }
