@@ -71,7 +71,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     let writer_id = config.writer_id();
     // Held for the life of the process: no receiver or other API writes this writer's logs.
     let _lock = data.lock_writer(&writer_id)?;
-    let posts = PostWriter::new(data.clone(), &writer_id)?;
+    let mut posts = PostWriter::new(data.clone(), &writer_id)?;
     reset::empty_trash(&data);
     if config.admin_token.is_none() && !config.allow_loopback_admin {
         log::warn!("no admin token and --allow-loopback-admin=false: DELETE /events is refused to everyone");
@@ -91,6 +91,13 @@ fn run(config: Config) -> anyhow::Result<()> {
             Some(Arc::new(ipevent_store_s3::Bucket::from_env(url)?))
         }
     };
+    // With --store, POST /events reaches the bucket through the API's own outbox and shipper.
+    let shipper = match &bucket {
+        None => None,
+        Some(bucket) => Some(start_shipping(
+            &config, &data, &writer_id, bucket, &mut posts,
+        )?),
+    };
     let reader: Arc<dyn ipevent_core::store::Store + Send + Sync> = match &bucket {
         None => Arc::new(data.clone()),
         Some(bucket) => bucket.clone(),
@@ -104,8 +111,46 @@ fn run(config: Config) -> anyhow::Result<()> {
         bucket.clone(),
     ));
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    if let Some(shipper) = shipper {
+        shipper.stop();
+    }
     result
 }
+
+/// Opens the API's outbox (`receivers/<writer-id>/outbox/`) for `POST /events` and starts its
+/// shipper to the writer's own database in the bucket. The API does not wait for the bucket:
+/// posts are queued on local disk until it answers.
+fn start_shipping(
+    config: &Config,
+    data: &DataDir,
+    writer_id: &str,
+    bucket: &Arc<ipevent_store_s3::Bucket>,
+    posts: &mut PostWriter,
+) -> anyhow::Result<ipevent_store_s3::shipper::Shipper> {
+    use ipevent_store_s3::shipper::{self, ShipCounters, Shipper, ShipperSettings};
+    let counters = Arc::new(ShipCounters::default());
+    // Each post's entry is synced before the 202; a full disk fails the post (500).
+    let (outbox, woken) = shipper::Outbox::open(data, writer_id, true, 0, Arc::clone(&counters))?;
+    posts.ship_through(outbox);
+    let host = ipevent_core::store::host_writer_id("");
+    let settings = ShipperSettings {
+        bucket: Arc::clone(bucket),
+        writer_id: writer_id.to_string(),
+        instance: shipper::instance_token(data, writer_id)?,
+        holder: format!("host {host}, data dir {}", config.data_dir.display()),
+        outbox_dir: ipevent_store_s3::outbox::dir(data, writer_id),
+        data: data.clone(),
+        control_socket: None,
+        interval: POST_SHIP_INTERVAL,
+        counters,
+        start_wait: Duration::ZERO,
+    };
+    Shipper::start(settings, woken).with_context(|| format!("shipping to {}", bucket.url()))
+}
+
+/// How often the API's shipper looks at the bucket (sync requests, resets) when no post woke
+/// it: the receivers' default ship interval.
+const POST_SHIP_INTERVAL: Duration = Duration::from_millis(1000);
 
 async fn serve(
     config: Config,

@@ -4,6 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipevent_core::store::{AddrStats, AppendBlocks, StoreError, StoreWriter};
 use ipevent_core::{DataDir, IpEvent};
+use ipevent_store_s3::shipper::Outbox;
 
 /// The API's own writer: one-record blocks for the events `POST /events` takes.
 pub struct PostWriter {
@@ -11,6 +12,9 @@ pub struct PostWriter {
     /// Epoch of the last block. It starts at the start time in microseconds, so epochs keep
     /// growing across restarts as long as fewer than a million events a second are posted.
     epoch: u64,
+    /// With `--store`: each event also goes into the API's outbox, shipped to its own
+    /// database in the bucket (writer id `api-<host>`), before the answer.
+    outbox: Option<Outbox>,
 }
 
 impl PostWriter {
@@ -23,17 +27,32 @@ impl PostWriter {
         Ok(PostWriter {
             writer: StoreWriter::new(data, writer_id, true)?,
             epoch: start_micros,
+            outbox: None,
         })
     }
 
-    /// Appends one event that arrived at `unix_secs`.
+    /// Queues every event for the bucket too (`--store`).
+    pub fn ship_through(&mut self, outbox: Outbox) {
+        self.epoch = self.epoch.max(outbox.covered_epoch());
+        self.outbox = Some(outbox);
+    }
+
+    /// Appends one event that arrived at `unix_secs`. With `--store` the outbox entry (synced)
+    /// comes first and is what must succeed: the bucket is what the API then reads; the
+    /// local log follows, and a failure there is only logged.
     pub fn append(&mut self, event: &IpEvent, unix_secs: u32) -> Result<(), StoreError> {
         self.epoch += 1;
-        self.writer.append(
-            &event.app,
-            self.epoch,
-            &[(event.ip, AddrStats::one(unix_secs))],
-        )
+        let records = [(event.ip, AddrStats::one(unix_secs))];
+        if let Some(outbox) = &mut self.outbox {
+            outbox
+                .queue_now(self.epoch, &event.app, &records)
+                .map_err(StoreError::Backend)?;
+            if let Err(e) = self.writer.append(&event.app, self.epoch, &records) {
+                log::warn!("POST /events: queued for the bucket, but the local log failed: {e}");
+            }
+            return Ok(());
+        }
+        self.writer.append(&event.app, self.epoch, &records)
     }
 
     /// Forgets what it knows of its logs: after a reset moved the tree away, the next append

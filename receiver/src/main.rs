@@ -322,9 +322,10 @@ fn start_shipping(
         holder: format!("host {host}, data dir {}", config.data_dir.display()),
         outbox_dir: ipevent_store_s3::outbox::dir(data, writer_id),
         data: data.clone(),
-        control_socket: data.control_socket(writer_id),
+        control_socket: Some(data.control_socket(writer_id)),
         interval: Duration::from_millis(config.ship_interval_ms),
         counters: Arc::clone(&counters),
+        start_wait: ship::START_WAIT,
     };
     let shipper =
         ship::Shipper::start(settings, woken).with_context(|| format!("shipping to {url}"))?;

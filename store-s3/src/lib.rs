@@ -11,6 +11,7 @@
 //!   only) and the read path ([`Bucket::read_app`], [`Bucket::list_apps`]).
 //! - [`ShipDb`]: one writer's database: applies a flush's records and its epoch atomically.
 //! - [`outbox`]: the receiver's local queue of flushes not yet shipped.
+//! - [`shipper`]: the outbox a writer fills and the thread that ships it.
 //! - [`Bucket::sync_all`], [`Bucket::reset`]: read after write and reset across hosts,
 //!   through requests in the bucket that every receiver's shipper answers.
 
@@ -22,6 +23,7 @@ mod cluster;
 pub mod codec;
 pub mod outbox;
 mod ship;
+pub mod shipper;
 
 pub use bucket::{Bucket, StoreUrl};
 pub use cluster::{ClusterReset, ClusterSync, SyncRequest, ABANDONED_REQUEST};
