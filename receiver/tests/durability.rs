@@ -3,45 +3,25 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ipevent_core::wire::{self, IpEvent};
 use ipevent_core::AppSha;
-use ipevent_testkit::{run_receiver_to_exit, sender, stdout_json, Receiver, Rng};
+use ipevent_testkit::{
+    report_count, run_receiver_to_exit, stdout_json, PacedSender, Receiver, Rng,
+};
 
-fn send_events(tx: &UdpSocket, to: SocketAddr, events: &[(AppSha, u32)]) {
+/// Longest datagram these tests send.
+const DATAGRAM_MAX_BYTES: usize = 100;
+
+/// Stats often, so that a [`PacedSender`] waits little between windows.
+const FAST_STATS: [&str; 2] = ["--stats-interval-ms", "10"];
+
+fn send_events(tx: &mut PacedSender, events: &[(AppSha, u32)]) {
     for (app, ip) in events {
-        tx.send_to(&wire::encode_to_vec(&IpEvent { app: *app, ip: *ip }), to)
-            .expect("sending");
+        tx.send(&wire::encode_to_vec(&IpEvent { app: *app, ip: *ip }));
     }
-}
-
-/// Total events over every app, as `ipevent-query list` reads them from disk.
-fn stored_total(rx: &Receiver) -> u64 {
-    let out = rx.query(&["list", "--limit", "0"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout_json(&out)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["count"].as_u64().unwrap())
-        .sum()
-}
-
-fn count_of(rx: &Receiver, app: &AppSha) -> u64 {
-    let out = rx.query(&[&app.to_hex()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout_json(&out)["count"].as_u64().unwrap()
 }
 
 /// `n` events spread over `apps` random apps.
@@ -55,19 +35,21 @@ fn random_events(rng: &mut Rng, apps: usize, n: usize) -> Vec<(AppSha, u32)> {
 #[test]
 fn sigkill_between_flushes_loses_nothing_accepted() {
     let mut rng = Rng::new(0xdead);
-    let tx = sender();
-    let mut rx = Receiver::start(&["--flush-interval-ms", "60000"]);
+    let flags = ["--flush-interval-ms", "60000", FAST_STATS[0], FAST_STATS[1]];
+    let mut rx = Receiver::start(&flags);
     let dir = rx.take_tmp().unwrap();
     let mut expected = 0u64;
     for round in 0..3 {
         let events = random_events(&mut rng, 5, 3000);
-        send_events(&tx, rx.addr, &events);
+        let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
+        send_events(&mut tx, &events);
+        tx.wait_read();
         expected += events.len() as u64;
         let n = events.len() as u64;
         rx.wait_stats("every event to be accepted", |s| s.events_accepted == n);
         let status = rx.stop_with(libc::SIGKILL);
         assert!(!status.success());
-        rx = Receiver::start_in(dir.path(), &["--flush-interval-ms", "60000"]);
+        rx = Receiver::start_in(dir.path(), &flags);
         let stats = rx.stats().unwrap();
         assert!(
             !stats.last_stop_clean,
@@ -77,7 +59,7 @@ fn sigkill_between_flushes_loses_nothing_accepted() {
             stats.events_replayed, n,
             "round {round}: replayed from the journal"
         );
-        assert_eq!(stored_total(&rx), expected, "round {round}");
+        assert_eq!(rx.stored_total(), expected, "round {round}");
     }
     rx.stop();
     let rx = Receiver::start_in(dir.path(), &[]);
@@ -86,13 +68,12 @@ fn sigkill_between_flushes_loses_nothing_accepted() {
         0,
         "a clean stop leaves nothing to replay"
     );
-    assert_eq!(stored_total(&rx), expected);
+    assert_eq!(rx.stored_total(), expected);
 }
 
 #[test]
 fn a_crash_in_the_middle_of_a_flush_counts_nothing_twice() {
     let mut rng = Rng::new(0xf1);
-    let tx = sender();
     let apps = 400;
     let events = random_events(&mut rng, apps, 4000);
     let mut rx = Receiver::start(&[
@@ -100,9 +81,13 @@ fn a_crash_in_the_middle_of_a_flush_counts_nothing_twice() {
         "60000",
         "--test-crash-after-apps",
         "150",
+        FAST_STATS[0],
+        FAST_STATS[1],
     ]);
     let dir = rx.take_tmp().unwrap();
-    send_events(&tx, rx.addr, &events);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
+    send_events(&mut tx, &events);
+    tx.wait_read();
     rx.wait_stats("every event to be accepted", |s| s.events_accepted == 4000);
     // A sync starts the flush; the hook aborts the receiver after 150 of the 400 apps.
     let out = rx.query(&["--sync", "list"]);
@@ -121,7 +106,7 @@ fn a_crash_in_the_middle_of_a_flush_counts_nothing_twice() {
         "the crash landed mid-flush ({logs} of {apps} apps written)"
     );
     // Queries already report every accepted event: the rest is read from the journal.
-    assert_eq!(stored_total(&rx), 4000);
+    assert_eq!(rx.stored_total(), 4000);
 
     // Twice more: restart, crash again in the replay's own flush, then finish.
     let out = run_receiver_to_exit(dir.path(), &["--test-crash-after-apps", "100"]);
@@ -136,13 +121,13 @@ fn a_crash_in_the_middle_of_a_flush_counts_nothing_twice() {
         "{}",
         stats.events_replayed
     );
-    assert_eq!(stored_total(&rx), 4000, "every event exactly once");
+    assert_eq!(rx.stored_total(), 4000, "every event exactly once");
     let mut per_app = std::collections::HashMap::<AppSha, u64>::new();
     for (app, _) in &events {
         *per_app.entry(*app).or_default() += 1;
     }
     for (app, n) in per_app {
-        assert_eq!(count_of(&rx, &app), n, "app {app}");
+        assert_eq!(report_count(&rx.query(&[&app.to_hex()])), n, "app {app}");
     }
 }
 
@@ -166,12 +151,12 @@ fn only_log(dir: &Path) -> PathBuf {
 /// Three flushes of `per_flush` events each for one app, each a block of its own.
 fn three_blocks(per_flush: u32) -> (Receiver, tempfile::TempDir, AppSha, PathBuf) {
     let app = AppSha([0x42; 32]);
-    let tx = sender();
     let mut rx = Receiver::start(&["--flush-interval-ms", "60000"]);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let dir = rx.take_tmp().unwrap();
     for round in 0..3u32 {
         let events: Vec<(AppSha, u32)> = (0..per_flush).map(|i| (app, round * 1000 + i)).collect();
-        send_events(&tx, rx.addr, &events);
+        send_events(&mut tx, &events);
         let out = rx.query(&["--sync", &app.to_hex()]);
         assert_eq!(
             stdout_json(&out)["count"],
@@ -203,7 +188,8 @@ fn a_torn_tail_is_skipped_by_queries_and_repaired_by_the_receiver() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unverified tail"));
 
     let rx = Receiver::start_in(dir.path(), &["--flush-interval-ms", "60000"]);
-    send_events(&sender(), rx.addr, &[(app, 7), (app, 8)]);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
+    send_events(&mut tx, &[(app, 7), (app, 8)]);
     let out = rx.query(&["--sync", &app.to_hex()]);
     assert_eq!(stdout_json(&out)["count"], 22);
     assert!(
@@ -220,10 +206,15 @@ fn a_flipped_byte_stops_counting_at_its_block_and_the_receiver_rewrites_the_log(
     let mut bytes = std::fs::read(&log).unwrap();
     bytes[block + 40] ^= 0x01; // a record of the second block
     std::fs::write(&log, &bytes).unwrap();
-    assert_eq!(count_of(&rx, &app), 10, "the first block only");
+    assert_eq!(
+        report_count(&rx.query(&[&app.to_hex()])),
+        10,
+        "the first block only"
+    );
 
     let rx = Receiver::start_in(dir.path(), &["--flush-interval-ms", "60000"]);
-    send_events(&sender(), rx.addr, &[(app, 9)]);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
+    send_events(&mut tx, &[(app, 9)]);
     let out = rx.query(&["--sync", &app.to_hex()]);
     assert_eq!(
         stdout_json(&out)["count"],
@@ -232,7 +223,7 @@ fn a_flipped_byte_stops_counting_at_its_block_and_the_receiver_rewrites_the_log(
     );
     assert!(out.stderr.is_empty());
     // The log now appends cleanly.
-    send_events(&sender(), rx.addr, &[(app, 10)]);
+    send_events(&mut tx, &[(app, 10)]);
     assert_eq!(
         stdout_json(&rx.query(&["--sync", &app.to_hex()]))["count"],
         12
@@ -308,18 +299,21 @@ fn a_full_disk_holds_events_back_and_they_arrive_when_space_returns() {
             "0",
             "--min-free-inodes",
             "0",
+            FAST_STATS[0],
+            FAST_STATS[1],
         ],
     );
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let filler = fill(&fs.path);
     let mut rng = Rng::new(5);
     let events = random_events(&mut rng, 300, 6000);
-    send_events(&sender(), rx.addr, &events);
+    send_events(&mut tx, &events);
     let stats = rx.wait_stats("flushes to fail", |s| {
         s.flush_errors > 0 && s.events_accepted == 6000
     });
     assert!(stats.events_pending > 0, "{stats:?}");
     // Still receiving while the disk is full.
-    send_events(&sender(), rx.addr, &events[..100]);
+    send_events(&mut tx, &events[..100]);
     rx.wait_stats("more events while full", |s| s.events_accepted == 6100);
 
     std::fs::remove_file(filler).unwrap();
@@ -327,17 +321,18 @@ fn a_full_disk_holds_events_back_and_they_arrive_when_space_returns() {
         s.events_pending == 0 && s.events_flushed == 6100
     });
     assert_eq!(stats.kernel_drops, 0);
-    assert_eq!(stored_total(&rx), 6100);
+    assert_eq!(rx.stored_total(), 6100);
     rx.stop();
 }
 
 #[test]
 fn a_read_only_data_dir_holds_events_back_until_it_is_writable_again() {
-    let mut rx = Receiver::start(&["--flush-interval-ms", "20"]);
+    let mut rx = Receiver::start(&["--flush-interval-ms", "20", FAST_STATS[0], FAST_STATS[1]]);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let events_dir = rx.data.events_dir();
     let mut rng = Rng::new(6);
     let first = random_events(&mut rng, 50, 1000);
-    send_events(&sender(), rx.addr, &first);
+    send_events(&mut tx, &first);
     rx.wait_stats("the first events to be stored", |s| {
         s.events_flushed == 1000
     });
@@ -368,12 +363,12 @@ fn a_read_only_data_dir_holds_events_back_until_it_is_writable_again() {
         return;
     }
     let more = random_events(&mut rng, 50, 2000);
-    send_events(&sender(), rx.addr, &more);
+    send_events(&mut tx, &more);
     let stats = rx.wait_stats("flushes to fail", |s| {
         s.flush_errors > 0 && s.events_accepted == 3000
     });
     assert!(stats.events_pending > 0);
-    assert_eq!(stored_total(&rx), 1000, "nothing new could be written");
+    assert_eq!(rx.stored_total(), 1000, "nothing new could be written");
 
     let status = Command::new("umount").arg(&events_dir).status().unwrap();
     assert!(status.success());
@@ -381,6 +376,6 @@ fn a_read_only_data_dir_holds_events_back_until_it_is_writable_again() {
         s.events_pending == 0 && s.events_flushed == 3000
     });
     assert_eq!(stats.kernel_drops, 0);
-    assert_eq!(stored_total(&rx), 3000);
+    assert_eq!(rx.stored_total(), 3000);
     rx.stop();
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ipevent_core::control;
 use ipevent_core::wire::{self, IpEvent};
 use ipevent_core::AppSha;
-use ipevent_testkit::{bin, sender, stdout_json, Receiver, Rng};
+use ipevent_testkit::{bin, sender, stdout_json, PacedSender, Receiver, Rng};
 
 /// One app's traffic: the hosts of its /28 it talks to, and outsiders.
 struct AppPlan {
@@ -116,23 +116,16 @@ fn query_ok(rx: &Receiver, args: &[&str]) -> String {
         .to_string()
 }
 
-/// Waits until the receiver has read `sent` datagrams; fails with the kernel's drop count if
-/// some never arrive.
-fn wait_received(rx: &mut Receiver, sent: u64) {
-    let stats = rx.wait_stats("all datagrams to be read", |s| {
-        s.datagrams_received + s.kernel_drops >= sent
-    });
-    assert_eq!(
-        stats.kernel_drops, 0,
-        "the kernel dropped {} datagrams",
-        stats.kernel_drops
-    );
-}
+/// Longest datagram [`event`] and [`corrupted`] make.
+const DATAGRAM_MAX_BYTES: usize = 3100;
+
+/// Stats often, so that a [`PacedSender`] waits little between windows.
+const FAST_STATS: &[&str] = &["--stats-interval-ms", "10"];
 
 #[test]
 fn three_apps_with_thirty_percent_corruption_are_reported_exactly() {
-    let mut rx = Receiver::start(&[]);
-    let tx = sender();
+    let mut rx = Receiver::start(FAST_STATS);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let mut rng = Rng::new(0x1e57);
     let plans: Vec<AppPlan> = (0..3).map(|_| AppPlan::random(&mut rng)).collect();
     let mut counts = vec![0u64; 3];
@@ -141,7 +134,7 @@ fn three_apps_with_thirty_percent_corruption_are_reported_exactly() {
     // Every address at least once, then random picks.
     for (i, plan) in plans.iter().enumerate() {
         for ip in plan.all() {
-            send(&tx, rx.addr, &event(plan.app, ip));
+            tx.send(&event(plan.app, ip));
             counts[i] += 1;
             sent += 1;
         }
@@ -151,15 +144,15 @@ fn three_apps_with_thirty_percent_corruption_are_reported_exactly() {
         let all = plans[i].all();
         let datagram = event(plans[i].app, all[rng.below(all.len() as u64) as usize]);
         if rng.below(100) < 30 {
-            send(&tx, rx.addr, &corrupted(&mut rng, &datagram));
+            tx.send(&corrupted(&mut rng, &datagram));
             corrupt += 1;
         } else {
-            send(&tx, rx.addr, &datagram);
+            tx.send(&datagram);
             counts[i] += 1;
         }
         sent += 1;
     }
-    wait_received(&mut rx, sent);
+    tx.wait_read();
     rx.stop();
     let stats = rx.stats().unwrap();
     assert_eq!(stats.kernel_drops, 0);
@@ -179,13 +172,13 @@ fn three_apps_with_thirty_percent_corruption_are_reported_exactly() {
 #[test]
 fn sync_makes_events_visible_without_waiting_for_a_flush() {
     let mut rx = Receiver::start(&["--flush-interval-ms", "60000"]);
-    let tx = sender();
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let mut rng = Rng::new(7);
     let plan = AppPlan::random(&mut rng);
     let sha = plan.app.to_hex();
     let all = plan.all();
     for ip in &all {
-        send(&tx, rx.addr, &event(plan.app, *ip));
+        tx.send(&event(plan.app, *ip));
     }
     // Nothing is flushed yet: without --sync the app is unknown.
     let before = rx.query(&[&sha]);
@@ -201,7 +194,7 @@ fn sync_makes_events_visible_without_waiting_for_a_flush() {
     );
     // And again, for events sent after the first sync.
     for ip in &all {
-        send(&tx, rx.addr, &event(plan.app, *ip));
+        tx.send(&event(plan.app, *ip));
     }
     assert_eq!(
         query_ok(&rx, &["--sync", &sha]),
@@ -251,8 +244,8 @@ fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 fn hostile_names_never_reach_the_file_system() {
     let outer = tempfile::tempdir().unwrap();
     let data_dir = outer.path().join("data");
-    let mut rx = Receiver::start_in(&data_dir, &[]);
-    let tx = sender();
+    let mut rx = Receiver::start_in(&data_dir, FAST_STATS);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let names: [&[u8]; 8] = [
         b"../../../../../../../../../../../../../../../../../../../../etc/",
         b"a3f1c0de0000000000000000000000/000000000000000000000000000000001",
@@ -268,13 +261,12 @@ fn hostile_names_never_reach_the_file_system() {
         datagram.extend_from_slice(name);
         datagram.extend_from_slice(&[0x10, 0x01]);
         assert!(wire::decode(&datagram).is_err());
-        send(&tx, rx.addr, &datagram);
+        tx.send(&datagram);
     }
     // One valid event, so a sync proves the hostile ones were all read and refused.
     let good = AppSha([0xab; 32]);
-    send(&tx, rx.addr, &event(good, 1));
-    wait_received(&mut rx, names.len() as u64 + 1);
-    let stats = rx.stats().unwrap();
+    tx.send(&event(good, 1));
+    let stats = tx.wait_read();
     assert_eq!(stats.rejected["sha_format"], names.len() as u64);
     query_ok(&rx, &["--sync", &good.to_hex()]);
     rx.stop();
@@ -306,20 +298,21 @@ fn hostile_names_never_reach_the_file_system() {
 
 #[test]
 fn queries_in_a_loop_never_fail_or_miscount_while_the_receiver_writes() {
-    let mut rx = Receiver::start(&["--flush-interval-ms", "5"]);
+    let mut rx = Receiver::start(&["--flush-interval-ms", "5", "--stats-interval-ms", "10"]);
     let mut rng = Rng::new(99);
     let plan = AppPlan::random(&mut rng);
     let sha = plan.app.to_hex();
     let total = 20_000u64;
     let done = Arc::new(AtomicBool::new(false));
     let sender_thread = {
-        let (to, app, all, done) = (rx.addr, plan.app, plan.all(), done.clone());
+        let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
+        let (app, all, done) = (plan.app, plan.all(), done.clone());
         std::thread::spawn(move || {
-            let tx = sender();
             for i in 0..total {
-                send(&tx, to, &event(app, all[i as usize % all.len()]));
+                tx.send(&event(app, all[i as usize % all.len()]));
             }
             done.store(true, Ordering::SeqCst);
+            tx
         })
     };
     let mut last = 0u64;
@@ -348,8 +341,7 @@ fn queries_in_a_loop_never_fail_or_miscount_while_the_receiver_writes() {
         }
         reads += 1;
     }
-    sender_thread.join().unwrap();
-    wait_received(&mut rx, total);
+    sender_thread.join().unwrap().wait_read();
     assert_eq!(query_ok(&rx, &["--sync", &sha]), plan.expected_json(total));
     rx.stop();
 }
@@ -398,13 +390,13 @@ fn restarts_add_up_and_an_unclean_stop_is_noticed() {
 
 #[test]
 fn sigint_also_flushes_everything() {
-    let mut rx = Receiver::start(&["--flush-interval-ms", "60000"]);
-    let tx = sender();
+    let mut rx = Receiver::start(&["--flush-interval-ms", "60000", "--stats-interval-ms", "10"]);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let app = AppSha([0x11; 32]);
     for i in 0..500u32 {
-        send(&tx, rx.addr, &event(app, 0x0a00_0001 + (i % 14)));
+        tx.send(&event(app, 0x0a00_0001 + (i % 14)));
     }
-    wait_received(&mut rx, 500);
+    tx.wait_read();
     let status = rx.stop_with(libc::SIGINT);
     assert!(status.success(), "{status}");
     let report = stdout_json(&rx.query(&[&app.to_hex()]));
@@ -507,41 +499,40 @@ fn bad_settings_get_one_clear_line_and_a_non_zero_exit() {
 #[test]
 fn several_ingest_threads_share_the_port_and_sync_drains_them_all() {
     let mut rx = Receiver::start(&["--threads", "3", "--flush-interval-ms", "60000"]);
+    let mut paced = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let mut rng = Rng::new(11);
     let plan = AppPlan::random(&mut rng);
-    let mut sent = 0u64;
     // Several source ports, so the kernel spreads the flows over the sockets.
     for _ in 0..8 {
         let tx = sender();
         for ip in plan.all() {
-            send(&tx, rx.addr, &event(plan.app, ip));
-            sent += 1;
+            paced.send_from(&tx, &event(plan.app, ip));
         }
     }
     assert_eq!(
         query_ok(&rx, &["--sync", &plan.app.to_hex()]),
-        plan.expected_json(sent)
+        plan.expected_json(paced.sent())
     );
-    wait_received(&mut rx, sent);
+    paced.wait_read();
     rx.stop();
 }
 
 #[test]
 fn every_reject_reason_is_counted() {
-    let mut rx = Receiver::start(&[]);
-    let tx = sender();
+    let mut rx = Receiver::start(FAST_STATS);
     let mut want: BTreeMap<String, u64> = BTreeMap::new();
     let mut valid = 0;
     let list = ipevent_core::testdata::wire_vectors().unwrap();
+    let longest = list.iter().map(|v| v.bytes.len()).max().unwrap();
+    let mut tx = PacedSender::new(&rx, longest);
     for v in &list {
-        send(&tx, rx.addr, &v.bytes);
+        tx.send(&v.bytes);
         match &v.verdict {
             Err(reason) => *want.entry(reason.clone()).or_default() += 1,
             Ok(_) => valid += 1,
         }
     }
-    wait_received(&mut rx, list.len() as u64);
-    let stats = rx.stats().unwrap();
+    let stats = tx.wait_read();
     assert_eq!(stats.events_accepted, valid);
     for (reason, n) in want {
         assert_eq!(stats.rejected[&reason], n, "reason {reason}");
@@ -612,19 +603,19 @@ fn the_data_dir_is_private_and_planted_links_are_not_followed() {
 #[test]
 fn max_apps_and_low_disk_stop_new_apps_and_count_their_events() {
     let mut rx = Receiver::start(&["--max-apps", "3", "--flush-interval-ms", "60000"]);
-    let tx = sender();
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
     let apps: Vec<AppSha> = (1..=5u8).map(|i| AppSha([i; 32])).collect();
     for app in &apps {
-        send(&tx, rx.addr, &event(*app, 1));
-        send(&tx, rx.addr, &event(*app, 2));
+        tx.send(&event(*app, 1));
+        tx.send(&event(*app, 2));
     }
-    wait_received(&mut rx, 10);
+    tx.wait_read();
     query_ok(&rx, &["--sync", "list"]);
     let stats = rx.stats().unwrap();
     assert_eq!(stats.events_flushed, 6);
     assert_eq!(stats.events_refused, 4);
     // Known apps keep receiving.
-    send(&tx, rx.addr, &event(apps[0], 3));
+    tx.send(&event(apps[0], 3));
     let stored: Vec<serde_json::Value> =
         serde_json::from_str(&query_ok(&rx, &["--sync", "list"])).unwrap();
     assert_eq!(stored.len(), 3);
@@ -639,8 +630,9 @@ fn max_apps_and_low_disk_stop_new_apps_and_count_their_events() {
 
     // No free space is enough for a threshold of u64::MAX: no new app at all.
     let mut rx = Receiver::start(&["--min-free-bytes", &u64::MAX.to_string()]);
-    send(&tx, rx.addr, &event(apps[0], 1));
-    wait_received(&mut rx, 1);
+    let mut tx = PacedSender::new(&rx, DATAGRAM_MAX_BYTES);
+    tx.send(&event(apps[0], 1));
+    tx.wait_read();
     query_ok(&rx, &["--sync", "list"]);
     assert_eq!(rx.stats().unwrap().events_refused, 1);
     rx.stop();

@@ -135,6 +135,14 @@ struct RunArgs {
     /// The ipevent-query executable [default: next to this one, else on PATH].
     #[arg(long, value_name = "PATH")]
     query_bin: Option<PathBuf>,
+    /// Send at most N datagrams the receivers have not read: after each N, wait until their
+    /// counters (datagrams received plus kernel drops, from stats.json in --data-dir or
+    /// /metrics of --api) cover everything sent. A receiver whose socket buffer holds N
+    /// datagrams then never has a reason to drop one, however busy its machine. Every target
+    /// must be one of those receivers, and their counters must be up to date with earlier
+    /// traffic when the run starts. 0: no window.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    window: u64,
     /// Share of sent events an app may miss and still pass, in percent (lossy networks).
     #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = percent)]
     max_drop_pct: f64,
@@ -290,6 +298,11 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }),
         (None, None) => None,
     };
+    if args.window > 0 && source.is_none() {
+        return Err(usage(
+            "--window needs --data-dir or --api: it waits on the receivers' counters",
+        ));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the first is being handled ends the process at once.
@@ -310,6 +323,7 @@ fn cmd_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         verify_apps: args.verify_apps,
         source,
         max_drop_pct: args.max_drop_pct,
+        window: args.window,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         stop,
     };

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use ipevent_core::wire::Reject;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -28,6 +30,12 @@ const RATE_BATCHES_PER_SEC: u64 = 1000;
 
 /// The token bucket holds at least a hundredth of a second of the rate.
 const RATE_CATCH_UP_PER_SEC: u64 = 100;
+
+/// How long a windowed run waits for the receivers' counters to move before it gives up.
+pub const WINDOW_STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Longest pause between two reads of the receivers' counters while a window waits.
+const WINDOW_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// When the run stops sending.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -63,6 +71,9 @@ pub struct RunConfig {
     pub source: Option<Source>,
     /// Allowed share of dropped events, in percent.
     pub max_drop_pct: f64,
+    /// Most datagrams sent that the receivers behind `source` have not yet read (0: no
+    /// limit). Needs a source.
+    pub window: u64,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Set (by a signal) to stop sending early; the run still summarises and verifies.
@@ -76,6 +87,10 @@ impl RunConfig {
             (Some(size), _) => size,
             (None, 0) => 256,
             (None, rate) => (rate / RATE_BATCHES_PER_SEC) as usize,
+        };
+        let size = match self.window {
+            0 => size,
+            window => size.min(usize::try_from(window).unwrap_or(usize::MAX)),
         };
         size.clamp(1, BATCH_MAX_DATAGRAMS)
     }
@@ -162,7 +177,18 @@ pub fn run(config: &RunConfig) -> anyhow::Result<Summary> {
     let mut generator = Generator::new(apps, stream, &tracked);
     let batch_size = config.batch_size();
     let mut sender = Sender::new(config.targets.clone(), batch_size)?;
-    let sent = send_stream(config, &mut generator, &mut sender, batch_size);
+    let mut window = match (config.window, config.source.as_ref()) {
+        (0, _) => None,
+        (size, Some(source)) => Some(Window::start(size, source)?),
+        (_, None) => anyhow::bail!("a window needs a source of the receivers' counters"),
+    };
+    let sent = send_stream(
+        config,
+        &mut generator,
+        &mut sender,
+        batch_size,
+        window.as_mut(),
+    )?;
     let interrupted = config.stop.load(Ordering::Relaxed);
     if interrupted {
         log::warn!(
@@ -193,14 +219,84 @@ struct Sent {
     sched: Option<(f64, f64)>,
 }
 
-/// Sends batches until the limit or a stop, at the configured rate, tallying what the kernel
-/// took.
+/// Holds a run to at most `size` datagrams the receivers have not read (`--window`).
+struct Window<'a> {
+    size: u64,
+    source: &'a Source,
+    /// The receivers' counter when the run began.
+    base: u64,
+    /// Datagrams of this run the counters showed taken.
+    confirmed: u64,
+}
+
+impl<'a> Window<'a> {
+    fn start(size: u64, source: &'a Source) -> anyhow::Result<Window<'a>> {
+        let base = source
+            .datagrams_taken()
+            .context("reading the receivers' counters for --window")?;
+        Ok(Window {
+            size,
+            source,
+            base,
+            confirmed: 0,
+        })
+    }
+
+    /// Before `n` more datagrams go out after `sent`: when they would not fit in the window,
+    /// waits until the receivers' counters show all `sent` taken. Gives up when the counters
+    /// stand still for [`WINDOW_STALL_LIMIT`]; returns early on a stop.
+    fn make_room(&mut self, sent: u64, n: u64, stop: &AtomicBool) -> anyhow::Result<()> {
+        if sent + n - self.confirmed <= self.size {
+            return Ok(());
+        }
+        let target = self.base + sent;
+        let mut last: Option<anyhow::Result<u64>> = None;
+        let mut moved = Instant::now();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            let taken = self.source.datagrams_taken();
+            match &taken {
+                Ok(n) if *n >= target => break,
+                Ok(n) if !matches!(last, Some(Ok(before)) if before == *n) => {
+                    moved = Instant::now()
+                }
+                _ => {}
+            }
+            last = Some(taken);
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if moved.elapsed() >= WINDOW_STALL_LIMIT {
+                let got = match last {
+                    Some(Ok(n)) => {
+                        format!("they have taken {} of them", n.saturating_sub(self.base))
+                    }
+                    Some(Err(e)) => format!("their counters could not be read: {e:#}"),
+                    None => String::new(),
+                };
+                anyhow::bail!(
+                    "waited {WINDOW_STALL_LIMIT:?} for the receivers behind {} to read the {sent} \
+                     datagrams sent; {got} (--window needs every target to be one of them)",
+                    self.source.describe()
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(WINDOW_POLL_MAX);
+        }
+        self.confirmed = sent;
+        Ok(())
+    }
+}
+
+/// Sends batches until the limit or a stop, at the configured rate (and window), tallying
+/// what the kernel took.
 fn send_stream(
     config: &RunConfig,
     generator: &mut Generator,
     sender: &mut Sender,
     batch_size: usize,
-) -> Sent {
+    mut window: Option<&mut Window>,
+) -> anyhow::Result<Sent> {
     let mut batch = Batch::new(batch_size);
     let mut tally = Tally::new(generator.tracked().len());
     let mut bucket = (config.rate_per_sec > 0).then(|| {
@@ -225,6 +321,12 @@ fn send_stream(
         if n == 0 {
             break;
         }
+        if let Some(window) = window.as_mut() {
+            window.make_room(tally.sent, n as u64, &config.stop)?;
+            if config.stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
         generator.fill(&mut batch, n);
         generated += n as u64;
         if let Some(bucket) = bucket.as_mut() {
@@ -247,11 +349,11 @@ fn send_stream(
     if let Some(progress) = progress {
         progress.bar.finish_and_clear();
     }
-    Sent {
+    Ok(Sent {
         tally,
         elapsed,
         sched,
-    }
+    })
 }
 
 /// The progress bar on stderr, redrawn at most every [`PROGRESS_INTERVAL`].
@@ -410,6 +512,7 @@ mod tests {
             verify_apps: 3,
             source: None,
             max_drop_pct: 0.0,
+            window: 0,
             progress: false,
             stop: Arc::default(),
         };
@@ -420,5 +523,7 @@ mod tests {
         assert_eq!(config.batch_size(), 1);
         config.batch = Some(5000);
         assert_eq!(config.batch_size(), BATCH_MAX_DATAGRAMS);
+        config.window = 300;
+        assert_eq!(config.batch_size(), 300);
     }
 }

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use ipevent_core::stats::ReceiverStats;
 use ipevent_core::AppSha;
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +132,61 @@ impl Source {
             }
         }
     }
+}
+
+/// Metrics of the API whose values, summed over every receiver, make
+/// [`Source::datagrams_taken`].
+const TAKEN_METRICS: [&str; 2] = [
+    "ipevent_receiver_datagrams_received_total",
+    "ipevent_receiver_kernel_drops_total",
+];
+
+impl Source {
+    /// Datagrams the receivers behind this source have read, or seen dropped by the kernel,
+    /// as their latest counters say (`datagrams_received` plus `kernel_drops`, every receiver
+    /// together): their `stats.json` files in the data dir, or the API's `/metrics`. The
+    /// counters are as fresh as the receivers' stats interval.
+    pub fn datagrams_taken(&self) -> anyhow::Result<u64> {
+        match self {
+            Source::Query { data_dir, .. } => {
+                let data = ipevent_core::DataDir::new(data_dir);
+                let mut taken = 0;
+                for (writer_id, stats) in ReceiverStats::read_all(&data)
+                    .with_context(|| format!("listing the receivers of {}", data_dir.display()))?
+                {
+                    let stats = stats
+                        .with_context(|| format!("reading the stats of receiver {writer_id}"))?;
+                    taken += stats.datagrams_received + stats.kernel_drops;
+                }
+                Ok(taken)
+            }
+            Source::Api { base } => {
+                let url = format!("{base}/metrics");
+                let agent = ureq::AgentBuilder::new().timeout(API_TIMEOUT).build();
+                let text = agent
+                    .get(&url)
+                    .call()
+                    .map_err(|e| anyhow!("GET {url}: {e}"))?
+                    .into_string()
+                    .with_context(|| format!("GET {url}: reading the body"))?;
+                Ok(sum_metrics(&text, &TAKEN_METRICS))
+            }
+        }
+    }
+}
+
+/// The sum of every sample of the metrics `names` in a Prometheus text exposition.
+fn sum_metrics(text: &str, names: &[&str]) -> u64 {
+    text.lines()
+        .filter(|line| {
+            names.iter().any(|name| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .sum()
 }
 
 /// What one app should show: every valid event sent, the hosts sent as good and the
@@ -330,6 +386,19 @@ mod tests {
             good_ips: good.iter().map(|s| s.to_string()).collect(),
             bad_ips: bad.iter().map(|s| s.to_string()).collect(),
         }))
+    }
+
+    #[test]
+    fn metrics_are_summed_over_receivers_by_exact_name() {
+        let text = "\
+# TYPE ipevent_receiver_datagrams_received_total counter
+ipevent_receiver_datagrams_received_total{writer_id=\"a\"} 7
+ipevent_receiver_datagrams_received_total{writer_id=\"b\"} 1000000
+ipevent_receiver_datagrams_received_total_extra{writer_id=\"a\"} 5
+ipevent_receiver_kernel_drops_total{writer_id=\"a\"} 2
+ipevent_receiver_events_accepted_total{writer_id=\"a\"} 3
+";
+        assert_eq!(sum_metrics(text, &TAKEN_METRICS), 1_000_009);
     }
 
     #[test]

@@ -114,6 +114,7 @@ fn bad_input_is_a_one_line_error_with_exit_2() {
         vec!["send", "--to", "127.0.0.1:9", SHA_UPPER, "4294967296"],
         vec!["run", "--scenario", "lookout", "--apps", "5"],
         vec!["--corrupt-pct", "150"],
+        vec!["--to", "127.0.0.1:9", "--count", "10", "--window", "5"],
     ] {
         let output = client(&args);
         assert_eq!(

@@ -13,7 +13,10 @@ use ipevent_core::stats::ReceiverStats;
 use ipevent_core::wire::{self, IpEvent};
 use ipevent_core::{AppSha, DataDir};
 
+mod paced;
 pub mod s3;
+
+pub use paced::{window_datagrams, PacedSender};
 
 /// How long any wait in a test may take before the test fails with what it was waiting for.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(30);
@@ -159,6 +162,23 @@ impl Receiver {
     /// Runs `ipevent-query` on this receiver's data dir.
     pub fn query(&self, args: &[&str]) -> Output {
         query(self.data.root(), args)
+    }
+
+    /// Events of every app together, as `ipevent-query list` reads them from the store (no
+    /// sync); fails the test when the query does.
+    pub fn stored_total(&self) -> u64 {
+        let out = self.query(&["list", "--limit", "0"]);
+        assert!(
+            out.status.success(),
+            "ipevent-query list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout_json(&out)
+            .as_array()
+            .expect("a list of apps")
+            .iter()
+            .map(|app| app["count"].as_u64().expect("a count per app"))
+            .sum()
     }
 
     /// Keeps the temporary data dir after the receiver is gone (for a restart in it).
