@@ -103,6 +103,68 @@ pub trait ChangeFeed: Send {
     fn changed(&mut self, out: &mut Vec<AppSha>) -> Result<(), StoreError>;
 }
 
+/// One flush's apps and their records (each run sorted by address, non-empty), kept flat so
+/// a large flush is handed to the store in bounded chunks without an allocation per app.
+#[derive(Debug, Default, Clone)]
+pub struct Runs {
+    apps: Vec<AppSha>,
+    /// End of each app's records in `records`.
+    ends: Vec<usize>,
+    records: Vec<(u32, AddrStats)>,
+}
+
+impl Runs {
+    /// Adds `app` with its `records` (sorted by address, non-empty).
+    pub fn push(&mut self, app: &AppSha, records: &[(u32, AddrStats)]) {
+        debug_assert!(!records.is_empty());
+        self.apps.push(*app);
+        self.records.extend_from_slice(records);
+        self.ends.push(self.records.len());
+    }
+
+    /// Apps held.
+    pub fn len(&self) -> usize {
+        self.apps.len()
+    }
+
+    /// True when no app is held.
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty()
+    }
+
+    /// Records held, over all apps.
+    pub fn records(&self) -> usize {
+        self.records.len()
+    }
+
+    /// The `i`th app and its records.
+    pub fn get(&self, i: usize) -> (&AppSha, &[(u32, AddrStats)]) {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        (&self.apps[i], &self.records[start..self.ends[i]])
+    }
+
+    /// Every app and its records, in the order they were pushed.
+    pub fn iter(&self) -> impl Iterator<Item = (&AppSha, &[(u32, AddrStats)])> {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    /// Empties it, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.apps.clear();
+        self.ends.clear();
+        self.records.clear();
+    }
+}
+
+/// One app's run written by [`AppendBlocks::append_runs`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Events the per-app address limit refused ([`super::REFUSED_ADDRESS_LIMIT`]).
+    pub refused: u64,
+    /// When some were refused: the records written (what is shipped elsewhere must match).
+    pub admitted: Vec<(u32, AddrStats)>,
+}
+
 /// One writer's side of a store: where a flush's blocks go, one block per app and flush.
 pub trait AppendBlocks {
     /// Appends one block of flush `epoch` holding `records` (sorted by address, non-empty) to
@@ -114,6 +176,32 @@ pub trait AppendBlocks {
         epoch: u64,
         records: &[(u32, AddrStats)],
     ) -> Result<(), StoreError>;
+
+    /// Appends each app's run in `runs` as flush `epoch`, as [`AppendBlocks::append_one`]
+    /// would one after the other; one result per app, in their order. The file tree creates
+    /// the logs of new apps on several threads.
+    fn append_runs(&mut self, epoch: u64, runs: &Runs) -> Vec<Result<Appended, StoreError>> {
+        runs.iter()
+            .map(|(app, records)| self.append_one(app, epoch, records))
+            .collect()
+    }
+
+    /// [`AppendBlocks::append`], and what the address limit refused of it.
+    fn append_one(
+        &mut self,
+        app: &AppSha,
+        epoch: u64,
+        records: &[(u32, AddrStats)],
+    ) -> Result<Appended, StoreError> {
+        self.append(app, epoch, records)?;
+        let refused = self.take_refused_addresses();
+        let admitted = if refused > 0 {
+            self.admitted_by_limit().to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(Appended { refused, admitted })
+    }
 
     /// The highest epoch among the verified blocks this writer holds for `app` (0 when none):
     /// journaled records of that epoch or earlier are already stored.

@@ -114,6 +114,18 @@ impl AppDirs {
         }
     }
 
+    /// Whether `app`'s directory may be made by [`super::create::create_logs`]: its fan-out
+    /// directory is ready and no limit stands in the way. Never with a `max_apps` limit
+    /// (which counts apps one by one), and never a refusal: a refused app takes
+    /// [`AppDirs::ensure_app_dir`], which reports it.
+    pub(super) fn may_create(&mut self, data: &DataDir, app: &AppSha) -> Result<bool, StoreError> {
+        if self.limits.max_apps.is_some() || self.check_limits(data, app).is_err() {
+            return Ok(false);
+        }
+        self.ensure_fan(app, &data.app_dir(app))?;
+        Ok(true)
+    }
+
     /// Makes sure the fan-out directory above `dir` is a plain directory.
     fn ensure_fan(&mut self, app: &AppSha, dir: &Path) -> Result<(), StoreError> {
         let slot = usize::from(app.0[0]);

@@ -31,6 +31,7 @@
 pub mod backend;
 pub mod changes;
 pub mod compact;
+mod create;
 pub mod fsio;
 pub mod index;
 pub mod layout;
@@ -42,7 +43,9 @@ pub mod walk;
 pub mod writer;
 
 pub use crate::block::AddrStats;
-pub use backend::{AppCount, AppData, AppendBlocks, ChangeFeed, Store, StoreCounters};
+pub use backend::{
+    AppCount, AppData, AppendBlocks, Appended, ChangeFeed, Runs, Store, StoreCounters,
+};
 pub use compact::COMPACT_AFTER_BLOCKS;
 pub use fsio::{
     create_dir_all, for_each_entry, open_append, open_read, open_read_write, open_write_existing,

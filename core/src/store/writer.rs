@@ -3,8 +3,10 @@
 //! knows of each log to [`super::log_state`].
 
 use std::path::Path;
+use std::thread;
 
-use super::backend::{AppendBlocks, StoreCounters};
+use super::backend::{AppendBlocks, Appended, Runs, StoreCounters};
+use super::create::{create_logs, Created};
 use super::fsio::StoreError;
 use super::index::IndexWriter;
 use super::layout::{validate_writer_id, DataDir};
@@ -35,6 +37,8 @@ pub struct StoreWriter {
     index: IndexWriter,
     /// Reusable buffers for the address limit.
     admitted: Vec<(u32, AddrStats)>,
+    /// Threads that create the logs of new apps ([`super::create`]).
+    create_threads: usize,
 }
 
 impl StoreWriter {
@@ -56,6 +60,7 @@ impl StoreWriter {
             refused_addresses: 0,
             index,
             admitted: Vec::new(),
+            create_threads: thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         })
     }
 
@@ -185,7 +190,77 @@ impl StoreWriter {
     }
 }
 
+impl StoreWriter {
+    /// Writes the apps of `runs` that are new to the store on several threads
+    /// ([`create_logs`]) and learns their logs; fills their entries of `results` and leaves
+    /// the others (known apps, apps a limit may refuse, apps whose directory exists) `None`.
+    fn create_new_apps(
+        &mut self,
+        epoch: u64,
+        runs: &Runs,
+        results: &mut [Option<Result<Appended, StoreError>>],
+    ) {
+        let max_addresses = self.dirs.limits.max_addresses_per_app;
+        let mut fresh = Vec::new();
+        for (i, (app, records)) in runs.iter().enumerate() {
+            let within = max_addresses.is_none_or(|max| records.len() as u64 <= max);
+            if within
+                && self.logs.get(app).is_none()
+                && matches!(self.dirs.may_create(&self.data, app), Ok(true))
+            {
+                fresh.push(i);
+            }
+        }
+        let outcomes = create_logs(
+            &self.data,
+            &self.writer_id,
+            epoch,
+            self.fsync,
+            runs,
+            &fresh,
+            self.create_threads,
+        );
+        for (i, outcome) in fresh.into_iter().zip(outcomes) {
+            let (app, records) = runs.get(i);
+            results[i] = match outcome {
+                Created::Ordinary => None,
+                Created::New { written, events } => {
+                    let mut state = LogState::created();
+                    if max_addresses.is_some() {
+                        state.distinct = records.len() as u64;
+                    }
+                    self.counters.appended_bytes += written;
+                    self.logs
+                        .remember(app, state.appended(written, events, epoch));
+                    self.index.count(app, events);
+                    Some(Ok(Appended::default()))
+                }
+                Created::Failed(e) => {
+                    self.logs.remember(app, LogState::created().torn());
+                    Some(Err(e))
+                }
+            };
+        }
+    }
+}
+
 impl AppendBlocks for StoreWriter {
+    /// New apps are created on several threads; the rest are appended one by one, in order.
+    fn append_runs(&mut self, epoch: u64, runs: &Runs) -> Vec<Result<Appended, StoreError>> {
+        let mut results: Vec<Option<Result<Appended, StoreError>>> = Vec::new();
+        results.resize_with(runs.len(), || None);
+        if self.index.in_flush() {
+            self.create_new_apps(epoch, runs, &mut results);
+        }
+        results
+            .into_iter()
+            .zip(runs.iter())
+            .map(|(done, (app, records))| {
+                done.unwrap_or_else(|| self.append_one(app, epoch, records))
+            })
+            .collect()
+    }
+
     fn tracked_logs_forgotten(&self) -> u64 {
         self.logs.forgotten()
     }

@@ -4,10 +4,17 @@
 use std::time::Instant;
 
 use ipevent_core::aggregate::Drained;
-use ipevent_core::store::{self, StoreError};
+use ipevent_core::store::{self, Runs, StoreError};
 use ipevent_core::{AddrStats, AppSha};
 
 use super::Writer;
+
+/// Most apps handed to the store at once: enough for the store to create new apps' logs on
+/// several threads, few enough to keep the copy small.
+const CHUNK_APPS: usize = 4096;
+
+/// Most records handed to the store at once.
+const CHUNK_RECORDS: usize = 1 << 16;
 
 /// What writing a flush's apps came to.
 #[derive(Default)]
@@ -84,11 +91,19 @@ impl Writer {
         Some(epoch)
     }
 
-    /// Writes every app of `drained` to the store as flush `epoch`.
+    /// Writes every app of `drained` to the store as flush `epoch`, in chunks of at most
+    /// [`CHUNK_APPS`] apps and [`CHUNK_RECORDS`] records (one app per chunk when a test asks
+    /// for a crash after a number of apps).
     fn write_apps(&mut self, epoch: u64, drained: Drained) -> Written {
         let mut written = Written::default();
         let mut apps_done = 0;
         let mut sorted = std::mem::take(&mut self.sorted);
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let chunk_apps = if self.settings.crash_after_apps.is_some() {
+            1
+        } else {
+            CHUNK_APPS
+        };
         drained.for_each_app(&mut sorted, |app, addrs| {
             if self.settings.crash_after_apps == Some(apps_done) {
                 log::error!(
@@ -97,52 +112,57 @@ impl Writer {
                 std::process::abort();
             }
             apps_done += 1;
-            self.write_app(epoch, app, addrs, &mut written);
+            chunk.push(app, addrs);
+            if chunk.len() >= chunk_apps || chunk.records() >= CHUNK_RECORDS {
+                self.write_chunk(epoch, &chunk, &mut written);
+                chunk.clear();
+            }
         });
+        if !chunk.is_empty() {
+            self.write_chunk(epoch, &chunk, &mut written);
+            chunk.clear();
+        }
         self.sorted = sorted;
+        self.chunk = chunk;
         written
     }
 
-    /// Writes one app's records: queued for shipping too when written, their events counted
-    /// as refused when a store limit refuses the app, kept in `written.failed` on any other
-    /// error.
-    fn write_app(
-        &mut self,
-        epoch: u64,
-        app: &AppSha,
-        addrs: &[(u32, AddrStats)],
-        written: &mut Written,
-    ) {
-        let events: u64 = addrs.iter().map(|(_, s)| s.count).sum();
-        match self.store.append(app, epoch, addrs) {
-            Ok(()) => {
-                let refused = self.store.take_refused_addresses();
-                if let Some(outbox) = &mut self.outbox {
-                    // The bucket gets what the local log got: the address limit's
-                    // refusals are not shipped either.
-                    let shipped = if refused > 0 {
-                        self.store.admitted_by_limit()
-                    } else {
-                        addrs
-                    };
-                    if !shipped.is_empty() {
-                        outbox.add(app, shipped);
+    /// Writes one chunk of apps' records: queued for shipping too when written, their events
+    /// counted as refused when a store limit refuses the app or some of its addresses, kept
+    /// in `written.failed` on any other error.
+    fn write_chunk(&mut self, epoch: u64, chunk: &Runs, written: &mut Written) {
+        let results = self.store.append_runs(epoch, chunk);
+        for ((app, addrs), result) in chunk.iter().zip(results) {
+            let events: u64 = addrs.iter().map(|(_, s)| s.count).sum();
+            match result {
+                Ok(appended) => {
+                    if let Some(outbox) = &mut self.outbox {
+                        // The bucket gets what the local log got: the address limit's
+                        // refusals are not shipped either.
+                        let shipped = if appended.refused > 0 {
+                            &appended.admitted[..]
+                        } else {
+                            addrs
+                        };
+                        if !shipped.is_empty() {
+                            outbox.add(app, shipped);
+                        }
+                    }
+                    written.events += events - appended.refused;
+                    if appended.refused > 0 {
+                        self.count_refused(store::REFUSED_ADDRESS_LIMIT, appended.refused);
                     }
                 }
-                written.events += events - refused;
-                if refused > 0 {
-                    self.count_refused(store::REFUSED_ADDRESS_LIMIT, refused);
+                Err(e) if e.refused_reason().is_some() => {
+                    self.count_refused(e.refused_reason().unwrap_or_default(), events);
+                    self.complain(&format!(
+                        "{e}; dropping its {events} events (counted as events_refused)"
+                    ));
                 }
-            }
-            Err(e) if e.refused_reason().is_some() => {
-                self.count_refused(e.refused_reason().unwrap_or_default(), events);
-                self.complain(&format!(
-                    "{e}; dropping its {events} events (counted as events_refused)"
-                ));
-            }
-            Err(e) => {
-                written.first_error.get_or_insert(e);
-                written.failed.push((*app, addrs.to_vec()));
+                Err(e) => {
+                    written.first_error.get_or_insert(e);
+                    written.failed.push((*app, addrs.to_vec()));
+                }
             }
         }
     }

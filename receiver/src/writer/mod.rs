@@ -16,7 +16,7 @@ use ipevent_core::aggregate::Pending;
 pub use ipevent_core::aggregate::Record;
 use ipevent_core::journal::Journal;
 use ipevent_core::stats::ReceiverStats;
-use ipevent_core::store::{self, AppendBlocks, StoreWriter};
+use ipevent_core::store::{self, AppendBlocks, Runs, StoreWriter};
 use ipevent_core::{AddrStats, DataDir};
 
 use crate::control::Request;
@@ -88,6 +88,8 @@ pub struct Writer {
     held_syncs: Vec<UnixStream>,
     /// Reusable buffer for one app's sorted records.
     sorted: Vec<(u32, AddrStats)>,
+    /// Reusable buffer for the chunk of apps handed to the store at once.
+    chunk: Runs,
     last_error_log: Option<Instant>,
     complaints_quiet: u64,
     /// With `--store`: each flush is also queued for shipping to the bucket.
@@ -122,6 +124,7 @@ impl Writer {
             holds: BTreeSet::new(),
             held_syncs: Vec::new(),
             sorted: Vec::new(),
+            chunk: Runs::default(),
             last_error_log: None,
             complaints_quiet: 0,
             outbox: None,
