@@ -68,6 +68,8 @@ pub struct AppState {
     pub control_timeout: Duration,
     /// The open `GET /watch` streams.
     pub watches: Arc<crate::watch::Watches>,
+    /// The bucket of `--store`, if reads go there (forgetting an app is not implemented for it).
+    pub store: Option<String>,
 }
 
 type Shared = Arc<AppState>;
@@ -84,7 +86,10 @@ pub fn router(state: Shared, request_timeout: Duration) -> Router {
                 .delete(delete_events)
                 .layer(DefaultBodyLimit::max(MAX_DATAGRAM_BYTES)),
         )
-        .route("/events/{sha}", get(get_events))
+        .route(
+            "/events/{sha}",
+            get(get_events).delete(crate::forget::delete_app),
+        )
         .route("/ips/{addr}", get(get_ips))
         .route("/ips/{addr}/{prefix}", get(get_ips))
         .route("/watch", get(crate::watch::get_watch))
@@ -133,7 +138,7 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-fn internal_error(what: &str, e: impl std::fmt::Display) -> Response {
+pub(crate) fn internal_error(what: &str, e: impl std::fmt::Display) -> Response {
     log::error!("{what}: {e}");
     error(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}"))
 }

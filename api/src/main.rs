@@ -10,6 +10,7 @@
 mod admin;
 mod app;
 mod config;
+mod forget;
 mod listen;
 mod metrics;
 mod post;
@@ -188,6 +189,7 @@ async fn serve(
         admin: AdminPolicy::new(config.admin_token.clone(), config.allow_loopback_admin),
         control_timeout: config.sync_timeout(),
         watches: watches.clone(),
+        store: config.store.clone(),
     });
     let app: Router = app::router(state, config.request_timeout());
 

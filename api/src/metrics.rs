@@ -237,6 +237,7 @@ const RECEIVER_METRICS: &[ReceiverMetric] = &[
     ReceiverMetric { name: "ipevent_receiver_last_stop_clean", kind: "gauge", help: "1 when the previous run stopped cleanly.", value: |s| f64::from(u8::from(s.last_stop_clean)) },
     ReceiverMetric { name: "ipevent_receiver_control_conns_full_total", kind: "counter", help: "Control connections that arrived while every control slot was taken.", value: |s| s.control_conns_full as f64 },
     ReceiverMetric { name: "ipevent_receiver_resets_total", kind: "counter", help: "Resets served.", value: |s| s.resets as f64 },
+    ReceiverMetric { name: "ipevent_receiver_apps_expired_total", kind: "counter", help: "Apps removed by the retention sweep (--retain-days).", value: |s| s.apps_expired as f64 },
     ReceiverMetric { name: "ipevent_receiver_ship_lag_epochs", kind: "gauge", help: "Flushes in the outbox not yet shipped to the bucket (--store).", value: |s| s.ship_lag_epochs as f64 },
     ReceiverMetric { name: "ipevent_receiver_outbox_bytes", kind: "gauge", help: "Bytes of those flushes on local disk.", value: |s| s.outbox_bytes as f64 },
     ReceiverMetric { name: "ipevent_receiver_shipped_epoch", kind: "gauge", help: "Last flush epoch durable in the bucket.", value: |s| s.shipped_epoch as f64 },
@@ -401,6 +402,7 @@ mod tests {
             stalled: true,
             last_stop_clean: true,
             control_conns_full: 8,
+            apps_expired: 9,
             ..ReceiverStats::default()
         };
         let text = Metrics::default().render(&[stats], "1");
@@ -412,6 +414,7 @@ mod tests {
             "ipevent_receiver_stalled{writer_id=\"r1\"} 1\n",
             "ipevent_receiver_last_stop_clean{writer_id=\"r1\"} 1\n",
             "ipevent_receiver_control_conns_full_total{writer_id=\"r1\"} 8\n",
+            "ipevent_receiver_apps_expired_total{writer_id=\"r1\"} 9\n",
             "ipevent_api_connections_shed_total 0\n",
         ] {
             assert!(text.contains(line), "{line}: {text}");

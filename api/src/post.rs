@@ -9,6 +9,7 @@ use ipevent_store_s3::shipper::Outbox;
 /// The API's own writer: one-record blocks for the events `POST /events` takes.
 pub struct PostWriter {
     writer: StoreWriter,
+    writer_id: String,
     /// Epoch of the last block. It starts at the start time in microseconds, so epochs keep
     /// growing across restarts as long as fewer than a million events a second are posted.
     epoch: u64,
@@ -26,6 +27,7 @@ impl PostWriter {
             .map_or(0, |d| d.as_micros() as u64);
         Ok(PostWriter {
             writer: StoreWriter::new(data, writer_id, true)?,
+            writer_id: writer_id.to_string(),
             epoch: start_micros,
             outbox: None,
         })
@@ -59,5 +61,16 @@ impl PostWriter {
     /// of each app starts a new log.
     pub fn forget_logs(&mut self) {
         self.writer.forget_logs();
+    }
+
+    /// Its writer id.
+    pub fn writer_id(&self) -> &str {
+        &self.writer_id
+    }
+
+    /// Forgets what it knows of `app`'s log, which is about to be removed (`DELETE
+    /// /events/{sha}`): the next post of that app starts a new log.
+    pub fn forget_app(&mut self, app: &ipevent_core::AppSha) -> Result<(), StoreError> {
+        self.writer.forget_app(app)
     }
 }

@@ -6,7 +6,7 @@
 //! A connection carries one request line and one reply line:
 //!
 //! ```text
-//! request:  ping | sync | reset-begin | reset-end
+//! request:  ping | sync | reset-begin | forget <sha> | reset-end
 //! reply:    ok <json>   |   err <message>
 //! ```
 //!
@@ -16,7 +16,10 @@
 //! counters and holds flushes for as long as its connection stays open: the client sends
 //! `reset-end` on the same connection when it is done, and a client that dies (or closes the
 //! connection) ends the hold with it ([`Hold`]). A receiver also ends a hold that outlives its
-//! lease.
+//! lease. `forget <sha>` (one app forgotten, [`crate::forget`]) drains and flushes everything
+//! instead of discarding it, so that its journal no longer holds the app, makes its store
+//! writer forget what it knew of the app's log, and then holds flushes exactly as
+//! `reset-begin` does, ended by `reset-end` or the connection's close.
 //!
 //! The socket is bound before the receiver binds its UDP sockets or replays its journal, so a
 //! receiver that is starting already accepts connections: a request made then waits (up to the
@@ -31,9 +34,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::store::DataDir;
+use crate::wire::AppSha;
 
-/// Longest request line a receiver reads.
-pub const MAX_REQUEST_BYTES: usize = 64;
+/// Longest request line a receiver reads: `forget` and an app's SHA-256 in hex, with room.
+pub const MAX_REQUEST_BYTES: usize = 128;
 
 /// Longest reply line a client reads.
 const MAX_REPLY_BYTES: u64 = 4096;
@@ -50,6 +54,9 @@ pub enum Command {
     ResetBegin,
     /// Resume flushing after a reset (on the connection that sent `reset-begin`).
     ResetEnd,
+    /// Drain, flush everything, forget what is known of this app's log, hold flushes while the
+    /// connection stays open (ended by `reset-end`, as a reset is).
+    Forget(AppSha),
 }
 
 impl Command {
@@ -60,11 +67,15 @@ impl Command {
             Command::Sync => "sync",
             Command::ResetBegin => "reset-begin",
             Command::ResetEnd => "reset-end",
+            Command::Forget(_) => "forget",
         }
     }
 
     /// Parses a request line (without its newline).
     pub fn parse(line: &str) -> Option<Command> {
+        if let Some(sha) = line.trim().strip_prefix("forget ") {
+            return sha.trim().parse().ok().map(Command::Forget);
+        }
         [
             Command::Ping,
             Command::Sync,
@@ -77,7 +88,10 @@ impl Command {
 
     /// The request as sent on the socket.
     pub fn line(self) -> String {
-        format!("{}\n", self.word())
+        match self {
+            Command::Forget(app) => format!("{} {app}\n", self.word()),
+            _ => format!("{}\n", self.word()),
+        }
     }
 }
 
@@ -113,6 +127,15 @@ pub struct ResetEnded {
     pub epoch: u64,
 }
 
+/// The answer to `forget <sha>`: everything received before the request is flushed (the
+/// receiver's journal no longer holds the app), and flushes are held until `reset-end` or the
+/// connection closes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetBegun {
+    /// The receiver's flush epoch after the flush.
+    pub epoch: u64,
+}
+
 /// A reply line, typed. [`Reply::line`] is the only place replies are written and
 /// [`Reply::parse`] the only place they are read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +148,8 @@ pub enum Reply {
     ResetBegun(ResetBegun),
     /// `ok` to `reset-end`.
     ResetEnded(ResetEnded),
+    /// `ok` to `forget <sha>`.
+    ForgetBegun(ForgetBegun),
     /// `err`: the request was not carried out, and why.
     Refused(String),
 }
@@ -137,6 +162,7 @@ impl Reply {
             Reply::Synced(synced) => serde_json::to_string(synced),
             Reply::ResetBegun(begun) => serde_json::to_string(begun),
             Reply::ResetEnded(ended) => serde_json::to_string(ended),
+            Reply::ForgetBegun(begun) => serde_json::to_string(begun),
             Reply::Refused(message) => return format!("err {}\n", message.replace('\n', " ")),
         };
         format!("ok {}\n", body.expect("replies serialise"))
@@ -163,6 +189,7 @@ impl Reply {
             Command::Sync => Reply::Synced(body_of(line, body)?),
             Command::ResetBegin => Reply::ResetBegun(body_of(line, body)?),
             Command::ResetEnd => Reply::ResetEnded(body_of(line, body)?),
+            Command::Forget(_) => Reply::ForgetBegun(body_of(line, body)?),
         })
     }
 }
@@ -258,13 +285,15 @@ pub fn ping(socket: &Path, timeout: Duration) -> Result<Pong, ControlError> {
     }
 }
 
-/// A receiver's flushes held by a reset: they stay held while this value lives. [`Hold::end`]
-/// resumes them; dropping it (or the death of the process that holds it) does too.
+/// A receiver's flushes held by a reset or a forget: they stay held while this value lives.
+/// [`Hold::end`] resumes them; dropping it (or the death of the process that holds it) does
+/// too.
 #[derive(Debug)]
 pub struct Hold {
     stream: UnixStream,
-    /// What the receiver said when the hold began.
-    pub begun: ResetBegun,
+    /// What the receiver said when the hold began ([`Reply::ResetBegun`] or
+    /// [`Reply::ForgetBegun`]).
+    pub begun: Reply,
 }
 
 impl Hold {
@@ -282,9 +311,20 @@ impl Hold {
 /// Begins a reset on the receiver at `socket`: it drains, drops what is pending, zeroes its
 /// counters and holds flushes until the returned [`Hold`] ends or is dropped.
 pub fn hold(socket: &Path, timeout: Duration) -> Result<Hold, ControlError> {
+    begin_hold(socket, Command::ResetBegin, timeout)
+}
+
+/// Begins forgetting `app` on the receiver at `socket`: it drains, flushes everything, forgets
+/// what it knew of the app's log and holds flushes until the returned [`Hold`] ends or is
+/// dropped.
+pub fn forget_hold(socket: &Path, app: &AppSha, timeout: Duration) -> Result<Hold, ControlError> {
+    begin_hold(socket, Command::Forget(*app), timeout)
+}
+
+fn begin_hold(socket: &Path, command: Command, timeout: Duration) -> Result<Hold, ControlError> {
     let stream = connect(socket, timeout)?;
-    match exchange(&stream, Command::ResetBegin, timeout)? {
-        Reply::ResetBegun(begun) => Ok(Hold { stream, begun }),
+    match exchange(&stream, command, timeout)? {
+        begun @ (Reply::ResetBegun(_) | Reply::ForgetBegun(_)) => Ok(Hold { stream, begun }),
         other => Err(ControlError::Malformed(other.line())),
     }
 }
@@ -327,6 +367,15 @@ pub fn request_all(
 /// Holds every running receiver of `data` ([`hold`] on each).
 pub fn hold_all(data: &DataDir, timeout: Duration) -> io::Result<Vec<Answer<Hold>>> {
     ask_all(data, |socket| hold(socket, timeout))
+}
+
+/// Begins forgetting `app` on every running receiver of `data` ([`forget_hold`] on each).
+pub fn forget_hold_all(
+    data: &DataDir,
+    app: &AppSha,
+    timeout: Duration,
+) -> io::Result<Vec<Answer<Hold>>> {
+    ask_all(data, |socket| forget_hold(socket, app, timeout))
 }
 
 /// What a [`sync_all`] achieved.
@@ -420,6 +469,10 @@ mod tests {
                 Command::ResetEnd,
                 Reply::ResetEnded(ResetEnded { epoch: 4 }),
             ),
+            (
+                Command::Forget(AppSha([7; 32])),
+                Reply::ForgetBegun(ForgetBegun { epoch: 9 }),
+            ),
         ];
         for (command, reply) in cases {
             let line = reply.line();
@@ -461,9 +514,14 @@ mod tests {
             Command::Sync,
             Command::ResetBegin,
             Command::ResetEnd,
+            Command::Forget(AppSha([0xab; 32])),
         ] {
-            assert_eq!(Command::parse(command.line().trim_end()), Some(command));
+            let line = command.line();
+            assert!(line.len() <= MAX_REQUEST_BYTES, "{line}");
+            assert_eq!(Command::parse(line.trim_end()), Some(command));
         }
         assert_eq!(Command::parse("format-disk"), None);
+        assert_eq!(Command::parse("forget 12ab"), None);
+        assert_eq!(Command::parse("forget"), None);
     }
 }

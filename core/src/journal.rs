@@ -37,7 +37,9 @@ use crate::aggregate::Record;
 use crate::store::fsio::{io_err, open_read_write, StoreError};
 use crate::wire::AppSha;
 
+mod forget;
 mod stopped;
+pub use forget::drop_app;
 pub use stopped::{for_each_stopped_record, read};
 
 const MAGIC: [u8; 4] = *b"IPEJ";

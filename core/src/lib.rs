@@ -2,7 +2,8 @@
 //! ([`apk`]), the log block format ([`block`]), the store and its one reader and writer
 //! ([`store`]), the receiver's journal ([`journal`]) and pending map ([`aggregate`]), the report
 //! ([`report`]), the lookup by address ([`lookup`]), following the store for new bad
-//! addresses ([`watch`]), the control channel ([`control`]), the
+//! addresses ([`watch`]), the control channel ([`control`]), forgetting one app ([`forget`])
+//! and finding the apps past retention ([`retention`]), the
 //! receiver's counters ([`stats`]), sizing estimates ([`capacity`]), hex ([`hex`]), the
 //! conformance vectors ([`testdata`]) and the batch socket calls ([`sys`]).
 //!
@@ -19,11 +20,13 @@ pub mod apk;
 pub mod block;
 pub mod capacity;
 pub mod control;
+pub mod forget;
 pub mod hex;
 pub mod journal;
 pub mod lookup;
 pub mod privilege;
 pub mod report;
+pub mod retention;
 pub mod stats;
 pub mod store;
 pub mod sys;

@@ -98,6 +98,9 @@ pub struct ReceiverStats {
     pub stalled: bool,
     /// Resets served.
     pub resets: u64,
+    /// Apps removed by the retention sweep (`--retain-days`): their newest event was older
+    /// than the retention.
+    pub apps_expired: u64,
     /// Control connections that arrived while all `MAX_CONTROL_CONNS` (16) were open: the
     /// one that had waited longest for its request was closed to make room (or, when every
     /// open one held a reset, the new one was refused).

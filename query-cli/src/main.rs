@@ -1,7 +1,9 @@
-//! `ipevent-query`: the operator's CLI. Prints the report of one app, lists the known apps.
+//! `ipevent-query`: the operator's CLI. Prints the report of one app, lists the known apps,
+//! forgets one app.
 //!
-//! Exit codes: 0 success; 1 unknown app; 2 malformed SHA, unreadable `--apk` file or usage; 3 the
-//! store could not be read, or the result could not be written.
+//! Exit codes: 0 success; 1 unknown app; 2 malformed SHA, unreadable `--apk` file, usage, or
+//! `forget` with `--store`; 3 the store could not be read or changed, or the result could not
+//! be written.
 //!
 //! With `--store s3://BUCKET/PREFIX` it reads the bucket every receiver ships to instead of
 //! the local tree, merging all of them.
@@ -19,6 +21,7 @@ use clap::{Parser, Subcommand};
 use ipevent_core::apk;
 use ipevent_core::capacity::{self, CapacityInput};
 use ipevent_core::control::{self, SyncOutcome};
+use ipevent_core::forget::{self, ForgetError};
 use ipevent_core::lookup::{self, Cidr, CidrError};
 use ipevent_core::report::{report_json, JsonView};
 use ipevent_core::store::{self, DataDir, Store};
@@ -96,6 +99,17 @@ enum Sub {
         /// duration ago: 15m, 2h, 3days): every app is read once first. Default: from now.
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
+    },
+    /// Forgets one app everywhere: every running receiver on the data dir drains, flushes and
+    /// holds its flushes for a moment, stopped receivers' journals and app indexes drop the
+    /// app (their locks are taken meanwhile), the app's directory (every writer's log) is
+    /// removed, and the receivers go on. Nothing received for the app before is reported
+    /// afterwards; everything after is. Prints {"forgotten":SHA,"found":BOOL,"receivers":[...]}.
+    /// Refused while an ipevent-api runs on the data dir (use its DELETE /events/<sha>) and
+    /// with --store (not implemented for the bucket).
+    Forget {
+        /// The app's SHA-256 (64 hex digits).
+        sha: String,
     },
     /// Estimates disk, inodes, memory and network for a given traffic, from the real record
     /// sizes of the store.
@@ -212,6 +226,12 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         }
         // Run by `main`, which prints its lines as they come.
         (Some(Sub::Watch { since }), _) => follow(cli, since.as_deref()).map(|()| String::new()),
+        (Some(Sub::Forget { sha }), _) => {
+            let app: AppSha = sha
+                .parse()
+                .map_err(|e| Failure::new(2, format!("{sha:?} is not an app SHA-256: {e}")))?;
+            forget_app(cli, &data, &app)
+        }
         (Some(Sub::Ip { addr }), _) => {
             let cidr: Cidr = addr
                 .parse()
@@ -272,6 +292,35 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             report(store.as_ref(), &name, &app, cli)
         }
     }
+}
+
+/// `forget SHA`: exit 2 with `--store` or when a receiver's store cannot forget, 3 when a
+/// receiver could not be held or the store not changed (nothing was removed).
+fn forget_app(cli: &Cli, data: &DataDir, app: &AppSha) -> Result<String, Failure> {
+    if let Some(url) = &cli.store {
+        return Err(Failure::new(
+            2,
+            format!("forget is not implemented for --store {url}: the bucket keeps the app"),
+        ));
+    }
+    let done = forget::forget_app(data, app, SYNC_TIMEOUT, None, || Ok(true)).map_err(|e| {
+        let code = match e {
+            ForgetError::Unsupported(_) => 2,
+            ForgetError::Receivers(_) | ForgetError::Store(_) => 3,
+        };
+        Failure::new(code, format!("forgetting app {app}: {e}"))
+    })?;
+    let value = serde_json::json!({
+        "forgotten": app.to_hex(),
+        "found": done.found,
+        "receivers": done.receivers,
+    });
+    Ok(if cli.pretty {
+        serde_json::to_string_pretty(&value)
+    } else {
+        serde_json::to_string(&value)
+    }
+    .expect("JSON values serialise"))
 }
 
 fn store_failure(e: store::StoreError) -> Failure {

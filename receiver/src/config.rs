@@ -83,6 +83,13 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_MIN_FREE_INODES", default_value_t = 10_000)]
     pub min_free_inodes: u64,
 
+    /// Remove every app whose newest event is older than this many days: a sweep at start
+    /// and then every hour, in the background (ingest never waits for it). Removals are
+    /// counted (apps_expired) and logged. 0: keep everything. Not available with --store.
+    #[arg(long, env = "IPEVENT_RETAIN_DAYS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub retain_days: u64,
+
     /// Refuse to run as root, with a one-line error (the packaged units pass it). Without it,
     /// root is allowed with one warning.
     #[arg(long, env = "IPEVENT_REFUSE_ROOT", default_value_t = false)]

@@ -1,16 +1,16 @@
 //! The receiver's side of the control socket (the protocol is `ipevent_core::control`).
 //!
 //! The lead ingest thread owns the listener and every open connection, in a fixed number of
-//! slots polled by its `Poll`. It answers `ping` and bad requests itself; `sync`, `reset-begin`
-//! and `reset-end` become a [`Request`] for the writer, queued behind everything the ingest
+//! slots polled by its `Poll`. It answers `ping` and bad requests itself; `sync`, `reset-begin`,
+//! `forget <sha>` and `reset-end` become a [`Request`] for the writer, queued behind everything the ingest
 //! threads drained for it. The writer answers on the connection.
 //!
 //! Limits, so that no client can keep others out:
 //! - a connection has [`REQUEST_TIMEOUT`] to send its request line, then it is closed;
 //! - when all [`MAX_CONTROL_CONNS`] slots are taken, a new connection closes the one that has
 //!   waited longest for its request line (counted as `control_conns_full`);
-//! - a connection that began a reset holds the writer's flushes until it sends `reset-end` or
-//!   closes, and at most [`RESET_LEASE`]: then the hold ends as if it had closed;
+//! - a connection that began a reset (or a forget) holds the writer's flushes until it sends
+//!   `reset-end` or closes, and at most [`RESET_LEASE`]: then the hold ends as if it had closed;
 //! - the socket is created with mode 0600: only the receiver's own user may connect.
 
 use std::io::{self, Read, Write};
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ipevent_core::control::{Command, Pong, Reply, MAX_REQUEST_BYTES};
+use ipevent_core::AppSha;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
@@ -106,6 +107,13 @@ pub enum Op {
     /// Drop what is pending, zero the counters and hold flushes until `EndHold` with the
     /// same `hold`.
     BeginHold { hold: u64, reply: UnixStream },
+    /// Flush everything, forget what the store writer knows of `app`'s log and hold flushes
+    /// until `EndHold` with the same `hold` (`forget <sha>`).
+    BeginForget {
+        hold: u64,
+        app: AppSha,
+        reply: UnixStream,
+    },
     /// End hold `hold`: asked for (`reset-end`, with a connection to answer on), or because
     /// its connection closed or outlived its lease (no answer).
     EndHold {
@@ -284,7 +292,7 @@ impl Control {
     /// Serves or forwards the first request line of the connection in `slot`.
     fn request(&mut self, slot: usize, line: &str, registry: &Registry) -> Option<Op> {
         let command = Command::parse(line);
-        if command == Some(Command::ResetBegin) {
+        if let Some(begin @ (Command::ResetBegin | Command::Forget(_))) = command {
             let hold = self.next_id();
             let conn = self.conns[slot].as_mut().expect("an open slot");
             let reply = match conn.stream.try_clone() {
@@ -297,7 +305,10 @@ impl Control {
             };
             conn.hold = Some(hold);
             conn.deadline = Instant::now() + RESET_LEASE;
-            return Some(Op::BeginHold { hold, reply });
+            return Some(match begin {
+                Command::Forget(app) => Op::BeginForget { hold, app, reply },
+                _ => Op::BeginHold { hold, reply },
+            });
         }
         let stream = self.close(slot, registry).stream;
         match command {
@@ -322,7 +333,7 @@ impl Control {
                 );
                 None
             }
-            Some(Command::ResetBegin) => unreachable!("handled above"),
+            Some(Command::ResetBegin | Command::Forget(_)) => unreachable!("handled above"),
             None => {
                 answer(
                     &stream,

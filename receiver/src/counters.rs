@@ -17,6 +17,8 @@ pub struct Counters {
     /// Times an ingest thread found every batch of the pool in use (the
     /// [`MAX_POOL_BATCHES`](crate::writer::MAX_POOL_BATCHES) cap) and waited for the writer.
     pub batch_pool_waits: AtomicU64,
+    /// Apps the retention sweep removed (`--retain-days`).
+    pub apps_expired: AtomicU64,
 }
 
 /// One thread's counts since it last added them to [`Counters`].
@@ -56,5 +58,6 @@ impl Counters {
         self.kernel_drops.store(0, Relaxed);
         self.control_conns_full.store(0, Relaxed);
         self.batch_pool_waits.store(0, Relaxed);
+        self.apps_expired.store(0, Relaxed);
     }
 }

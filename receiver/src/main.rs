@@ -10,6 +10,7 @@ mod config;
 mod control;
 mod counters;
 mod ingest;
+mod retention;
 mod run_state;
 mod ship;
 mod sockets;
@@ -34,6 +35,13 @@ use crate::writer::{BatchPool, ToWriter, Writer, WriterSettings, MAX_POOL_BATCHE
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    if config.retain_days > 0 && config.store.is_some() {
+        eprintln!(
+            "ipevent-receiver: --retain-days is not implemented with --store (the bucket would \
+             keep the apps it removes)"
+        );
+        return ExitCode::from(2);
+    }
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,slatedb=warn"),
     )
@@ -90,6 +98,7 @@ fn run(config: Config) -> Result<()> {
     // whose first act is to publish the stats file that tells the world we are ready.
     let listen = sockets.listen.clone();
     let ingest = start_ingest(sockets, to_writer, free_rx, &counters, control, &writer_id)?;
+    let retention_counters = Arc::clone(&counters);
     let mut writer = Writer::new(settings, counters, from_ingest, free_tx, journal)?;
     let shipper = shipping.map(|(outbox, counters, shipper)| {
         writer.ship_through(outbox, counters);
@@ -100,6 +109,14 @@ fn run(config: Config) -> Result<()> {
         .spawn(move || writer.run())
         .context("starting the writer thread")?;
     announce(&config, &listen, threads, &writer_id);
+    // Stopped when dropped, at the end of this function.
+    let _retention = match config.retain_days {
+        0 => None,
+        days => Some(
+            retention::start(data.clone(), days, retention_counters, run_state::unix_now)
+                .context("starting the retention sweep")?,
+        ),
+    };
 
     let ingest_result = ingest.run_until_stopped();
     let (epoch, flushed_all) = match writer_handle.join() {

@@ -210,6 +210,11 @@ pub trait AppendBlocks {
     /// Forgets everything known of the stored data (after a reset moved it away).
     fn forget_logs(&mut self);
 
+    /// Forgets what is known of `app`'s data, which is about to be removed (one app
+    /// forgotten, [`crate::forget`]): the next append to it starts a new log, and readers of
+    /// the writer's app index read the app's log themselves instead of trusting its count.
+    fn forget_app(&mut self, app: &AppSha) -> Result<(), StoreError>;
+
     /// Times the writer's bookkeeping reached its bound and was forgotten (a counter for
     /// operators; 0 for a backend without such a bound).
     fn tracked_logs_forgotten(&self) -> u64 {

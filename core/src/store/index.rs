@@ -488,14 +488,10 @@ impl IndexWriter {
     }
 }
 
-/// Every app with its count from the writers' indexes: `Ok(None)` when there is no index,
-/// or some writer under `receivers/` has none (logs written by an older version), and the
-/// caller must read every log instead. Every writer registers under `receivers/` (its lock)
-/// before it writes a log, so no writer's logs are missed.
-pub fn list_from_indexes(data: &DataDir) -> Result<Option<Vec<AppCount>>, StoreError> {
-    let dir = index_dir(data);
+/// The writer ids that have an app index in `data`.
+pub fn indexed_writers(data: &DataDir) -> Result<Vec<String>, StoreError> {
     let mut indexed = Vec::new();
-    for_each_entry(&dir, |entry| {
+    for_each_entry(&index_dir(data), |entry| {
         let name = entry.file_name();
         if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".idx")) {
             if validate_writer_id(id).is_ok() {
@@ -504,6 +500,37 @@ pub fn list_from_indexes(data: &DataDir) -> Result<Option<Vec<AppCount>>, StoreE
         }
         Ok(())
     })?;
+    Ok(indexed)
+}
+
+/// Makes readers of `writer_id`'s index read that writer's log of `app` themselves instead of
+/// trusting the count the index holds (one app forgotten: its log is about to be removed),
+/// for a writer that is not running (the caller holds its lock; a running writer does the
+/// same through its [`AppendBlocks`](super::AppendBlocks)). It appends a begin block naming
+/// the app and no counts after it, as a flush cut short would leave; the writer settles it
+/// when it next opens its index. The file is rewritten beside itself (its verified blocks and
+/// the new one) and renamed over, so a torn tail cannot hide the new block.
+pub fn mark_unsettled(data: &DataDir, writer_id: &str, app: &AppSha) -> Result<(), StoreError> {
+    let path = index_path(data, writer_id);
+    let Some(bytes) = super::fsio::read_file(&path)? else {
+        return Ok(());
+    };
+    let (view, verified) = read_index(&bytes);
+    if !view.counts.contains_key(app) || view.unsettled.binary_search(app).is_ok() {
+        // Readers already read that log themselves, or know nothing of the app.
+        return Ok(());
+    }
+    let mut out = bytes[..verified as usize].to_vec();
+    encode_begin(&mut out, view.last_sequence + 1, std::slice::from_ref(app));
+    write_atomic(&path, &out)
+}
+
+/// Every app with its count from the writers' indexes: `Ok(None)` when there is no index,
+/// or some writer under `receivers/` has none (logs written by an older version), and the
+/// caller must read every log instead. Every writer registers under `receivers/` (its lock)
+/// before it writes a log, so no writer's logs are missed.
+pub fn list_from_indexes(data: &DataDir) -> Result<Option<Vec<AppCount>>, StoreError> {
+    let indexed = indexed_writers(data)?;
     if indexed.is_empty() || data.writer_ids()?.iter().any(|id| !indexed.contains(id)) {
         return Ok(None);
     }

@@ -60,6 +60,11 @@ impl Default for AppDirs {
 }
 
 impl AppDirs {
+    /// One app directory fewer in the store (an app forgotten).
+    pub(super) fn removed_one(&mut self) {
+        self.apps = self.apps.saturating_sub(1);
+    }
+
     /// Sets the limits on new apps; with a `max_apps` limit, counts the apps already stored.
     pub(super) fn set_limits(
         &mut self,

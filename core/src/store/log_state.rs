@@ -169,6 +169,11 @@ impl TrackedLogs {
         self.logs.insert(*app, state);
     }
 
+    /// Forgets what is known of `app`'s log (the app is forgotten); true when something was.
+    pub(super) fn remove(&mut self, app: &AppSha) -> bool {
+        self.logs.remove(app).is_some()
+    }
+
     /// Forgets every log (after a reset moved the tree away).
     pub(super) fn clear(&mut self) {
         self.logs.clear();

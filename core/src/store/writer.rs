@@ -272,6 +272,17 @@ impl AppendBlocks for StoreWriter {
         self.index.forget();
     }
 
+    fn forget_app(&mut self, app: &AppSha) -> Result<(), StoreError> {
+        if self.logs.remove(app) || self.data.app_dir(app).is_dir() {
+            // The directory goes with the app: one fewer app against `max_apps`.
+            self.dirs.removed_one();
+        }
+        // A begin with no counts after it: readers read the app's log (gone) themselves.
+        self.index
+            .begin(&self.data, &self.writer_id, std::slice::from_ref(app))?;
+        self.index.end()
+    }
+
     /// The highest epoch among the verified blocks of `app`'s log (0 when it has none):
     /// journaled records of that epoch or earlier are already in it.
     fn log_max_epoch(&mut self, app: &AppSha) -> Result<u64, StoreError> {

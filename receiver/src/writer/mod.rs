@@ -4,7 +4,7 @@
 //! The rooms: this file (the thread's loop, taking in batches), [`pool`] (the batches that
 //! travel between ingest and the writer), [`flush`] (a flush in named steps), [`replay`] (a
 //! start: the journal put back, the start epoch settled), [`requests`] (control requests:
-//! sync, reset holds) and [`stats`] (`stats.json` and the log line).
+//! sync, reset holds), [`forget`] (the hold of `forget <sha>`) and [`stats`] (`stats.json` and the log line).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixStream;
@@ -24,6 +24,7 @@ use crate::counters::Counters;
 use crate::run_state::write_state;
 
 mod flush;
+mod forget;
 mod pool;
 mod replay;
 mod requests;
@@ -82,8 +83,10 @@ pub struct Writer {
     waiting: BTreeMap<u64, (usize, Option<Request>)>,
     epoch: u64,
     stats: ReceiverStats,
-    /// Resets in progress: while any is, nothing is flushed.
+    /// Resets and forgets in progress: while any is, nothing is flushed.
     holds: BTreeSet<u64>,
+    /// The holds among them that are forgets of one app (the others are resets).
+    forgets: BTreeSet<u64>,
     /// Syncs that arrived while flushes were held; answered when the last hold ends.
     held_syncs: Vec<UnixStream>,
     /// Reusable buffer for one app's sorted records.
@@ -122,6 +125,7 @@ impl Writer {
             epoch: 0,
             stats,
             holds: BTreeSet::new(),
+            forgets: BTreeSet::new(),
             held_syncs: Vec::new(),
             sorted: Vec::new(),
             chunk: Runs::default(),

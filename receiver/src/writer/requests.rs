@@ -1,10 +1,11 @@
 //! The control requests the writer serves once every ingest thread has drained for them:
-//! `sync` (flush, then answer), and the holds of a reset (`reset-begin`, `reset-end`).
+//! `sync` (flush, then answer), and the holds of a reset (`reset-begin`, `reset-end`) and of a
+//! forget (`forget <sha>`, begun in [`super::forget`]).
 
 use std::os::unix::net::UnixStream;
 
 use ipevent_core::aggregate::Pending;
-use ipevent_core::control::{Reply, ResetBegun, ResetEnded, Synced};
+use ipevent_core::control::{ForgetBegun, Reply, ResetBegun, ResetEnded, Synced};
 
 use super::Writer;
 use crate::control::{self, Op};
@@ -43,6 +44,13 @@ impl Writer {
             Op::BeginHold { hold, reply } => {
                 let dropped_pending = self.begin_hold(hold);
                 answers.push((reply, Reply::ResetBegun(ResetBegun { dropped_pending })));
+            }
+            Op::BeginForget { hold, app, reply } => {
+                let answer = match self.begin_forget(hold, &app) {
+                    Ok(()) => Reply::ForgetBegun(ForgetBegun { epoch: self.epoch }),
+                    Err(why) => Reply::Refused(why),
+                };
+                answers.push((reply, answer));
             }
             Op::EndHold { hold, reply } => {
                 let ended = if self.end_hold(hold) {
@@ -85,10 +93,15 @@ impl Writer {
     /// Ends hold `hold`; false when it had already ended.
     fn end_hold(&mut self, hold: u64) -> bool {
         let was_held = self.holds.remove(&hold);
-        // The tree may have been moved away: what we knew of our logs no longer holds.
-        self.store.forget_logs();
+        let what = if self.forgets.remove(&hold) {
+            "forget"
+        } else {
+            // The tree may have been moved away: what we knew of our logs no longer holds.
+            self.store.forget_logs();
+            "reset"
+        };
         if was_held && self.holds.is_empty() {
-            log::info!("reset over; flushes resumed");
+            log::info!("{what} over; flushes resumed");
         }
         was_held
     }

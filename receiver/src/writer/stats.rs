@@ -28,6 +28,7 @@ impl Writer {
         s.kernel_drops = c.kernel_drops.load(Relaxed);
         s.control_conns_full = c.control_conns_full.load(Relaxed);
         s.batch_pool_waits = c.batch_pool_waits.load(Relaxed);
+        s.apps_expired = c.apps_expired.load(Relaxed);
         s.tracked_logs_forgotten = self.store.tracked_logs_forgotten();
         s.rejected = Reject::ALL
             .iter()

@@ -1,0 +1,90 @@
+//! `DELETE /events/{sha}`: forgets one app everywhere (`ipevent_core::forget`), with the
+//! authorisation of `DELETE /events` and, for that app, its guarantee (contract 5): nothing
+//! received before the request is reported after the answer, everything after it is.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ipevent_core::forget::ForgetError;
+use ipevent_core::AppSha;
+
+use crate::app::{error, internal_error, AppState};
+
+/// `DELETE /events/{sha}`. 200 with `{"forgotten":SHA,"found":BOOL,"receivers":[...]}`
+/// (`found`: the store held something of the app); 400 for a malformed SHA; 501 with
+/// `--store` (the bucket would keep the app); 503 when a receiver could not be held (nothing
+/// was removed: retry).
+pub async fn delete_app(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = state.admin.authorize(peer, &headers) {
+        return denied.into_response();
+    }
+    let app: AppSha = match path {
+        Ok(Path(sha)) => match sha.parse() {
+            Ok(app) => app,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        },
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if let Some(store) = &state.store {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("forgetting an app is not implemented with --store {store}"),
+        );
+    }
+    // Taken alone, as a reset takes it: no read or post sees the app half removed.
+    let gate = state.gate.clone().write_owned().await;
+    let data = state.data.clone();
+    let posts = state.posts.clone();
+    let timeout = state.control_timeout;
+    let done = tokio::task::spawn_blocking(move || {
+        let _gate = gate;
+        let mut posts = posts.lock().unwrap_or_else(PoisonError::into_inner);
+        let own = posts.writer_id().to_string();
+        ipevent_core::forget::forget_app(&data, &app, timeout, Some(&own), || {
+            posts
+                .forget_app(&app)
+                .map(|()| true)
+                .map_err(|e| e.to_string())
+        })
+    })
+    .await;
+    match done {
+        Ok(Ok(done)) => {
+            log::info!(
+                "app {app} forgotten by {peer} (found: {}), {} receiver(s) held",
+                done.found,
+                done.receivers.len()
+            );
+            let body = serde_json::json!({
+                "forgotten": app.to_hex(),
+                "found": done.found,
+                "receivers": done.receivers,
+            });
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        Ok(Err(e @ ForgetError::Receivers(_))) => {
+            log::warn!("forget of {app} by {peer} failed: {e}");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Ok(Err(e @ ForgetError::Unsupported(_))) => {
+            log::warn!("forget of {app} by {peer} refused: {e}");
+            error(StatusCode::NOT_IMPLEMENTED, e.to_string())
+        }
+        Ok(Err(e @ ForgetError::Store(_))) => internal_error("forgetting an app", e),
+        Err(e) => internal_error("forgetting an app", e),
+    }
+}

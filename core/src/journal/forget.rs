@@ -1,0 +1,130 @@
+//! Removing one app from the journal of a writer that is not running: what forgetting an app
+//! ([`crate::forget`]) does to a stopped receiver's accepted records.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::{
+    stream, Header, JournalError, BATCH_HEADER_BYTES, JOURNAL_HEADER_BYTES, MAGIC, VERSION,
+};
+use crate::store::fsio::{io_err, open_new, open_read, sync_dir};
+use crate::wire::AppSha;
+
+/// Removes every record of `app` from the journal at `path`, for a writer that is not running
+/// (the caller holds its lock): one app forgotten ([`crate::forget`]) must not come back when
+/// that writer replays its journal, nor be counted by readers meanwhile. The journal is
+/// written anew beside itself, streaming one batch at a time, and renamed over, so a crash
+/// leaves the old journal or the new one, never a mix. The header's epoch is kept. Returns
+/// the records removed (0: the file was not touched).
+pub fn drop_app(path: &Path, app: &AppSha) -> Result<u64, JournalError> {
+    let Some(file) = open_read(path)? else {
+        return Ok(0);
+    };
+    let len = file
+        .metadata()
+        .map_err(io_err("inspecting journal", path))?
+        .len();
+    let Some(header) = Header::read(&file, len, path)? else {
+        return Ok(0);
+    };
+    let mut matching = 0u64;
+    stream(&file, header.committed, path, |_, records| {
+        matching += records.iter().filter(|r| r.app == *app).count() as u64;
+    })?;
+    if matching == 0 {
+        return Ok(0);
+    }
+    let tmp = path.with_extension("forget.tmp");
+    let out = open_new(&tmp)?;
+    let mut pos = JOURNAL_HEADER_BYTES as u64;
+    let mut failed: Option<io::Error> = None;
+    let mut body = Vec::new();
+    stream(&file, header.committed, path, |epoch, records| {
+        if failed.is_some() {
+            return;
+        }
+        body.clear();
+        body.resize(BATCH_HEADER_BYTES, 0);
+        let mut kept = 0u32;
+        for r in records.iter().filter(|r| r.app != *app) {
+            body.extend_from_slice(&r.app.0);
+            body.extend_from_slice(&r.ip.to_le_bytes());
+            body.extend_from_slice(&r.unix_secs.to_le_bytes());
+            kept += 1;
+        }
+        if kept == 0 {
+            return;
+        }
+        let crc = crc32c::crc32c(&body[BATCH_HEADER_BYTES..]);
+        body[0..8].copy_from_slice(&epoch.to_le_bytes());
+        body[8..12].copy_from_slice(&kept.to_le_bytes());
+        body[12..16].copy_from_slice(&crc.to_le_bytes());
+        match out.write_all_at(&body, pos) {
+            Ok(()) => pos += body.len() as u64,
+            Err(e) => failed = Some(e),
+        }
+    })?;
+    let mut head = vec![0u8; JOURNAL_HEADER_BYTES];
+    head[0..4].copy_from_slice(&MAGIC);
+    head[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    head[8..16].copy_from_slice(&(pos - JOURNAL_HEADER_BYTES as u64).to_le_bytes());
+    head[16..24].copy_from_slice(&header.epoch.to_le_bytes());
+    let written = match failed {
+        Some(e) => Err(e),
+        None => out
+            .write_all_at(&head, 0)
+            .and_then(|()| out.sync_data())
+            .and_then(|()| std::fs::rename(&tmp, path)),
+    };
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err("rewriting journal", path)(e).into());
+    }
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(matching)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::Record;
+    use crate::journal::{Journal, MIN_JOURNAL_BYTES};
+
+    fn records(n: u32) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                app: AppSha([i as u8; 32]),
+                ip: i,
+                unix_secs: 100 + i,
+            })
+            .collect()
+    }
+
+    fn replayed(journal: &Journal) -> Vec<(u64, Vec<Record>)> {
+        let mut out = Vec::new();
+        journal
+            .replay(|epoch, records| out.push((epoch, records.to_vec())))
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn dropping_an_app_keeps_every_other_record_and_the_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut journal = Journal::open(&path, MIN_JOURNAL_BYTES).unwrap();
+        journal.begin_epoch(6, false).unwrap();
+        assert!(journal.append(7, &records(5)));
+        assert!(journal.append(7, &records(1)));
+        drop(journal);
+        let gone = AppSha([0; 32]);
+        assert_eq!(drop_app(&path, &gone).unwrap(), 2);
+        assert_eq!(drop_app(&path, &gone).unwrap(), 0, "nothing left to drop");
+        let journal = Journal::open(&path, MIN_JOURNAL_BYTES).unwrap();
+        assert_eq!(journal.recorded_epoch(), 6);
+        assert_eq!(replayed(&journal), vec![(7, records(5)[1..].to_vec())]);
+    }
+}
