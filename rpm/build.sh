@@ -52,7 +52,7 @@ mkdir -p "$topdir/SOURCES" "$topdir/docs"
 for bin in "${bins[@]}"; do
     cp -p "$target_dir/release/$bin" "$topdir/SOURCES/"
 done
-cp -p rpm/ipevent-receiver.service rpm/ipevent-api.service rpm/receiver.env rpm/api.env \
+cp -p rpm/ipevent-receiver.service rpm/ipevent-api.service rpm/receiver.env rpm/api.env rpm/s3.env \
     rpm/60-ipevent.conf rpm/ipevent.sysusers "$topdir/SOURCES/"
 
 cp -p rpm/README.md "$topdir/docs/INSTALL.md"

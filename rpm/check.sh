@@ -96,6 +96,7 @@ check_files() {
     expected="drwxr-x--- root ipevent /etc/ipevent
 -rw-r----- root ipevent /etc/ipevent/api.env
 -rw-r----- root ipevent /etc/ipevent/receiver.env
+-rw------- ipevent ipevent /etc/ipevent/s3.env
 -rwxr-xr-x root root /usr/bin/ipevent-api
 -rwxr-xr-x root root /usr/bin/ipevent-query
 -rwxr-xr-x root root /usr/bin/ipevent-receiver
@@ -119,12 +120,12 @@ drwxr-x--- ipevent ipevent /var/lib/ipevent"
 check "rpm -qlvp: every file, its mode and owner" check_files
 
 check_config() {
-    same $'/etc/ipevent/api.env\n/etc/ipevent/receiver.env' "$(rpm -qcp "$pkg" | sort)" || return 1
+    same $'/etc/ipevent/api.env\n/etc/ipevent/receiver.env\n/etc/ipevent/s3.env' "$(rpm -qcp "$pkg" | sort)" || return 1
     # fflags: c = %config, n = noreplace.
-    same $'cn /etc/ipevent/api.env\ncn /etc/ipevent/receiver.env' \
+    same $'cn /etc/ipevent/api.env\ncn /etc/ipevent/receiver.env\ncn /etc/ipevent/s3.env' \
         "$(q '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' | grep '^c' | sort -k2)"
 }
-check "rpm -qcp: the two env files are %config(noreplace), nothing else is config" check_config
+check "rpm -qcp: the env files are %config(noreplace), nothing else is config" check_config
 
 check_docs() {
     # (Here-strings, not pipes: grep -q exits early, and pipefail would blame the writer.)
@@ -258,7 +259,9 @@ check_install() {
     uid=$(awk -F: '$1 == "ipevent" { print $3 }' "$sroot/etc/passwd")
     gid=$(awk -F: '$1 == "ipevent" { print $3 }' "$sroot/etc/group")
     same "750 $uid:$gid" "$(stat -c '%a %u:%g' "$sroot/var/lib/ipevent")" || return 1
-    same "640 0:$gid" "$(stat -c '%a %u:%g' "$sroot/etc/ipevent/receiver.env")"
+    same "640 0:$gid" "$(stat -c '%a %u:%g' "$sroot/etc/ipevent/receiver.env")" || return 1
+    # The object store's credentials: the service user alone.
+    same "600 $uid:$gid" "$(stat -c '%a %u:%g' "$sroot/etc/ipevent/s3.env")"
 }
 check "rpm --root --noscripts -i installs; sysusers.d user matches %pre; rpm -V clean" check_install
 
@@ -326,7 +329,8 @@ check_units_content() {
             KillSignal=SIGTERM NoNewPrivileges=yes ProtectSystem=strict ProtectHome=yes \
             PrivateTmp=yes ProtectKernelTunables=yes CapabilityBoundingSet= \
             'RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX' LimitNOFILE=65536 \
-            "EnvironmentFile=-/etc/ipevent/${unit%.service}.env" WantedBy=multi-user.target; do
+            "EnvironmentFile=-/etc/ipevent/${unit%.service}.env" EnvironmentFile=-/etc/ipevent/s3.env \
+            WantedBy=multi-user.target; do
             want=${want/ipevent-receiver.env/receiver.env}
             want=${want/ipevent-api.env/api.env}
             grep -qxF -- "$want" "$file" || { echo "$unit has no line '$want'"; return 1; }

@@ -26,7 +26,7 @@ const TOOLS: [&str; 7] = [
 const REQUIRED_CHECKS: [&str; 12] = [
     "name is ipevent-<Cargo.toml version>-<git count>.g<hash>.<arch>.rpm",
     "rpm -qlvp: every file, its mode and owner",
-    "rpm -qcp: the two env files are %config(noreplace), nothing else is config",
+    "rpm -qcp: the env files are %config(noreplace), nothing else is config",
     "%pre creates the ipevent group and user only when missing",
     "%post reloads units, presets them on install only, applies the sysctl",
     "%preun stops and disables both units on erase, not on upgrade",
