@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::post::PostWriter;
 
 use ipevent_core::control::{self, Hold};
-use ipevent_core::store::{self, StoreError};
+use ipevent_core::journal;
+use ipevent_core::store::{self, StoreError, WriterLock};
 use ipevent_core::DataDir;
 
 /// Prefix of the names of moved-away trees in `trash/`.
@@ -68,7 +69,18 @@ pub fn reset(
             refusals.join("; ")
         )));
     }
+    // Receivers that are not running keep accepted records in their journals, which
+    // readers count and their next start replays: they go too, under each writer's lock,
+    // held until the tree has moved.
+    let stopped = match empty_stopped_journals(data) {
+        Ok(locks) => locks,
+        Err(e) => {
+            release(held, timeout);
+            return Err(e);
+        }
+    };
     let moved = move_tree_away(data);
+    drop(stopped);
     // The writer's knowledge of its logs is stale once the tree has moved.
     posts.forget_logs();
     let receivers = release(held, timeout);
@@ -77,6 +89,38 @@ pub fn reset(
         delete_in_background(trash);
     }
     Ok(ResetDone { receivers })
+}
+
+/// Locks every writer of `data` that is not running and removes every record from its
+/// journal; returns the locks. A writer that is starting (its lock is taken, its control
+/// socket not yet answering) fails the reset, to be retried.
+fn empty_stopped_journals(data: &DataDir) -> Result<Vec<WriterLock>, ResetError> {
+    let failed = |e: String| ResetError::Store(format!("not reset: {e}"));
+    let mut locks = Vec::new();
+    for id in data.writer_ids().map_err(|e| failed(e.to_string()))? {
+        if data.writer_running(&id) {
+            continue;
+        }
+        let lock = match data.lock_writer(&id) {
+            Ok(lock) => lock,
+            Err(StoreError::WriterBusy { .. }) => {
+                return Err(ResetError::Receivers(format!(
+                    "not reset: receiver {id} is starting"
+                )));
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        let dropped = journal::drop_all(&data.journal_path(&id)).map_err(|e| {
+            failed(format!(
+                "emptying the journal of stopped receiver {id}: {e}"
+            ))
+        })?;
+        if dropped > 0 {
+            log::info!("reset: removed {dropped} journaled events of stopped receiver {id}");
+        }
+        locks.push(lock);
+    }
+    Ok(locks)
 }
 
 /// Ends each hold and returns the writer ids; failures are logged (closing the connection

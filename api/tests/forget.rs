@@ -114,3 +114,31 @@ fn delete_one_app_is_not_implemented_for_the_bucket() {
     assert_eq!(reply.status, 501, "{reply:?}");
     assert!(reply.error().contains("not implemented"), "{reply:?}");
 }
+
+#[test]
+fn a_reset_empties_the_journal_of_a_stopped_receiver() {
+    let mut rx = Receiver::start(&SLOW_FLUSH);
+    let dir = rx.take_tmp().unwrap();
+    let before = app(0x81);
+    let socket = sender();
+    send_events(
+        &socket,
+        rx.addr,
+        &[(before, "10.1.0.1"), (before, "10.1.0.2")],
+    );
+    rx.wait_stats("the datagrams", |s| s.events_accepted == 2);
+    assert!(!rx.stop_with(libc::SIGKILL).success());
+    let api = Api::start(dir.path(), &PATIENT_API);
+    // The stopped receiver's accepted events are counted from its journal...
+    assert_eq!(
+        api.report(&before),
+        report_json(2, &["10.1.0.1", "10.1.0.2"], &[])
+    );
+    assert_eq!(api.reset()["reset"], true);
+    // ...and not after the reset, nor when it starts again and replays its journal.
+    assert_eq!(api.get(&format!("/events/{before}")).status, 404);
+    let mut rx = Receiver::start_in(dir.path(), &SLOW_FLUSH);
+    assert_eq!(rx.stats().unwrap().events_replayed, 0);
+    assert_eq!(api.get(&format!("/events/{before}")).status, 404);
+    rx.stop();
+}

@@ -39,7 +39,7 @@ use crate::wire::AppSha;
 
 mod forget;
 mod stopped;
-pub use forget::drop_app;
+pub use forget::{drop_all, drop_app};
 pub use stopped::{for_each_stopped_record, read};
 
 const MAGIC: [u8; 4] = *b"IPEJ";

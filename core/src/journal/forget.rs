@@ -18,6 +18,20 @@ use crate::wire::AppSha;
 /// leaves the old journal or the new one, never a mix. The header's epoch is kept. Returns
 /// the records removed (0: the file was not touched).
 pub fn drop_app(path: &Path, app: &AppSha) -> Result<u64, JournalError> {
+    drop_records(path, |record_app| record_app == app)
+}
+
+/// Removes every record from the journal at `path`, for a writer that is not running (the
+/// caller holds its lock): what a reset does to a stopped receiver's accepted records, which
+/// must neither be counted by readers after it nor replayed by the writer's next start.
+/// Returns the records removed (0: the file was not touched).
+pub fn drop_all(path: &Path) -> Result<u64, JournalError> {
+    drop_records(path, |_| true)
+}
+
+/// Rewrites the journal at `path` without the records whose app is `selected`; see
+/// [`drop_app`].
+fn drop_records(path: &Path, selected: impl Fn(&AppSha) -> bool) -> Result<u64, JournalError> {
     let Some(file) = open_read(path)? else {
         return Ok(0);
     };
@@ -30,7 +44,7 @@ pub fn drop_app(path: &Path, app: &AppSha) -> Result<u64, JournalError> {
     };
     let mut matching = 0u64;
     stream(&file, header.committed, path, |_, records| {
-        matching += records.iter().filter(|r| r.app == *app).count() as u64;
+        matching += records.iter().filter(|r| selected(&r.app)).count() as u64;
     })?;
     if matching == 0 {
         return Ok(0);
@@ -47,7 +61,7 @@ pub fn drop_app(path: &Path, app: &AppSha) -> Result<u64, JournalError> {
         body.clear();
         body.resize(BATCH_HEADER_BYTES, 0);
         let mut kept = 0u32;
-        for r in records.iter().filter(|r| r.app != *app) {
+        for r in records.iter().filter(|r| !selected(&r.app)) {
             body.extend_from_slice(&r.app.0);
             body.extend_from_slice(&r.ip.to_le_bytes());
             body.extend_from_slice(&r.unix_secs.to_le_bytes());
