@@ -22,6 +22,7 @@ mod bucket;
 mod cluster;
 pub mod codec;
 pub mod outbox;
+mod outbox_writer;
 mod ship;
 pub mod shipper;
 

@@ -13,18 +13,15 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::outbox::{self, EntryBuilder};
+use crate::outbox;
+pub use crate::outbox_writer::{Outbox, ShipCounters};
 use crate::{Bucket, S3Error, ShipDb};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use ipevent_core::aggregate::{Pending, Record};
 use ipevent_core::control::{self, Command as Ctl, Reply};
-use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, DataDir};
-use ipevent_core::{AddrStats, AppSha};
 
 /// How long the receiver waits at start for the bucket to confirm its writer id before it
 /// starts anyway (ingest never waits on the object store; the shipper keeps trying).
@@ -37,270 +34,6 @@ pub const STOP_WAIT: Duration = Duration::from_secs(10);
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// Shipping failures are logged at most this often.
 const COMPLAINT_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Counters the outbox and the shipper share with the stats file.
-#[derive(Debug, Default)]
-pub struct ShipCounters {
-    /// Outbox entries not yet shipped.
-    entries: AtomicU64,
-    /// Their bytes.
-    bytes: AtomicU64,
-    /// Last epoch written into the outbox.
-    written_epoch: AtomicU64,
-    /// Last epoch durable in the bucket.
-    shipped_epoch: AtomicU64,
-    /// Last epoch visible to readers.
-    published_epoch: AtomicU64,
-    /// Failed shipping attempts.
-    errors: AtomicU64,
-    /// Flushes that could not be written into the outbox (low disk, I/O error); their
-    /// records are carried into the next entry.
-    outbox_errors: AtomicU64,
-    /// The shipper stopped for good: another process took the database.
-    fenced: AtomicBool,
-    /// Records wait in memory for an outbox entry (its last write failed): the outbox does
-    /// not cover every flush, so the shipper cannot answer a sync request.
-    carried: AtomicBool,
-}
-
-impl ShipCounters {
-    /// Copies the counters into a stats snapshot.
-    pub fn fill(&self, s: &mut ReceiverStats) {
-        s.ship_lag_epochs = self.entries.load(Relaxed);
-        s.outbox_bytes = self.bytes.load(Relaxed);
-        s.shipped_epoch = self.shipped_epoch.load(Relaxed);
-        s.published_epoch = self.published_epoch.load(Relaxed);
-        s.ship_errors = self.errors.load(Relaxed);
-        s.outbox_errors = self.outbox_errors.load(Relaxed);
-        s.ship_fenced = self.fenced.load(Relaxed);
-    }
-}
-
-fn marker_path(dir: &Path) -> PathBuf {
-    dir.join("written")
-}
-
-/// The writer's side: builds each flush's entry and writes it into the outbox.
-pub struct Outbox {
-    dir: PathBuf,
-    fsync: bool,
-    min_free_bytes: u64,
-    builder: EntryBuilder,
-    /// Records written locally but in no entry yet (a failed outbox write, or a journal
-    /// replay): they go into the next entry.
-    carry: Pending,
-    /// Last epoch whose records are all in the outbox (or shipped): the marker file, or a
-    /// newer entry left by a crash before the marker was updated.
-    covered_epoch: u64,
-    counters: Arc<ShipCounters>,
-    wake: Sender<()>,
-    sorted: Vec<(u32, AddrStats)>,
-    last_complaint: Option<Instant>,
-}
-
-impl Outbox {
-    /// Opens the outbox of `writer_id`, counting what a previous run left in it. Returns the
-    /// outbox and the receiving end of its wake-ups for the shipper.
-    pub fn open(
-        data: &DataDir,
-        writer_id: &str,
-        fsync: bool,
-        min_free_bytes: u64,
-        counters: Arc<ShipCounters>,
-    ) -> Result<(Outbox, Receiver<()>), store::StoreError> {
-        let dir = outbox::dir(data, writer_id);
-        store::create_dir_all(&dir)?;
-        let entries = outbox::entries(&dir)?;
-        let marker = store::read_file(&marker_path(&dir))?
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        let covered_epoch = entries.iter().map(|e| e.0).fold(marker, u64::max);
-        counters.entries.store(entries.len() as u64, Relaxed);
-        counters
-            .bytes
-            .store(entries.iter().map(|e| e.1).sum(), Relaxed);
-        counters.written_epoch.store(covered_epoch, Relaxed);
-        let (wake, woken) = crossbeam_channel::bounded(1);
-        Ok((
-            Outbox {
-                dir,
-                fsync,
-                min_free_bytes,
-                builder: EntryBuilder::default(),
-                carry: Pending::default(),
-                covered_epoch,
-                counters,
-                wake,
-                sorted: Vec::new(),
-                last_complaint: None,
-            },
-            woken,
-        ))
-    }
-
-    /// Journal replay: `record` (accepted in flush `epoch`) is already in the local store. If
-    /// the outbox does not cover that epoch, the crash came between the local append and the
-    /// outbox entry, and the record still has to be shipped.
-    pub fn note_replayed(&mut self, epoch: u64, record: &Record) {
-        if epoch > self.covered_epoch {
-            self.carry.add(std::slice::from_ref(record));
-        }
-    }
-
-    /// Queues what [`Outbox::note_replayed`] collected as the entry of `epoch`, the last
-    /// epoch of the journal (the flush the crash interrupted; no entry has it).
-    pub fn queue_carried(&mut self, epoch: u64) {
-        if self.carry.is_empty() {
-            return;
-        }
-        assert!(
-            epoch > self.covered_epoch,
-            "replayed epoch {epoch} already in the outbox"
-        );
-        self.builder.begin(epoch);
-        self.finish();
-    }
-
-    /// Whether records wait in memory for an entry (an outbox write failed). While they do,
-    /// the writer keeps the journal (it holds them, for a crash), so the journal's size bounds
-    /// them: once it is full, ingest waits as it does when the store cannot be written.
-    pub fn has_carried(&self) -> bool {
-        !self.carry.is_empty()
-    }
-
-    /// Tries again to queue what a failed outbox write left in memory, as the entry of
-    /// `epoch`: the last flush epoch, whose own entry is one of those that failed (no entry of
-    /// it exists, so the shipper has not passed it).
-    pub fn retry_carried(&mut self, epoch: u64) {
-        if self.carry.is_empty() {
-            return;
-        }
-        assert!(
-            epoch > self.covered_epoch,
-            "carried records of epoch {epoch} already in the outbox"
-        );
-        self.builder.begin(epoch);
-        self.finish();
-    }
-
-    /// A reset: what waits in memory for an entry is dropped with the rest.
-    pub fn discard_carried(&mut self) {
-        self.carry = Pending::default();
-        self.counters.carried.store(false, SeqCst);
-    }
-
-    /// The last epoch whose records are all in the outbox (or shipped).
-    pub fn covered_epoch(&self) -> u64 {
-        self.covered_epoch
-    }
-
-    /// Writes one entry of `epoch` holding `addrs` of `app` now (the API's `POST /events`,
-    /// before it answers): an error when it cannot, and nothing is carried.
-    pub fn queue_now(
-        &mut self,
-        epoch: u64,
-        app: &AppSha,
-        addrs: &[(u32, AddrStats)],
-    ) -> Result<(), String> {
-        assert!(
-            epoch > self.covered_epoch,
-            "epoch {epoch} not after {}",
-            self.covered_epoch
-        );
-        self.builder.begin(epoch);
-        self.builder.add(app, addrs);
-        let bytes = self.write_entry()?;
-        self.covered_epoch = epoch;
-        self.counters.entries.fetch_add(1, Relaxed);
-        self.counters.bytes.fetch_add(bytes, Relaxed);
-        self.counters.written_epoch.store(epoch, SeqCst);
-        let _ = self.wake.try_send(());
-        Ok(())
-    }
-
-    /// Starts the entry of flush `epoch`.
-    pub fn begin(&mut self, epoch: u64) {
-        self.builder.begin(epoch);
-    }
-
-    /// Adds one app the flush wrote to the local store.
-    pub fn add(&mut self, app: &AppSha, addrs: &[(u32, AddrStats)]) {
-        self.builder.add(app, addrs);
-    }
-
-    /// Writes the entry (with any carried records) into the outbox and wakes the shipper.
-    /// When it cannot (free space below `--min-free-bytes`, an I/O error), its records are
-    /// carried into the next entry, in memory, and counted (`outbox_errors`); the journal
-    /// keeps them meanwhile (see [`Outbox::has_carried`]).
-    pub fn finish(&mut self) {
-        if !self.carry.is_empty() {
-            let carried = self.carry.take();
-            let mut sorted = std::mem::take(&mut self.sorted);
-            carried.for_each_app(&mut sorted, |app, addrs| self.builder.add(app, addrs));
-            self.sorted = sorted;
-        }
-        if self.builder.apps() == 0 {
-            return;
-        }
-        let epoch = self.builder.epoch();
-        match self.write_entry() {
-            Ok(bytes) => {
-                self.covered_epoch = epoch;
-                self.counters.entries.fetch_add(1, Relaxed);
-                self.counters.bytes.fetch_add(bytes, Relaxed);
-                // Ordered with `carried`: a shipper that reads it false after a sync sees
-                // this entry's epoch.
-                self.counters.written_epoch.store(epoch, SeqCst);
-                self.counters.carried.store(false, SeqCst);
-                let _ = self.wake.try_send(());
-            }
-            Err(e) => {
-                self.counters.carried.store(true, SeqCst);
-                self.counters.outbox_errors.fetch_add(1, Relaxed);
-                for (app, addrs) in self.builder.decode() {
-                    for (ip, stats) in addrs {
-                        self.carry.add_stats(&app, ip, &stats);
-                    }
-                }
-                let now = Instant::now();
-                if self
-                    .last_complaint
-                    .is_none_or(|at| now.duration_since(at) >= COMPLAINT_INTERVAL)
-                {
-                    self.last_complaint = Some(now);
-                    log::error!(
-                        "outbox: flush {epoch} not queued for shipping ({e}); its events are \
-                         kept in memory and in the journal until the outbox takes them"
-                    );
-                }
-            }
-        }
-    }
-
-    fn write_entry(&self) -> Result<u64, String> {
-        if self.min_free_bytes > 0 {
-            let (free, _) = ipevent_core::sys::free_space(&self.dir).map_err(|e| e.to_string())?;
-            if free < self.min_free_bytes {
-                return Err(format!(
-                    "{} has {free} bytes free, below --min-free-bytes {}",
-                    self.dir.display(),
-                    self.min_free_bytes
-                ));
-            }
-        }
-        let bytes = self
-            .builder
-            .write(&self.dir, self.fsync)
-            .map_err(|e| e.to_string())?;
-        store::write_atomic(
-            &marker_path(&self.dir),
-            format!("{}\n", self.builder.epoch()).as_bytes(),
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(bytes)
-    }
-}
 
 /// What the shipper tells the receiver's start.
 #[derive(Debug)]
@@ -450,80 +183,37 @@ fn run(s: ShipperSettings, woken: Receiver<()>, stop: Receiver<()>, started: Sen
         }
     };
     // The object store may be down: every step is tried again each interval until stopped.
-    let mut generation = loop {
-        match s.bucket.generation() {
-            Ok(generation) => break generation,
-            Err(e) => {
-                complain("reading the generation", &e, &s.counters);
-                if stopped_within(&stop, s.interval) {
-                    return;
-                }
-            }
-        }
+    let Some(mut generation) = retrying(&s, &stop, "reading the generation", &mut complain, || {
+        s.bucket.generation()
+    }) else {
+        return;
     };
     let mut starting = true;
     // A database this writer closed and still has to delete: (generation).
     let mut left_behind: Option<u64> = None;
     loop {
-        let db = loop {
-            match ShipDb::open_in(
-                Arc::clone(&s.bucket),
-                generation,
-                &s.writer_id,
-                &s.instance,
-                &s.holder,
-            ) {
-                Ok(db) => break db,
-                Err(e @ S3Error::LeaseHeld { .. }) => {
-                    log::error!("{e}; not shipping");
-                    let _ = started.send(Started::Refused(e));
-                    return;
-                }
-                Err(e) => {
-                    complain("opening the database", &e, &s.counters);
-                    if stopped_within(&stop, s.interval) {
-                        return;
-                    }
-                }
-            }
+        let Some(db) = open_db(&s, generation, &stop, &started, &mut complain) else {
+            return;
         };
         if starting {
             starting = false;
             let _ = started.send(Started::Open);
-            // A reset this receiver missed while it was not running: drop what it kept from
-            // before it (its data dir recorded the generation it last shipped to).
-            match local_generation(&s.data, &s.writer_id) {
-                Some(local) if local < generation => {
-                    log::warn!(
-                        "the cluster was reset while this receiver was away (generation {local} \
-                         -> {generation}); dropping what it held from before"
-                    );
-                    while let Err(e) = drop_local_state(&s) {
-                        log::warn!("following the reset: {e}; trying again");
-                        if stopped_within(&stop, s.interval) {
-                            return;
-                        }
-                    }
-                    left_behind = Some(local);
-                }
-                _ => {}
+            match follow_missed_reset(&s, generation, &stop) {
+                Err(()) => return,
+                Ok(missed) => left_behind = missed.or(left_behind),
             }
         }
         if let Err(e) = set_local_generation(&s.data, &s.writer_id, generation) {
             log::warn!("{e}");
         }
-        let following = loop {
-            match s.bucket.set_following(&s.writer_id, generation) {
-                Ok(()) => break Ok(()),
-                Err(e) => {
-                    complain("saying which generation it ships to", &e, &s.counters);
-                    if stopped_within(&stop, s.interval) {
-                        break Err(());
-                    }
-                }
-            }
-        };
-        if following.is_err() {
+        let following = retrying(
+            &s,
+            &stop,
+            "saying which generation it ships to",
+            &mut complain,
+            || s.bucket.set_following(&s.writer_id, generation),
+        );
+        if following.is_none() {
             let _ = db.close();
             return;
         }
@@ -553,17 +243,105 @@ fn run(s: ShipperSettings, woken: Receiver<()>, stop: Receiver<()>, started: Sen
                 if let Err(e) = db.close_keeping_lease() {
                     log::warn!("closing {}: {e}", s.bucket.url());
                 }
-                while let Err(e) = drop_local_state(&s) {
-                    log::warn!("following the reset: {e}; trying again");
-                    if stopped_within(&stop, s.interval) {
-                        return;
-                    }
+                if !drop_local_state_retrying(&s, &stop) {
+                    return;
                 }
                 left_behind = Some(generation);
                 generation = next;
             }
         }
     }
+}
+
+/// Runs `step` until it succeeds, complaining about each failure and waiting one interval
+/// between tries; `None` when asked to stop meanwhile.
+fn retrying<T>(
+    s: &ShipperSettings,
+    stop: &Receiver<()>,
+    what: &str,
+    complain: &mut impl FnMut(&str, &S3Error, &ShipCounters),
+    mut step: impl FnMut() -> Result<T, S3Error>,
+) -> Option<T> {
+    loop {
+        match step() {
+            Ok(value) => return Some(value),
+            Err(e) => {
+                complain(what, &e, &s.counters);
+                if stopped_within(stop, s.interval) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Opens this writer's database of `generation`, trying again each interval; `None` when
+/// stopped meanwhile or when another process holds its lease (reported through `started`).
+fn open_db(
+    s: &ShipperSettings,
+    generation: u64,
+    stop: &Receiver<()>,
+    started: &Sender<Started>,
+    complain: &mut impl FnMut(&str, &S3Error, &ShipCounters),
+) -> Option<ShipDb> {
+    loop {
+        let opened = ShipDb::open_in(
+            Arc::clone(&s.bucket),
+            generation,
+            &s.writer_id,
+            &s.instance,
+            &s.holder,
+        );
+        match opened {
+            Ok(db) => return Some(db),
+            Err(e @ S3Error::LeaseHeld { .. }) => {
+                log::error!("{e}; not shipping");
+                let _ = started.send(Started::Refused(e));
+                return None;
+            }
+            Err(e) => {
+                complain("opening the database", &e, &s.counters);
+                if stopped_within(stop, s.interval) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// A reset this receiver missed while it was not running: drops what it kept from before it
+/// (its data dir recorded the generation it last shipped to). Returns the generation whose
+/// database it left behind, if any; `Err` when stopped meanwhile.
+fn follow_missed_reset(
+    s: &ShipperSettings,
+    generation: u64,
+    stop: &Receiver<()>,
+) -> Result<Option<u64>, ()> {
+    match local_generation(&s.data, &s.writer_id) {
+        Some(local) if local < generation => {
+            log::warn!(
+                "the cluster was reset while this receiver was away (generation {local} -> \
+                 {generation}); dropping what it held from before"
+            );
+            if drop_local_state_retrying(s, stop) {
+                Ok(Some(local))
+            } else {
+                Err(())
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// [`drop_local_state`] until it succeeds; false when stopped meanwhile.
+fn drop_local_state_retrying(s: &ShipperSettings, stop: &Receiver<()>) -> bool {
+    while let Err(e) = drop_local_state(s) {
+        log::warn!("following the reset: {e}; trying again");
+        if stopped_within(stop, s.interval) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Ships to one generation's database until the receiver stops or a reset moves the cluster
@@ -804,59 +582,4 @@ fn ship_round(
     }
     s.counters.published_epoch.store(*shipped, Relaxed);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stats(count: u64, at: u32) -> AddrStats {
-        AddrStats {
-            count,
-            first_seen: at,
-            last_seen: at,
-        }
-    }
-
-    #[test]
-    fn a_refused_outbox_write_is_counted_carried_and_written_whole_later() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = DataDir::new(tmp.path());
-        data.create().unwrap();
-        let counters = Arc::new(ShipCounters::default());
-        // No file system has this much free space: every write is refused.
-        let (mut outbox, _woken) =
-            Outbox::open(&data, "w", false, u64::MAX, Arc::clone(&counters)).unwrap();
-        let app = AppSha([7; 32]);
-        for (epoch, ip) in [(1u64, 10u32), (2, 10), (3, 11)] {
-            outbox.begin(epoch);
-            outbox.add(&app, &[(ip, stats(2, epoch as u32))]);
-            outbox.finish();
-            assert!(outbox.has_carried());
-        }
-        let mut s = ReceiverStats::default();
-        counters.fill(&mut s);
-        assert_eq!((s.outbox_errors, s.ship_lag_epochs), (3, 0));
-        // What is carried is merged by address, not kept per flush: memory follows the
-        // distinct (app, address) pairs, and the journal (kept meanwhile) bounds those.
-        assert_eq!(outbox.carry.entries(), 2);
-        let dir = outbox::dir(&data, "w");
-        assert!(outbox::entries(&dir).unwrap().is_empty());
-
-        // Space returns: the next try writes one entry, under the last epoch, with all of it.
-        outbox.min_free_bytes = 0;
-        outbox.retry_carried(3);
-        assert!(!outbox.has_carried());
-        counters.fill(&mut s);
-        assert_eq!(s.ship_lag_epochs, 1);
-        let listed: Vec<u64> = outbox::entries(&dir).unwrap().iter().map(|e| e.0).collect();
-        assert_eq!(listed, [3]);
-        let apps = outbox::read_entry(&dir, 3).unwrap();
-        let mut addrs: Vec<(u32, AddrStats)> = apps.into_iter().flat_map(|(_, a)| a).collect();
-        addrs.sort_by_key(|(ip, _)| *ip);
-        let total: u64 = addrs.iter().map(|(_, s)| s.count).sum();
-        assert_eq!(total, 6);
-        assert_eq!(addrs[0].0, 10);
-        assert_eq!(addrs[0].1.count, 4);
-    }
 }
