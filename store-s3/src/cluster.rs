@@ -126,7 +126,7 @@ impl Bucket {
     /// [`ClusterSync::missing`]; what they hold may be missing from a read that follows.
     pub fn sync_all(&self, timeout: Duration) -> Result<ClusterSync, S3Error> {
         let start = Instant::now();
-        let mut waiting = self.live_writers()?;
+        let waiting = self.live_writers()?;
         let mut outcome = ClusterSync::default();
         if waiting.is_empty() {
             return Ok(outcome);
@@ -139,24 +139,10 @@ impl Bucket {
                 .await
                 .map_err(os_err("putting the sync request", &request))
         })?;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let mut still = Vec::new();
-            for writer_id in waiting {
-                if self.answered(&writer_id, &id)? {
-                    outcome.answered.push(writer_id);
-                } else {
-                    still.push(writer_id);
-                }
-            }
-            waiting = still;
-            if waiting.is_empty() || start.elapsed() >= timeout {
-                break;
-            }
-            std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
-            pause = (pause * 2).min(MAX_POLL_PAUSE);
-        }
-        outcome.missing = waiting;
+        let (answered, missing) =
+            wait_for_writers(waiting, start, timeout, |w| self.answered(w, &id))?;
+        outcome.answered = answered;
+        outcome.missing = missing;
         outcome.answered.sort();
         let deleted = self
             .runtime
@@ -235,6 +221,34 @@ impl Bucket {
                 .map(|_| ())
                 .map_err(os_err("writing", &path))
         })
+    }
+}
+
+/// Polls `done` for each writer of `waiting` (with a growing pause) until all are done or
+/// `timeout` has passed since `start`; returns the writers done and those still waiting.
+fn wait_for_writers(
+    mut waiting: Vec<String>,
+    start: Instant,
+    timeout: Duration,
+    mut done: impl FnMut(&str) -> Result<bool, S3Error>,
+) -> Result<(Vec<String>, Vec<String>), S3Error> {
+    let mut finished = Vec::new();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let mut still = Vec::new();
+        for writer_id in waiting {
+            if done(&writer_id)? {
+                finished.push(writer_id);
+            } else {
+                still.push(writer_id);
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() || start.elapsed() >= timeout {
+            return Ok((finished, waiting));
+        }
+        std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
+        pause = (pause * 2).min(MAX_POLL_PAUSE);
     }
 }
 
@@ -335,29 +349,16 @@ impl Bucket {
     pub fn reset(&self, timeout: Duration) -> Result<ClusterReset, S3Error> {
         let start = Instant::now();
         let generation = self.advance_generation(self.generation()?)?;
-        let mut waiting = self.live_writers()?;
+        let waiting = self.live_writers()?;
         let mut out = ClusterReset {
             generation,
             ..ClusterReset::default()
         };
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let mut still = Vec::new();
-            for writer_id in waiting {
-                if self.following(&writer_id)? >= generation {
-                    out.following.push(writer_id);
-                } else {
-                    still.push(writer_id);
-                }
-            }
-            waiting = still;
-            if waiting.is_empty() || start.elapsed() >= timeout {
-                break;
-            }
-            std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
-            pause = (pause * 2).min(MAX_POLL_PAUSE);
-        }
-        out.not_following = waiting;
+        let (following, not_following) = wait_for_writers(waiting, start, timeout, |w| {
+            Ok(self.following(w)? >= generation)
+        })?;
+        out.following = following;
+        out.not_following = not_following;
         out.following.sort();
         Ok(out)
     }
