@@ -20,7 +20,7 @@
 //! The rooms: [`layout`] (paths, the layout marker, writer ids and their locks), [`fsio`]
 //! (no-follow opens, atomic replacement, the directory walker, [`StoreError`]), [`walk`]
 //! (every app directory, every log, one log's records), [`reader`] ([`read_app`],
-//! [`list_apps`]), [`writer`] ([`StoreWriter`]: the append path), [`log_state`]
+//! [`list_apps`]), [`writer`] ([`StoreWriter`]: the append path), `create` (new apps' logs made on several threads), [`log_state`]
 //! (what the writer knows of each log), [`run`] (writing a run: appended, or a rewrite for
 //! compaction and repair), [`limits`] (on new apps and on addresses per app), [`compact`] (a
 //! log's runs, when to compact, the merge), [`index`] (each writer's app index, for
