@@ -4,7 +4,7 @@
 //! (`spawn_blocking`); the async workers only parse, negotiate and wait.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -22,14 +22,11 @@ use ipevent_core::store::{self, Store, StoreError};
 use ipevent_core::wire::{self, AppSha, Reject, MAX_DATAGRAM_BYTES};
 use ipevent_core::DataDir;
 use serde::Deserialize;
-use tokio::sync::RwLock;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::admin::AdminPolicy;
-use crate::metrics::{Metrics, UNMATCHED_ROUTE};
-use crate::post::PostWriter;
+use crate::metrics::UNMATCHED_ROUTE;
 use crate::reset::{self, ResetError};
-use crate::sync::Syncer;
+use crate::state::{error, internal_error, AppState};
 
 /// Response header saying whether the receivers flushed before the read: `ok`, `none` (no
 /// receiver running: the store on disk was served) or `failed` (a receiver did not answer).
@@ -44,33 +41,6 @@ const PROTOBUF_CONTENT_TYPES: [&str; 3] = [
 
 /// Routes, as metrics label them.
 const ROUTES: [&str; 5] = ["/", "/healthz", "/metrics", "/events", "/events/{sha}"];
-
-/// What every handler shares.
-pub struct AppState {
-    /// The store.
-    pub data: DataDir,
-    /// Where reports are read: the data dir, or the bucket of `--store`.
-    pub reader: Arc<dyn Store + Send + Sync>,
-    /// With `--store`: the bucket, which a reset resets for every receiver that ships there.
-    pub bucket: Option<Arc<ipevent_store_s3::Bucket>>,
-    /// Syncs with the receivers before reads.
-    pub syncer: Syncer,
-    /// The API's counters.
-    pub metrics: Arc<Metrics>,
-    /// Reads and posts share it; a reset takes it alone, so that nothing reads or writes
-    /// the tree while it moves.
-    pub gate: Arc<RwLock<()>>,
-    /// The API's own store writer.
-    pub posts: Arc<Mutex<PostWriter>>,
-    /// Who may reset.
-    pub admin: AdminPolicy,
-    /// Per-receiver timeout for control requests.
-    pub control_timeout: Duration,
-    /// The open `GET /watch` streams.
-    pub watches: Arc<crate::watch::Watches>,
-    /// The bucket of `--store`, if reads go there (forgetting an app is not implemented for it).
-    pub store: Option<String>,
-}
 
 type Shared = Arc<AppState>;
 
@@ -130,17 +100,6 @@ fn method_label(method: &Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     }
-}
-
-/// A JSON error body `{"error":"..."}` with `status`.
-pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({ "error": message.into() }).to_string();
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-pub(crate) fn internal_error(what: &str, e: impl std::fmt::Display) -> Response {
-    log::error!("{what}: {e}");
-    error(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}"))
 }
 
 async fn not_found() -> Response {

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use ipevent_core::forget::ForgetError;
 use ipevent_core::AppSha;
 
-use crate::app::{error, internal_error, AppState};
+use crate::state::{error, internal_error, AppState};
 
 /// `DELETE /events/{sha}`. 200 with `{"forgotten":SHA,"found":BOOL,"receivers":[...]}`
 /// (`found`: the store held something of the app); 400 for a malformed SHA; 501 with

@@ -16,6 +16,7 @@ mod metrics;
 mod post;
 mod reset;
 mod serve;
+mod state;
 mod sync;
 mod watch;
 
@@ -31,10 +32,10 @@ use ipevent_core::DataDir;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::AdminPolicy;
-use crate::app::AppState;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::post::PostWriter;
+use crate::state::{AppState, Watches};
 use crate::sync::Syncer;
 
 /// Threads for blocking work (store reads, control calls, appends). Each request in flight
@@ -177,7 +178,7 @@ async fn serve(
         )
     };
     let limits = connection_limits(&config);
-    let watches = Arc::new(watch::Watches::new(watch_streams(&config, &limits)));
+    let watches = Arc::new(Watches::new(watch_streams(&config, &limits)));
     let state = Arc::new(AppState {
         data: data.clone(),
         reader,

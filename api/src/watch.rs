@@ -21,36 +21,9 @@ use axum::response::{IntoResponse, Response};
 use ipevent_core::store::{Store, StoreError};
 use ipevent_core::watch::{self, Since, Watcher, POLL_INTERVAL};
 use serde::Deserialize;
-use tokio::sync::{watch as signal, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch as signal, OwnedSemaphorePermit};
 
-use crate::app::{error, AppState};
-
-/// The open watch streams, and what ends them.
-pub struct Watches {
-    slots: Arc<Semaphore>,
-    max: usize,
-    stop_tx: signal::Sender<bool>,
-    stop_rx: signal::Receiver<bool>,
-}
-
-impl Watches {
-    /// At most `max` streams at once.
-    pub fn new(max: usize) -> Watches {
-        let (stop_tx, stop_rx) = signal::channel(false);
-        Watches {
-            slots: Arc::new(Semaphore::new(max)),
-            max,
-            stop_tx,
-            stop_rx,
-        }
-    }
-
-    /// Ends every stream (at shutdown), and refuses new ones.
-    pub fn stop(&self) {
-        let _ = self.stop_tx.send(true);
-        self.slots.close();
-    }
-}
+use crate::state::{error, AppState};
 
 /// `?since=`.
 #[derive(Deserialize)]
