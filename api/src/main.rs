@@ -74,7 +74,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     // Held for the life of the process: no receiver or other API writes this writer's logs.
     let _lock = data.lock_writer(&writer_id)?;
     let mut posts = PostWriter::new(data.clone(), &writer_id)?;
-    reset::empty_trash(&data);
+    ipevent_core::store::trash::empty_trash(&data);
     if config.admin_token.is_none() && !config.allow_loopback_admin {
         log::warn!("no admin token and --allow-loopback-admin=false: DELETE /events is refused to everyone");
     }

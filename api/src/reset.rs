@@ -6,21 +6,14 @@
 //! that, and everything that arrives after it lands in the new tree. The old tree is deleted
 //! in the background: the rename is what makes the reset instant, whatever its size.
 
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::post::PostWriter;
 
 use ipevent_core::control::{self, Hold};
 use ipevent_core::journal;
-use ipevent_core::store::{self, StoreError, WriterLock};
+use ipevent_core::store::{trash, StoreError, WriterLock};
 use ipevent_core::DataDir;
-
-/// Prefix of the names of moved-away trees in `trash/`.
-const TRASH_PREFIX: &str = "events-";
 
 /// Why a reset did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +72,14 @@ pub fn reset(
             return Err(e);
         }
     };
-    let moved = move_tree_away(data);
+    let moved = trash::move_tree_away(data);
     drop(stopped);
     // The writer's knowledge of its logs is stale once the tree has moved.
     posts.forget_logs();
     let receivers = release(held, timeout);
     let trash = moved.map_err(|e| ResetError::Store(e.to_string()))?;
     if let Some(trash) = trash {
-        delete_in_background(trash);
+        trash::remove_in_background(trash);
     }
     Ok(ResetDone { receivers })
 }
@@ -134,73 +127,4 @@ fn release(held: Vec<(String, Hold)>, timeout: Duration) -> Vec<String> {
             id
         })
         .collect()
-}
-
-/// Renames `events` into `trash/` and creates an empty `events`. Returns the moved tree, if
-/// there was one.
-fn move_tree_away(data: &DataDir) -> Result<Option<PathBuf>, StoreError> {
-    let events = data.events_dir();
-    let trash_dir = data.trash_dir();
-    store::create_dir_all(&trash_dir)?;
-    let target = trash_dir.join(unique_trash_name());
-    let moved = match fs::rename(&events, &target) {
-        Ok(()) => Some(target),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(source) => {
-            return Err(StoreError::Io {
-                action: "moving the store into the trash",
-                path: events,
-                source,
-            })
-        }
-    };
-    store::create_dir_all(&events)?;
-    Ok(moved)
-}
-
-/// A name no other reset, in this process or another, uses.
-fn unique_trash_name() -> String {
-    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    format!("{TRASH_PREFIX}{nanos}-{}-{seq}", std::process::id())
-}
-
-/// Deletes a moved-away tree on a thread of its own, so neither the reset nor a shutdown
-/// waits for it; what a stop interrupts is deleted at the next start.
-fn delete_in_background(tree: PathBuf) {
-    let spawned = std::thread::Builder::new()
-        .name("trash".into())
-        .spawn(move || remove_tree(&tree));
-    if let Err(e) = spawned {
-        log::warn!("reset: starting the trash deletion: {e}; it is retried at the next start");
-    }
-}
-
-/// Deletes every tree earlier resets left in `trash/` (in the background).
-pub fn empty_trash(data: &DataDir) {
-    let listed = store::for_each_entry(&data.trash_dir(), |entry| {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(TRASH_PREFIX)
-        {
-            delete_in_background(entry.path());
-        }
-        Ok(())
-    });
-    if let Err(e) = listed {
-        log::warn!("{e}");
-    }
-}
-
-fn remove_tree(tree: &Path) {
-    match fs::remove_dir_all(tree) {
-        Ok(()) => log::debug!("deleted {}", tree.display()),
-        // Another process emptying the same trash got there first.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => log::warn!("deleting {}: {e}", tree.display()),
-    }
 }

@@ -24,15 +24,11 @@
 //! the store as it was. A receiver or writer busy with another reset or forget is retried
 //! until the timeout.
 
-use std::fs;
-use std::io;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::control::{self, ControlError, Hold};
 use crate::journal;
-use crate::store::{self, index, DataDir, StoreError, WriterLock};
+use crate::store::{index, trash, DataDir, StoreError, WriterLock};
 use crate::wire::AppSha;
 
 /// Prefix of a receiver's refusal when it is busy with another reset or forget: the request
@@ -208,13 +204,14 @@ fn attempt(
         .chain(own_writer)
         .collect();
     let locks = stopped_writers_forget(data, app, &skip, &mut done)?;
-    let moved = move_app_away(data, app).map_err(|e| Attempt::Failed(ForgetError::Store(e)))?;
+    let moved = trash::move_to_trash(data, &data.app_dir(app), &format!("{TRASH_PREFIX}{app}-"))
+        .map_err(|e| Attempt::Failed(ForgetError::Store(e.to_string())))?;
     release(held, timeout);
     drop(locks);
     done.found |= moved.is_some();
     done.removed = true;
     if let Some(dir) = moved {
-        remove_moved(&dir);
+        trash::remove(&dir);
     }
     Ok(done)
 }
@@ -287,43 +284,6 @@ fn release(held: Vec<(String, Hold)>, timeout: Duration) {
     }
 }
 
-/// Renames the app's directory into `trash/`; `None` when there is none.
-fn move_app_away(data: &DataDir, app: &AppSha) -> Result<Option<PathBuf>, String> {
-    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-    let dir = data.app_dir(app);
-    let trash_dir = data.trash_dir();
-    store::create_dir_all(&trash_dir).map_err(|e| e.to_string())?;
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let target = trash_dir.join(format!(
-        "{TRASH_PREFIX}{app}-{nanos}-{}-{seq}",
-        std::process::id()
-    ));
-    match fs::rename(&dir, &target) {
-        Ok(()) => Ok(Some(target)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!(
-            "moving {} into {}: {e}",
-            dir.display(),
-            trash_dir.display()
-        )),
-    }
-}
-
-/// Deletes a moved-away app directory (a link planted there is removed, never followed).
-fn remove_moved(path: &PathBuf) {
-    let removed = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = removed {
-        log::warn!("forget: deleting {}: {e}", path.display());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +307,7 @@ mod tests {
         writer.append(&app(1), 1, &[one(1), one(2)]).unwrap();
         writer.append(&app(2), 1, &[one(3)]).unwrap();
         drop(writer);
-        store::create_dir_all(&data.receiver_dir("stopped")).unwrap();
+        crate::store::create_dir_all(&data.receiver_dir("stopped")).unwrap();
         let mut journal = Journal::open(&data.journal_path("stopped"), MIN_JOURNAL_BYTES).unwrap();
         journal.begin_epoch(1, false).unwrap();
         let record = |a: u8| Record {

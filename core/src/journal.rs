@@ -282,9 +282,7 @@ impl Journal {
                 journal.epoch = header.epoch;
             }
             None => {
-                journal.map[0..4].copy_from_slice(&MAGIC);
-                journal.map[4..8].copy_from_slice(&VERSION.to_le_bytes());
-                journal.write_header();
+                encode_header(&mut journal.map[..JOURNAL_HEADER_BYTES], 0, 0);
             }
         }
         Ok(journal)
@@ -360,19 +358,9 @@ impl Journal {
     }
 
     fn append_batch(&mut self, epoch: u64, records: &[Record]) {
-        let len = BATCH_HEADER_BYTES + records.len() * JOURNAL_RECORD_BYTES;
+        let len = batch_bytes(records.len());
         let start = JOURNAL_HEADER_BYTES + self.committed;
-        let body = &mut self.map[start + BATCH_HEADER_BYTES..start + len];
-        for (slot, r) in body.chunks_exact_mut(JOURNAL_RECORD_BYTES).zip(records) {
-            slot[..32].copy_from_slice(&r.app.0);
-            slot[32..36].copy_from_slice(&r.ip.to_le_bytes());
-            slot[36..40].copy_from_slice(&r.unix_secs.to_le_bytes());
-        }
-        let crc = crc32c::crc32c(body);
-        let head = &mut self.map[start..start + BATCH_HEADER_BYTES];
-        head[0..8].copy_from_slice(&epoch.to_le_bytes());
-        head[8..12].copy_from_slice(&(records.len() as u32).to_le_bytes());
-        head[12..16].copy_from_slice(&crc.to_le_bytes());
+        encode_batch(&mut self.map[start..start + len], epoch, records);
         // The batch must be in place before `committed` says so.
         fence(Ordering::SeqCst);
         self.committed += len;
@@ -391,11 +379,40 @@ impl Journal {
     }
 }
 
+/// Bytes of one batch of `records` records: its header and the records.
+fn batch_bytes(records: usize) -> usize {
+    BATCH_HEADER_BYTES + records * JOURNAL_RECORD_BYTES
+}
+
+/// Writes one batch of `records` of `epoch` into `batch`, which is exactly
+/// [`batch_bytes`]`(records.len())` long: the format [`stream`] reads.
+fn encode_batch(batch: &mut [u8], epoch: u64, records: &[Record]) {
+    let (head, body) = batch.split_at_mut(BATCH_HEADER_BYTES);
+    for (slot, r) in body.chunks_exact_mut(JOURNAL_RECORD_BYTES).zip(records) {
+        slot[..32].copy_from_slice(&r.app.0);
+        slot[32..36].copy_from_slice(&r.ip.to_le_bytes());
+        slot[36..40].copy_from_slice(&r.unix_secs.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(body);
+    head[0..8].copy_from_slice(&epoch.to_le_bytes());
+    head[8..12].copy_from_slice(&(records.len() as u32).to_le_bytes());
+    head[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Writes a journal header into `head`: magic, version, `committed` bytes of batches and the
+/// flush `epoch` begun.
+fn encode_header(head: &mut [u8], committed: u64, epoch: u64) {
+    head[0..4].copy_from_slice(&MAGIC);
+    head[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    head[8..16].copy_from_slice(&committed.to_le_bytes());
+    head[16..24].copy_from_slice(&epoch.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn records(n: u32) -> Vec<Record> {
+    pub(super) fn records(n: u32) -> Vec<Record> {
         (0..n)
             .map(|i| Record {
                 app: AppSha([i as u8; 32]),
@@ -405,7 +422,7 @@ mod tests {
             .collect()
     }
 
-    fn replayed(journal: &Journal) -> Vec<(u64, Vec<Record>)> {
+    pub(super) fn replayed(journal: &Journal) -> Vec<(u64, Vec<Record>)> {
         let mut out = Vec::new();
         journal
             .replay(|epoch, records| out.push((epoch, records.to_vec())))

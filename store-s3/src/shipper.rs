@@ -21,7 +21,7 @@ pub use crate::outbox_writer::{Outbox, ShipCounters};
 use crate::{Bucket, S3Error, ShipDb};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::control::{self, Command as Ctl, Reply};
-use ipevent_core::store::{self, DataDir};
+use ipevent_core::store::{self, trash, DataDir};
 
 /// How long the receiver waits at start for the bucket to confirm its writer id before it
 /// starts anyway (ingest never waits on the object store; the shipper keeps trying).
@@ -445,7 +445,13 @@ fn drop_local_state(s: &ShipperSettings) -> Result<(), String> {
         }
     }
     let result = if refused.is_empty() {
-        drop_outbox(s).and_then(|()| move_tree_away(&s.data))
+        drop_outbox(s).and_then(|()| {
+            let moved = trash::move_tree_away(&s.data).map_err(|e| e.to_string())?;
+            if let Some(moved) = moved {
+                trash::remove_in_background(moved);
+            }
+            Ok(())
+        })
     } else {
         Err(format!(
             "receivers could not be held ({})",
@@ -468,32 +474,6 @@ fn drop_outbox(s: &ShipperSettings) -> Result<(), String> {
         s.counters.bytes.fetch_sub(bytes, Relaxed);
     }
     Ok(())
-}
-
-/// Renames the local tree into `trash/` and puts an empty one in its place; the old one is
-/// deleted on a thread of its own (and by the API's start if that is interrupted).
-fn move_tree_away(data: &DataDir) -> Result<(), String> {
-    let events = data.events_dir();
-    let trash = data.trash_dir();
-    store::create_dir_all(&trash).map_err(|e| e.to_string())?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let target = trash.join(format!("events-{nanos}-{}", std::process::id()));
-    match std::fs::rename(&events, &target) {
-        Ok(()) => {
-            let _ = std::thread::Builder::new()
-                .name("trash".into())
-                .spawn(move || {
-                    if let Err(e) = std::fs::remove_dir_all(&target) {
-                        log::warn!("deleting {}: {e}", target.display());
-                    }
-                });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("moving {} into the trash: {e}", events.display())),
-    }
-    store::create_dir_all(&events).map_err(|e| e.to_string())
 }
 
 /// Serves the cluster's sync requests (see `ipevent_store_s3::Bucket::sync_all`): when the

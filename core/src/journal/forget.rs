@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{
-    stream, Header, JournalError, BATCH_HEADER_BYTES, JOURNAL_HEADER_BYTES, MAGIC, VERSION,
+    batch_bytes, encode_batch, encode_header, stream, Header, JournalError, JOURNAL_HEADER_BYTES,
 };
 use crate::store::fsio::{io_err, open_new, open_read, sync_dir};
 use crate::wire::AppSha;
@@ -53,37 +53,27 @@ fn drop_records(path: &Path, selected: impl Fn(&AppSha) -> bool) -> Result<u64, 
     let out = open_new(&tmp)?;
     let mut pos = JOURNAL_HEADER_BYTES as u64;
     let mut failed: Option<io::Error> = None;
+    let mut kept = Vec::new();
     let mut body = Vec::new();
     stream(&file, header.committed, path, |epoch, records| {
         if failed.is_some() {
             return;
         }
-        body.clear();
-        body.resize(BATCH_HEADER_BYTES, 0);
-        let mut kept = 0u32;
-        for r in records.iter().filter(|r| !selected(&r.app)) {
-            body.extend_from_slice(&r.app.0);
-            body.extend_from_slice(&r.ip.to_le_bytes());
-            body.extend_from_slice(&r.unix_secs.to_le_bytes());
-            kept += 1;
-        }
-        if kept == 0 {
+        kept.clear();
+        kept.extend(records.iter().filter(|r| !selected(&r.app)).cloned());
+        if kept.is_empty() {
             return;
         }
-        let crc = crc32c::crc32c(&body[BATCH_HEADER_BYTES..]);
-        body[0..8].copy_from_slice(&epoch.to_le_bytes());
-        body[8..12].copy_from_slice(&kept.to_le_bytes());
-        body[12..16].copy_from_slice(&crc.to_le_bytes());
+        body.clear();
+        body.resize(batch_bytes(kept.len()), 0);
+        encode_batch(&mut body, epoch, &kept);
         match out.write_all_at(&body, pos) {
             Ok(()) => pos += body.len() as u64,
             Err(e) => failed = Some(e),
         }
     })?;
     let mut head = vec![0u8; JOURNAL_HEADER_BYTES];
-    head[0..4].copy_from_slice(&MAGIC);
-    head[4..8].copy_from_slice(&VERSION.to_le_bytes());
-    head[8..16].copy_from_slice(&(pos - JOURNAL_HEADER_BYTES as u64).to_le_bytes());
-    head[16..24].copy_from_slice(&header.epoch.to_le_bytes());
+    encode_header(&mut head, pos - JOURNAL_HEADER_BYTES as u64, header.epoch);
     let written = match failed {
         Some(e) => Err(e),
         None => out
@@ -104,26 +94,8 @@ fn drop_records(path: &Path, selected: impl Fn(&AppSha) -> bool) -> Result<u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Record;
+    use crate::journal::tests::{records, replayed};
     use crate::journal::{Journal, MIN_JOURNAL_BYTES};
-
-    fn records(n: u32) -> Vec<Record> {
-        (0..n)
-            .map(|i| Record {
-                app: AppSha([i as u8; 32]),
-                ip: i,
-                unix_secs: 100 + i,
-            })
-            .collect()
-    }
-
-    fn replayed(journal: &Journal) -> Vec<(u64, Vec<Record>)> {
-        let mut out = Vec::new();
-        journal
-            .replay(|epoch, records| out.push((epoch, records.to_vec())))
-            .unwrap();
-        out
-    }
 
     #[test]
     fn dropping_an_app_keeps_every_other_record_and_the_epoch() {

@@ -22,7 +22,7 @@
 //! (every app directory, every log, one log's records), [`reader`] ([`read_app`],
 //! [`list_apps`]), [`writer`] ([`StoreWriter`]: the append path), `create` (new apps' logs made on several threads), [`log_state`]
 //! (what the writer knows of each log), [`run`] (writing a run: appended, or a rewrite for
-//! compaction and repair), [`limits`] (on new apps and on addresses per app), [`compact`] (a
+//! compaction and repair), [`limits`] (on new apps and on addresses per app), [`trash`] (what a reset or a forget moved away, deleted after), [`compact`] (a
 //! log's runs, when to compact, the merge), [`index`] (each writer's app index, for
 //! `list`) and [`changes`] (following the indexes as they grow, for `watch`). The receiver, the query CLI and the API reach the data through the [`Store`]
 //! and [`AppendBlocks`] traits ([`backend`]), which the file tree implements; the object store
@@ -39,6 +39,7 @@ pub mod limits;
 pub mod log_state;
 pub mod reader;
 pub mod run;
+pub mod trash;
 pub mod walk;
 pub mod writer;
 
