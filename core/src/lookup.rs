@@ -1,9 +1,11 @@
 //! Which apps talked to an address (or to any address of a CIDR block), and whether it is
 //! bad for each: `ipevent-query ip` and `GET /ips/:addr`.
 //!
-//! The lookup scans the store through the one reader: it lists the apps, then reads and
-//! classifies each, keeping the apps that hold a matching address. Its
-//! cost grows with the number of apps in the store; `bench/` records what it costs.
+//! The store names the apps that may hold a matching address ([`Store::apps_with_address`]:
+//! the file tree's address index, [`crate::store::addr_index`]); the lookup reads each of
+//! them through the one reader and classifies it with the one classifier, keeping the apps
+//! that do hold one. A store without an index for some of its data makes it read every
+//! app. `bench/` records what it costs.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -36,6 +38,11 @@ impl Cidr {
         u32::MAX
             .checked_shl(32 - u32::from(self.prefix))
             .unwrap_or(0)
+    }
+
+    /// The first and last address of the block.
+    pub fn range(self) -> (u32, u32) {
+        (self.net, self.net | !self.mask())
     }
 
     /// Whether `ip` lies in the block.
@@ -114,15 +121,21 @@ pub struct Lookup {
 
 /// Every app of `store` with an address in `cidr`, classified by its full report.
 pub fn apps_by_address(store: &(impl Store + ?Sized), cidr: Cidr) -> Result<Lookup, StoreError> {
+    let candidates = match store.apps_with_address(cidr)? {
+        Some(mut apps) => {
+            apps.sort_unstable();
+            apps.dedup();
+            apps
+        }
+        None => store.list_apps()?.into_iter().map(|l| l.app).collect(),
+    };
     let mut hits = Vec::new();
     let mut unreadable = Vec::new();
-    for listed in store.list_apps()? {
-        match store.read_app(&listed.app) {
-            Ok(Some(data)) => hits.extend(hit(&listed.app, &data.addrs, cidr)),
-            Ok(None) => {}
-            Err(e) => unreadable.push((listed.app, e.to_string())),
-        }
-    }
+    store.read_apps(&candidates, &mut |app, read| match read {
+        Ok(Some(data)) => hits.extend(hit(app, &data.addrs, cidr)),
+        Ok(None) => {}
+        Err(e) => unreadable.push((*app, e.to_string())),
+    })?;
     hits.sort_by(|a: &AppHit, b| {
         b.count
             .cmp(&a.count)

@@ -187,28 +187,27 @@ impl Watcher {
         out.append(&mut self.backlog);
         self.changed.clear();
         self.feed.changed(&mut self.changed)?;
-        for app in std::mem::take(&mut self.changed) {
-            match store.read_app(&app) {
-                Ok(Some(data)) => self.compare(&app, &data.addrs, out),
-                // Gone (a reset) before it was read: nothing to report.
-                Ok(None) => {}
-                Err(e) => log::warn!("watch: app {app} could not be read: {e}"),
-            }
-        }
-        Ok(())
+        let changed = std::mem::take(&mut self.changed);
+        store.read_apps(&changed, &mut |app, read| match read {
+            Ok(Some(data)) => self.compare(app, &data.addrs, out),
+            // Gone (a reset) before it was read: nothing to report.
+            Ok(None) => {}
+            Err(e) => log::warn!("watch: app {app} could not be read: {e}"),
+        })
     }
 
     /// Every app once: what changed from `since` on, ordered by when it happened.
     fn read_backlog(&mut self, store: &dyn Store) -> Result<(), StoreError> {
         let mut found: Vec<(String, Transition)> = Vec::new();
         let mut lines = Vec::new();
-        for listed in store.list_apps()? {
-            let data = match store.read_app(&listed.app) {
+        let apps: Vec<AppSha> = store.list_apps()?.into_iter().map(|l| l.app).collect();
+        store.read_apps(&apps, &mut |app, read| {
+            let data = match read {
                 Ok(Some(data)) => data,
-                Ok(None) => continue,
+                Ok(None) => return,
                 Err(e) => {
-                    log::warn!("watch: app {} could not be read: {e}", listed.app);
-                    continue;
+                    log::warn!("watch: app {app} could not be read: {e}");
+                    return;
                 }
             };
             let newest = data
@@ -219,10 +218,10 @@ impl Watcher {
                 .max();
             let Some(newest) = newest else {
                 // Nothing new since then: what is known of it is what it holds.
-                continue;
+                return;
             };
             lines.clear();
-            self.compare(&listed.app, &data.addrs, &mut lines);
+            self.compare(app, &data.addrs, &mut lines);
             for line in lines.drain(..) {
                 // A new address happened when it first arrived; a netblock change when the
                 // last of the app's new addresses did. RFC 3339 times of one width sort as
@@ -233,7 +232,7 @@ impl Watcher {
                 };
                 found.push((at, line));
             }
-        }
+        })?;
         found.sort_by(|(at_a, a), (at_b, b)| {
             at_a.cmp(at_b)
                 .then_with(|| a.app_sha256.cmp(&b.app_sha256))

@@ -135,8 +135,8 @@ fn only_log(dir: &Path) -> PathBuf {
     let mut logs = Vec::new();
     for fan in std::fs::read_dir(dir.join("events")).unwrap() {
         let fan = fan.unwrap();
-        if fan.file_name() == "index" {
-            continue; // the writers' app indexes
+        if fan.file_name() == "index" || fan.file_name() == "addr" {
+            continue; // the writers' app and address indexes
         }
         for app in std::fs::read_dir(fan.path()).unwrap() {
             for log in std::fs::read_dir(app.unwrap().path()).unwrap() {

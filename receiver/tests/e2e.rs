@@ -223,6 +223,10 @@ fn allowed(relative: &Path) -> bool {
         ]
         .contains(file),
         ["events", "index"] | ["events", "index", "test.idx"] => true,
+        ["events", "addr"] | ["events", "addr", "test"] => true,
+        ["events", "addr", "test", run] => run
+            .strip_suffix(".run")
+            .is_some_and(|seq| seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit())),
         ["events", fan] => hex(fan, 2),
         ["events", fan, app] => hex(fan, 2) && hex(app, 64) && app.starts_with(fan),
         ["events", fan, app, "test.log"] => hex(fan, 2) && hex(app, 64) && app.starts_with(fan),

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipevent_core::lookup::Cidr;
+use ipevent_core::store::backend::EachApp;
 use ipevent_core::store::{AppCount, AppData, Store, StoreError};
 use ipevent_core::{AddrStats, AppSha};
 use object_store::aws::AmazonS3Builder;
@@ -14,6 +16,9 @@ use slatedb::{DbReader, DbReaderMode};
 
 use crate::codec::{self, StatsMerge};
 use crate::S3Error;
+
+/// What reading one app from the bucket gave.
+pub type AppRead = Result<Option<AppData>, S3Error>;
 
 /// The environment variables the connection is made from, and the only ones read. Nothing
 /// else (no command-line flag, no config file) carries an endpoint or a credential, and none
@@ -255,44 +260,106 @@ impl Bucket {
     /// tree's reader returns for the same events (`logs` counts the databases that hold the
     /// app; there are no blocks or torn tails). `Ok(None)` when no writer has seen the app.
     pub fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, S3Error> {
+        let mut out = None;
+        self.read_apps(std::slice::from_ref(app), &mut |_, read| out = Some(read))?;
+        out.expect("one app read")
+    }
+
+    /// [`Bucket::read_app`] for each of `apps`, in order, with the databases opened once.
+    pub fn read_apps(
+        &self,
+        apps: &[AppSha],
+        each: &mut dyn FnMut(&AppSha, AppRead),
+    ) -> Result<(), S3Error> {
         self.runtime.block_on(async {
             let readers = self.open_readers().await?;
-            let mut merged: FxHashMap<u32, AddrStats> = FxHashMap::default();
-            let mut out = AppData::default();
-            for (generation, id, reader) in &readers {
-                let location = || self.writer_path(*generation, id).to_string();
-                let db_err = |action, source| S3Error::Db {
-                    action,
-                    location: location(),
-                    source,
-                };
-                let mut iter = reader
-                    .scan_prefix(codec::addr_prefix(app), ..)
-                    .await
-                    .map_err(|e| db_err("scanning", e))?;
-                let mut seen = false;
-                while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                    let (Some((_, ip)), Some(stats)) = (
-                        codec::parse_addr_key(&kv.key),
-                        codec::decode_stats(&kv.value),
-                    ) else {
-                        return Err(S3Error::Corrupt {
-                            location: location(),
-                            what: format!("unexpected entry of {} bytes", kv.value.len()),
-                        });
-                    };
-                    merged.entry(ip).or_default().merge(&stats);
-                    seen = true;
-                }
-                out.logs += usize::from(seen);
+            for app in apps {
+                each(app, self.read_app_from(&readers, app).await);
             }
             close_all(readers).await;
-            if out.logs == 0 {
-                return Ok(None);
+            Ok(())
+        })
+    }
+
+    async fn read_app_from(
+        &self,
+        readers: &[(u64, String, DbReader)],
+        app: &AppSha,
+    ) -> Result<Option<AppData>, S3Error> {
+        let mut merged: FxHashMap<u32, AddrStats> = FxHashMap::default();
+        let mut out = AppData::default();
+        for (generation, id, reader) in readers {
+            let location = || self.writer_path(*generation, id).to_string();
+            let db_err = |action, source| S3Error::Db {
+                action,
+                location: location(),
+                source,
+            };
+            let mut iter = reader
+                .scan_prefix(codec::addr_prefix(app), ..)
+                .await
+                .map_err(|e| db_err("scanning", e))?;
+            let mut seen = false;
+            while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
+                let (Some((_, ip)), Some(stats)) = (
+                    codec::parse_addr_key(&kv.key),
+                    codec::decode_stats(&kv.value),
+                ) else {
+                    return Err(S3Error::Corrupt {
+                        location: location(),
+                        what: format!("unexpected entry of {} bytes", kv.value.len()),
+                    });
+                };
+                merged.entry(ip).or_default().merge(&stats);
+                seen = true;
             }
-            out.addrs = merged.into_iter().collect();
-            out.addrs.sort_unstable_by_key(|(ip, _)| *ip);
-            Ok(Some(out))
+            out.logs += usize::from(seen);
+        }
+        if out.logs == 0 {
+            return Ok(None);
+        }
+        out.addrs = merged.into_iter().collect();
+        out.addrs.sort_unstable_by_key(|(ip, _)| *ip);
+        Ok(Some(out))
+    }
+
+    /// The apps that had an address in `cidr`, from every writer's address index keys: one
+    /// range scan per database. `Ok(None)` when some database was written before the index
+    /// (it has no marker key): the caller reads every app.
+    pub fn apps_with_address(&self, cidr: Cidr) -> Result<Option<Vec<AppSha>>, S3Error> {
+        let (lo, hi) = cidr.range();
+        let start = codec::addr_index_key(lo, &AppSha([0; 32]));
+        let end = codec::addr_index_key(hi, &AppSha([0xff; 32]));
+        self.runtime.block_on(async {
+            let readers = self.open_readers().await?;
+            let mut out = Vec::new();
+            let mut indexed = true;
+            for (generation, id, reader) in &readers {
+                let db_err = |action, source| S3Error::Db {
+                    action,
+                    location: self.writer_path(*generation, id).to_string(),
+                    source,
+                };
+                let marker = reader
+                    .get(codec::ADDR_INDEX_MARKER_KEY)
+                    .await
+                    .map_err(|e| db_err("reading", e))?;
+                if marker.is_none() {
+                    indexed = false;
+                    break;
+                }
+                let mut iter = reader
+                    .scan(start.as_slice()..=end.as_slice())
+                    .await
+                    .map_err(|e| db_err("scanning", e))?;
+                while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
+                    if let Some((_, app)) = codec::parse_addr_index_key(&kv.key) {
+                        out.push(app);
+                    }
+                }
+            }
+            close_all(readers).await;
+            Ok(indexed.then_some(out))
         })
     }
 
@@ -404,6 +471,18 @@ impl Store for Bucket {
 
     fn list_apps(&self) -> Result<Vec<AppCount>, StoreError> {
         Bucket::list_apps(self).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// Opens every writer's database once for all of `apps`.
+    fn read_apps(&self, apps: &[AppSha], each: &mut EachApp<'_>) -> Result<(), StoreError> {
+        Bucket::read_apps(self, apps, &mut |app, read| {
+            each(app, read.map_err(|e| StoreError::Backend(e.to_string())))
+        })
+        .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn apps_with_address(&self, cidr: Cidr) -> Result<Option<Vec<AppSha>>, StoreError> {
+        Bucket::apps_with_address(self, cidr).map_err(|e| StoreError::Backend(e.to_string()))
     }
 }
 

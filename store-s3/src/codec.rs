@@ -1,13 +1,15 @@
 //! Keys, values and the merge operator of a writer's database.
 //!
-//! Three kinds of keys, told apart by their first byte so that every kind is one contiguous
+//! Four kinds of keys, told apart by their first byte so that every kind is one contiguous
 //! range:
 //!
 //! | key | value | what |
 //! | --- | --- | --- |
 //! | `a ‖ sha (32) ‖ ip (4, big-endian)` | [`AddrStats`] (16 bytes) | one address of one app |
 //! | `c ‖ sha (32)` | count (8 bytes, LE) | the app's total, so `list` reads one key per app |
+//! | `i ‖ ip (4, big-endian) ‖ sha (32)` | empty | the address index: the app has had that address |
 //! | `m/shipped_epoch` | epoch (8 bytes, LE) | the last flush epoch this database holds |
+//! | `m/addr_index` | empty | every address key has its index key (written once the database has them) |
 //!
 //! Address and count keys are written as merge operands; [`StatsMerge`] sums counts and keeps
 //! the earliest first and the latest last arrival, so a database holds the same per-address
@@ -24,6 +26,33 @@ pub const ADDR_TAG: u8 = b'a';
 pub const COUNT_TAG: u8 = b'c';
 /// The key holding the last flush epoch the database holds.
 pub const SHIPPED_EPOCH_KEY: &[u8] = b"m/shipped_epoch";
+
+/// First byte of an address index key.
+pub const ADDR_INDEX_TAG: u8 = b'i';
+/// Present once every address key of the database has its index key: a database without it
+/// (written before the index existed) is read whole by an address lookup.
+pub const ADDR_INDEX_MARKER_KEY: &[u8] = b"m/addr_index";
+/// Bytes of an address index key.
+pub const ADDR_INDEX_KEY_BYTES: usize = 1 + 4 + 32;
+
+/// The index key saying `app` has had address `ip`: the keys of one address (or block) are
+/// one contiguous range.
+pub fn addr_index_key(ip: u32, app: &AppSha) -> [u8; ADDR_INDEX_KEY_BYTES] {
+    let mut key = [0u8; ADDR_INDEX_KEY_BYTES];
+    key[0] = ADDR_INDEX_TAG;
+    key[1..5].copy_from_slice(&ip.to_be_bytes());
+    key[5..].copy_from_slice(&app.0);
+    key
+}
+
+/// The app of an address index key; `None` for any other key.
+pub fn parse_addr_index_key(key: &[u8]) -> Option<(u32, AppSha)> {
+    if key.len() != ADDR_INDEX_KEY_BYTES || key[0] != ADDR_INDEX_TAG {
+        return None;
+    }
+    let ip = u32::from_be_bytes([key[1], key[2], key[3], key[4]]);
+    Some((ip, AppSha(key[5..].try_into().ok()?)))
+}
 
 /// Bytes of an address key.
 pub const ADDR_KEY_BYTES: usize = 1 + 32 + 4;
@@ -188,6 +217,12 @@ mod tests {
         assert!(addr_key(&a, 5).starts_with(&addr_prefix(&a)));
         assert_eq!(parse_addr_key(SHIPPED_EPOCH_KEY), None);
         assert_eq!(parse_count_key(&addr_key(&a, 1)), None);
+        assert_eq!(
+            parse_addr_index_key(&addr_index_key(0x0a000001, &a)),
+            Some((0x0a000001, a))
+        );
+        assert!(addr_index_key(1, &app(9)) < addr_index_key(2, &app(0)));
+        assert_eq!(parse_addr_index_key(&addr_key(&a, 1)), None);
     }
 
     #[test]

@@ -79,6 +79,8 @@ impl ShipDb {
                     .build(),
             )
             .map_err(|source| db_error("opening", &location, source))?;
+        rt.block_on(index_addresses(&db))
+            .map_err(|source| db_error("indexing the addresses of", &location, source))?;
         Ok(ShipDb {
             bucket,
             db,
@@ -127,6 +129,7 @@ impl ShipDb {
             let mut total = 0u64;
             for (ip, stats) in addrs {
                 batch.merge(codec::addr_key(app, *ip), codec::encode_stats(stats));
+                batch.put(codec::addr_index_key(*ip, app), b"");
                 total += stats.count;
             }
             batch.merge(codec::count_key(app), total.to_le_bytes());
@@ -173,6 +176,34 @@ impl ShipDb {
         rt.block_on(self.db.close())
             .map_err(|source| db_error("closing", &self.location, source))
     }
+}
+
+/// Index keys written per batch when a database from before the address index gets them.
+const INDEX_BATCH_KEYS: usize = 4096;
+
+/// Gives every address key of a database written before the address index its index key,
+/// then writes the marker that lets readers trust the index (for a new database: the marker
+/// alone). From then on every batch writes both keys together.
+async fn index_addresses(db: &Db) -> Result<(), slatedb::Error> {
+    if db.get(codec::ADDR_INDEX_MARKER_KEY).await?.is_some() {
+        return Ok(());
+    }
+    let mut iter = db.scan_prefix([codec::ADDR_TAG], ..).await?;
+    let mut batch = WriteBatch::new();
+    let mut in_batch = 0;
+    while let Some(kv) = iter.next().await? {
+        if let Some((app, ip)) = codec::parse_addr_key(&kv.key) {
+            batch.put(codec::addr_index_key(ip, &app), b"");
+            in_batch += 1;
+        }
+        if in_batch == INDEX_BATCH_KEYS {
+            db.write(std::mem::replace(&mut batch, WriteBatch::new()))
+                .await?;
+            in_batch = 0;
+        }
+    }
+    batch.put(codec::ADDR_INDEX_MARKER_KEY, b"");
+    db.write(batch).await?.await_durable().await
 }
 
 fn db_error(action: &'static str, location: &str, source: slatedb::Error) -> S3Error {

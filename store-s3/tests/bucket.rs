@@ -125,3 +125,35 @@ fn a_writer_id_held_by_another_data_dir_is_refused() {
     let read = bucket.read_app(&AppSha([3; 32])).unwrap().unwrap();
     assert_eq!(read.addrs, vec![(1, stats(2, 1, 2))]);
 }
+
+#[test]
+fn the_address_index_names_the_apps_of_an_address_or_block() {
+    let server = S3Server::start();
+    let bucket = bucket(&server, "addr-index");
+    let (a, b) = (AppSha([0xaa; 32]), AppSha([0xbb; 32]));
+    let one = ShipDb::open(Arc::clone(&bucket), "one", "inst-1", "host-1 /data").unwrap();
+    one.apply(1, &[(a, vec![(10, stats(1, 1, 1)), (20, stats(1, 1, 1))])])
+        .unwrap();
+    one.publish().unwrap();
+    let two = ShipDb::open(Arc::clone(&bucket), "two", "inst-2", "host-2 /data").unwrap();
+    two.apply(1, &[(b, vec![(5, stats(1, 1, 1)), (20, stats(2, 1, 1))])])
+        .unwrap();
+    two.publish().unwrap();
+    let named = |cidr: &str| {
+        let mut apps = bucket
+            .apps_with_address(cidr.parse().unwrap())
+            .unwrap()
+            .expect("every database has the index marker");
+        apps.sort_unstable();
+        apps.dedup();
+        apps
+    };
+    assert_eq!(named("0.0.0.20"), [a, b]);
+    assert_eq!(named("0.0.0.10"), [a]);
+    assert_eq!(named("0.0.0.5"), [b]);
+    assert_eq!(named("0.0.0.0/28"), [a, b]);
+    assert_eq!(named("0.0.0.16/28"), [a, b]);
+    assert_eq!(named("0.0.0.40"), Vec::<AppSha>::new());
+    one.close().unwrap();
+    two.close().unwrap();
+}

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use super::fsio::StoreError;
 use crate::block::AddrStats;
+use crate::lookup::Cidr;
 use crate::wire::AppSha;
 
 /// Everything the store holds for one app, merged over all writers' logs.
@@ -71,6 +72,9 @@ pub struct StoreCounters {
     pub rewrites: u64,
 }
 
+/// What [`Store::read_apps`] calls with each app and what reading it gave.
+pub type EachApp<'a> = dyn FnMut(&AppSha, Result<Option<AppData>, StoreError>) + 'a;
+
 /// Where the events are kept, as every binary reads them: one app's data merged over all
 /// writers, and every app with its count. The file tree ([`DataDir`](super::DataDir)) is one; another backend
 /// (object storage) implements the same.
@@ -81,6 +85,23 @@ pub trait Store {
 
     /// Every app in the store with its count, most events first (ties by SHA).
     fn list_apps(&self) -> Result<Vec<AppCount>, StoreError>;
+
+    /// Reads each of `apps` as [`Store::read_app`] would, calling `each` with its result, in
+    /// order; a backend may share work across the batch (the file tree reads the stopped
+    /// writers' journals once). An error means none could be read.
+    fn read_apps(&self, apps: &[AppSha], each: &mut EachApp<'_>) -> Result<(), StoreError> {
+        for app in apps {
+            each(app, self.read_app(app));
+        }
+        Ok(())
+    }
+
+    /// The apps that may hold an address in `cidr`: every app that does, perhaps with others
+    /// (the caller reads each and checks), or `None` when the backend keeps no address index
+    /// for some of its data and the caller must read every app.
+    fn apps_with_address(&self, _cidr: Cidr) -> Result<Option<Vec<AppSha>>, StoreError> {
+        Ok(None)
+    }
 
     /// Starts following which apps the writers' flushes change, from now on: what
     /// `watch` reads ([`crate::watch`]). A backend that cannot answers

@@ -36,12 +36,13 @@ use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
+use super::addr_index::{log_addresses, AddrIndexWriter};
 use super::backend::AppCount;
 use super::fsio::{
     for_each_entry, io_err, open_append, open_read, plain_dir, write_atomic, StoreError, DIR_MODE,
 };
 use super::layout::{validate_writer_id, DataDir};
-use super::walk::{for_each_app_dir, scan_log_file};
+use super::walk::scan_log_file;
 use crate::wire::AppSha;
 
 /// First four bytes of every index block.
@@ -203,6 +204,16 @@ pub(crate) fn next_block(
 /// Reads an index: per app the last count, and the apps of begins that no counts block
 /// followed. Stops at the first block that does not verify. Also returns the bytes verified.
 pub fn read_index(bytes: &[u8]) -> (IndexView, u64) {
+    walk_index(bytes, true)
+}
+
+/// The apps an index leaves unsettled ([`IndexView::unsettled`], checks included), without
+/// collecting its counts.
+pub fn unsettled_apps(bytes: &[u8]) -> Vec<AppSha> {
+    walk_index(bytes, false).0.unsettled
+}
+
+fn walk_index(bytes: &[u8], keep_counts: bool) -> (IndexView, u64) {
     let mut view = IndexView::default();
     let mut open: Vec<AppSha> = Vec::new();
     let mut open_sequence = None;
@@ -226,10 +237,12 @@ pub fn read_index(bytes: &[u8]) -> (IndexView, u64) {
             if open_sequence == Some(sequence) {
                 open.clear();
             }
-            for record in records.chunks_exact(COUNTS_RECORD_BYTES) {
-                let app = AppSha(record[..32].try_into().expect("32 bytes"));
-                let events = u64::from_le_bytes(record[32..].try_into().expect("8 bytes"));
-                view.counts.insert(app, events);
+            if keep_counts {
+                for record in records.chunks_exact(COUNTS_RECORD_BYTES) {
+                    let app = AppSha(record[..32].try_into().expect("32 bytes"));
+                    let events = u64::from_le_bytes(record[32..].try_into().expect("8 bytes"));
+                    view.counts.insert(app, events);
+                }
             }
         }
         pos += len;
@@ -295,6 +308,9 @@ pub(crate) struct IndexWriter {
     counts: Vec<(AppSha, u64)>,
     checks: Vec<AppSha>,
     buf: Vec<u8>,
+    /// The writer's address index ([`super::addr_index`]), written before each counts
+    /// block.
+    addrs: AddrIndexWriter,
 }
 
 impl IndexWriter {
@@ -317,6 +333,7 @@ impl IndexWriter {
             counts: Vec::new(),
             checks: Vec::new(),
             buf: Vec::new(),
+            addrs: AddrIndexWriter::new(data, writer_id, fsync),
         };
         index.settle(data, writer_id)?;
         Ok(index)
@@ -339,14 +356,23 @@ impl IndexWriter {
         let mut counts: FxHashMap<AppSha, u64> = FxHashMap::default();
         match open_read(&self.path)? {
             Some(file) => {
+                // The address index holds every pair of the logs except those of apps this
+                // index leaves unsettled: opened (or rebuilt) once, then kept up by flushes.
+                let addrs_built = !self.addrs.ready() && self.addrs.open(data, writer_id)?;
                 let map =
                     crate::sys::map_read_only(&file).map_err(io_err("mapping", &self.path))?;
                 let (view, _) = read_index(map.as_ref());
                 self.sequence = view.last_sequence;
                 counts = view.counts;
+                let mut ips = Vec::new();
                 for app in view.unsettled {
-                    match log_events(data, writer_id, &app) {
-                        Ok(Some(events)) if events > 0 => counts.insert(app, events),
+                    match log_addresses(data, writer_id, &app, &mut ips) {
+                        Ok(Some(events)) if events > 0 => {
+                            if !addrs_built {
+                                self.addrs.add(&app, ips.iter().copied())?;
+                            }
+                            counts.insert(app, events)
+                        }
                         Ok(_) => counts.remove(&app),
                         Err(_) => {
                             self.checks.push(app);
@@ -354,20 +380,16 @@ impl IndexWriter {
                         }
                     };
                 }
+                // Their pairs are in the address index before the index calls them settled.
+                self.addrs.finish()?;
             }
             None => {
-                let name = format!("{writer_id}.log");
-                for_each_app_dir(data, |entry| {
-                    let Some(app) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-                        return Ok(());
-                    };
-                    let log = entry.path().join(&name);
-                    if let Some(summary) = scan_log_file(&log, |_, _| {})? {
-                        if summary.events > 0 {
-                            counts.insert(app, summary.events);
-                        }
+                // No app index: both are built from the writer's logs, in one walk.
+                self.addrs.forget();
+                self.addrs.build(data, writer_id, &mut |app, events| {
+                    if events > 0 {
+                        counts.insert(app, events);
                     }
-                    Ok(())
                 })?;
             }
         }
@@ -394,6 +416,7 @@ impl IndexWriter {
         self.stale = true;
         self.in_flush = false;
         self.file = None;
+        self.addrs.forget();
     }
 
     fn write(&mut self) -> Result<(), StoreError> {
@@ -476,6 +499,14 @@ impl IndexWriter {
     /// Records the totals of every app the flush wrote, and the apps it could not write.
     pub(crate) fn end(&mut self) -> Result<(), StoreError> {
         self.in_flush = false;
+        if let Err(e) = self.addrs.finish() {
+            // Without the counts the flush's apps stay unsettled (readers read them
+            // directly); the next flush settles the index, adding their pairs.
+            self.stale = true;
+            self.counts.clear();
+            self.checks.clear();
+            return Err(e);
+        }
         if self.counts.is_empty() && self.checks.is_empty() {
             return Ok(());
         }
@@ -484,7 +515,17 @@ impl IndexWriter {
         encode_check(&mut self.buf, self.sequence, &self.checks);
         self.counts.clear();
         self.checks.clear();
-        self.write()
+        self.write()?;
+        if let Err(e) = self.addrs.merge() {
+            // The runs stay as they were: a complete index, merged at a later flush.
+            log::warn!("merging the address index: {e}");
+        }
+        Ok(())
+    }
+
+    /// Records that this flush wrote `ips` to `app`'s log, for the address index.
+    pub(crate) fn addresses(&mut self, app: &AppSha, ips: impl Iterator<Item = u32>) {
+        self.addrs.add_in_flush(app, ips);
     }
 }
 

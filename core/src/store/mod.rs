@@ -5,6 +5,7 @@
 //!   LAYOUT                                  "ipevent-store 1": the layout version
 //!   events/<sha[0..2]>/<sha>/<writer-id>.log   one log of blocks per app and writer
 //!   events/index/<writer-id>.idx            each writer's app index ([`index`])
+//!   events/addr/<writer-id>/<seq>.run       each writer's address index ([`addr_index`])
 //!   receivers/<writer-id>/                  one directory per writer (receiver or API)
 //!     lock                                  held while it runs
 //!     control.sock  stats.json  state.json  a receiver's control socket, counters, run state
@@ -24,10 +25,11 @@
 //! (what the writer knows of each log), [`run`] (writing a run: appended, or a rewrite for
 //! compaction and repair), [`limits`] (on new apps and on addresses per app), [`trash`] (what a reset or a forget moved away, deleted after), [`compact`] (a
 //! log's runs, when to compact, the merge), [`index`] (each writer's app index, for
-//! `list`) and [`changes`] (following the indexes as they grow, for `watch`). The receiver, the query CLI and the API reach the data through the [`Store`]
+//! `list`), [`addr_index`] (each writer's address index, for `ip`) and [`changes`] (following the indexes as they grow, for `watch`). The receiver, the query CLI and the API reach the data through the [`Store`]
 //! and [`AppendBlocks`] traits ([`backend`]), which the file tree implements; the object store
 //! (`ipevent-store-s3`) implements [`Store`] beside it.
 
+pub mod addr_index;
 pub mod backend;
 pub mod changes;
 pub mod compact;
@@ -59,6 +61,6 @@ pub use layout::{
 };
 pub use limits::{StoreLimits, REFUSED_ADDRESS_LIMIT};
 pub use log_state::MAX_TRACKED_LOGS;
-pub use reader::{list_apps, max_epoch_of_writer, read_app};
+pub use reader::{list_apps, max_epoch_of_writer, read_app, Snapshot, StoppedJournals};
 pub use walk::scan_log_file;
 pub use writer::StoreWriter;

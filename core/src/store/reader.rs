@@ -4,12 +4,13 @@
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 
-use super::backend::{AppCount, AppData, Store};
+use super::backend::{AppCount, AppData, EachApp, Store};
 use super::fsio::{plain_dir, StoreError};
 use super::layout::DataDir;
 use super::walk::{for_each_app_dir, for_each_log, scan_log_file};
 use crate::block::{AddrStats, Tail};
 use crate::journal::for_each_stopped_record;
+use crate::lookup::Cidr;
 use crate::wire::AppSha;
 
 /// Reads and merges every log of `app`. `Ok(None)` when the store has never seen the app.
@@ -19,9 +20,102 @@ use crate::wire::AppSha;
 ///
 /// Events still in the journal of a writer that is not running are counted too (see
 /// [`for_each_stopped_record`]), so a query never under-reports while a receiver is
-/// down, and never counts an event twice.
+/// down, and never counts an event twice. To read many apps, [`Snapshot`] reads those
+/// journals once for all of them.
 pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreError> {
     data.check_layout()?;
+    read_app_with(data, app, |each| {
+        for_each_stopped_record(data, |writer, epoch, record| {
+            if record.app == *app {
+                each(writer, epoch, record.ip, record.unix_secs);
+            }
+        })
+    })
+}
+
+/// What the journals of stopped writers held when it was read: one read of them for a
+/// batch of [`Snapshot::read_app`]s, instead of one per app (a lock probe and a read of
+/// each journal).
+#[derive(Debug, Default)]
+pub struct StoppedJournals {
+    writers: Vec<String>,
+    /// Per app: (writer, epoch, ip, arrival) of each journaled record, in journal order.
+    by_app: FxHashMap<AppSha, Vec<(u32, u64, u32, u32)>>,
+}
+
+impl StoppedJournals {
+    /// Reads every stopped writer's journal once (see [`for_each_stopped_record`]).
+    pub fn read(data: &DataDir) -> StoppedJournals {
+        let mut journals = StoppedJournals::default();
+        for_each_stopped_record(data, |writer, epoch, record| {
+            if journals.writers.last().map(String::as_str) != Some(writer) {
+                journals.writers.push(writer.to_string());
+            }
+            let w = (journals.writers.len() - 1) as u32;
+            journals.by_app.entry(record.app).or_default().push((
+                w,
+                epoch,
+                record.ip,
+                record.unix_secs,
+            ));
+        });
+        journals
+    }
+
+    /// The apps with a journaled record whose address `matches`.
+    pub fn apps_with(&self, mut matches: impl FnMut(u32) -> bool) -> Vec<AppSha> {
+        self.by_app
+            .iter()
+            .filter(|(_, records)| records.iter().any(|r| matches(r.2)))
+            .map(|(app, _)| *app)
+            .collect()
+    }
+
+    fn for_app(&self, app: &AppSha, each: &mut dyn FnMut(&str, u64, u32, u32)) {
+        for &(w, epoch, ip, secs) in self.by_app.get(app).into_iter().flatten() {
+            each(&self.writers[w as usize], epoch, ip, secs);
+        }
+    }
+}
+
+/// The one store reader for a batch of apps: the layout checked and the stopped writers'
+/// journals read once ([`StoppedJournals`]), then each app read as [`read_app`] reads it.
+/// A journal record is counted exactly as [`read_app`] counts it: once, when its epoch is
+/// above what its writer's log of the app held when read.
+#[derive(Debug)]
+pub struct Snapshot<'a> {
+    data: &'a DataDir,
+    journals: StoppedJournals,
+}
+
+impl<'a> Snapshot<'a> {
+    /// Checks the layout and reads the stopped writers' journals.
+    pub fn new(data: &'a DataDir) -> Result<Snapshot<'a>, StoreError> {
+        data.check_layout()?;
+        Ok(Snapshot {
+            data,
+            journals: StoppedJournals::read(data),
+        })
+    }
+
+    /// [`read_app`], with the journals as this snapshot read them.
+    pub fn read_app(&self, app: &AppSha) -> Result<Option<AppData>, StoreError> {
+        read_app_with(self.data, app, |each| self.journals.for_app(app, each))
+    }
+
+    /// What the stopped writers' journals held.
+    pub fn journals(&self) -> &StoppedJournals {
+        &self.journals
+    }
+}
+
+/// [`read_app`] with the app's journaled records (writer, epoch, ip, arrival) from
+/// `journaled`, which the caller calls after the logs are read.
+fn read_app_with(
+    data: &DataDir,
+    app: &AppSha,
+    journaled: impl FnOnce(&mut dyn FnMut(&str, u64, u32, u32)),
+) -> Result<Option<AppData>, StoreError> {
     let dir = data.app_dir(app);
     let fan = dir.parent().expect("an app dir has a parent");
     let has_dir = plain_dir(fan)? && plain_dir(&dir)?;
@@ -56,12 +150,12 @@ pub fn read_app(data: &DataDir, app: &AppSha) -> Result<Option<AppData>, StoreEr
     }
     // After the logs: a record read here with an epoch above what its writer's log held when
     // read is in no block read above, whatever that writer did in between.
-    for_each_stopped_record(data, |writer, epoch, record| {
-        if record.app == *app && epoch > log_epochs.get(writer).copied().unwrap_or(0) {
+    journaled(&mut |writer, epoch, ip, unix_secs| {
+        if epoch > log_epochs.get(writer).copied().unwrap_or(0) {
             merged
-                .entry(record.ip)
+                .entry(ip)
                 .or_default()
-                .merge(&AddrStats::one(record.unix_secs));
+                .merge(&AddrStats::one(unix_secs));
             out.journaled += 1;
         }
     });
@@ -249,6 +343,19 @@ impl Store for DataDir {
 
     fn list_apps(&self) -> Result<Vec<AppCount>, StoreError> {
         list_apps(self)
+    }
+
+    /// Reads the stopped writers' journals once for all of `apps`.
+    fn read_apps(&self, apps: &[AppSha], each: &mut EachApp<'_>) -> Result<(), StoreError> {
+        let snapshot = Snapshot::new(self)?;
+        for app in apps {
+            each(app, snapshot.read_app(app));
+        }
+        Ok(())
+    }
+
+    fn apps_with_address(&self, cidr: Cidr) -> Result<Option<Vec<AppSha>>, StoreError> {
+        super::addr_index::candidates(self, cidr)
     }
 
     fn follow_changes(&self) -> Result<Box<dyn super::backend::ChangeFeed>, StoreError> {

@@ -114,7 +114,11 @@ impl StoreWriter {
             self.logs.remember(app, state);
             Ok(())
         } else {
-            self.write_run(app, &path, epoch, records, state)
+            let written = self.write_run(app, &path, epoch, records, state);
+            if written.is_ok() {
+                self.index.addresses(app, records.iter().map(|(ip, _)| *ip));
+            }
+            written
         };
         self.admitted = admitted;
         result.map(|()| refused)
@@ -233,6 +237,7 @@ impl StoreWriter {
                     self.logs
                         .remember(app, state.appended(written, events, epoch));
                     self.index.count(app, events);
+                    self.index.addresses(app, records.iter().map(|(ip, _)| *ip));
                     Some(Ok(Appended::default()))
                 }
                 Created::Failed(e) => {
