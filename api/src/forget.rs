@@ -15,9 +15,11 @@ use ipevent_core::AppSha;
 use crate::state::{error, internal_error, AppState};
 
 /// `DELETE /events/{sha}`. 200 with `{"forgotten":SHA,"found":BOOL,"receivers":[...]}`
-/// (`found`: the store held something of the app); 400 for a malformed SHA; 501 with
-/// `--store` (the bucket would keep the app); 503 when a receiver could not be held (nothing
-/// was removed: retry).
+/// (`found`: the store held something of the app); 400 for a malformed SHA; 503 when a
+/// receiver could not be held (nothing was removed: retry). With `--store`, the forget of the
+/// bucket (`Bucket::forget`): 200 once every writer of the bucket applied it (the body adds
+/// `stopped_writers`, `generation` and `sequence`), 503 naming the receivers that did not
+/// within `--sync-timeout-ms` (the forget is recorded; they apply it when they next look).
 pub async fn delete_app(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -34,11 +36,8 @@ pub async fn delete_app(
         },
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    if let Some(store) = &state.store {
-        return error(
-            StatusCode::NOT_IMPLEMENTED,
-            format!("forgetting an app is not implemented with --store {store}"),
-        );
+    if let Some(bucket) = &state.bucket {
+        return forget_in_bucket(Arc::clone(bucket), app, peer, state.control_timeout).await;
     }
     // Taken alone, as a reset takes it: no read or post sees the app half removed.
     let gate = state.gate.clone().write_owned().await;
@@ -85,6 +84,63 @@ pub async fn delete_app(
             error(StatusCode::NOT_IMPLEMENTED, e.to_string())
         }
         Ok(Err(e @ ForgetError::Store(_))) => internal_error("forgetting an app", e),
+        Err(e) => internal_error("forgetting an app", e),
+    }
+}
+
+/// `DELETE /events/{sha}` with `--store`: every writer of the bucket forgets the app (the
+/// receivers on this host's data dir, and this API's own writer, through their shippers).
+async fn forget_in_bucket(
+    bucket: Arc<ipevent_store_s3::Bucket>,
+    app: AppSha,
+    peer: SocketAddr,
+    timeout: std::time::Duration,
+) -> Response {
+    let done = tokio::task::spawn_blocking(move || {
+        let found = bucket.read_app(&app)?.is_some();
+        bucket.forget(&app, timeout).map(|done| (found, done))
+    })
+    .await;
+    match done {
+        Ok(Ok((found, done))) if done.complete() => {
+            log::info!(
+                "app {app} forgotten in the bucket by {peer} (found: {found}), applied by {} \
+                 receiver(s) and {} stopped writer(s)",
+                done.answered.len(),
+                done.stopped.len()
+            );
+            let body = serde_json::json!({
+                "forgotten": app.to_hex(),
+                "found": found,
+                "receivers": done.answered,
+                "stopped_writers": done.stopped,
+                "generation": done.generation,
+                "sequence": done.seq,
+            });
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        Ok(Ok((_, done))) => {
+            let why = format!(
+                "not confirmed: receivers {} did not apply the forget of app {app} within \
+                 {timeout:?}, so their databases may still report it; it is recorded in the \
+                 bucket and they apply it when they next run (retry to confirm)",
+                done.missing.join(", ")
+            );
+            log::warn!("forget by {peer}: {why}");
+            error(StatusCode::SERVICE_UNAVAILABLE, why)
+        }
+        Ok(Err(e)) => {
+            log::warn!("forget of {app} by {peer} failed: {e}");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not forgotten: {e}"),
+            )
+        }
         Err(e) => internal_error("forgetting an app", e),
     }
 }

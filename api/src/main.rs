@@ -190,7 +190,6 @@ async fn serve(
         admin: AdminPolicy::new(config.admin_token.clone(), config.allow_loopback_admin),
         control_timeout: config.sync_timeout(),
         watches: watches.clone(),
-        store: config.store.clone(),
     });
     let app: Router = app::router(state, config.request_timeout());
 

@@ -38,8 +38,6 @@ pub struct AppState {
     pub control_timeout: Duration,
     /// The open `GET /watch` streams.
     pub watches: Arc<Watches>,
-    /// The bucket of `--store`, if reads go there (forgetting an app is not implemented for it).
-    pub store: Option<String>,
 }
 
 /// The open watch streams, and what ends them.

@@ -107,15 +107,6 @@ fn delete_one_app_checks_the_sha_and_the_admin_token() {
 }
 
 #[test]
-fn delete_one_app_is_not_implemented_for_the_bucket() {
-    let data = tempfile::tempdir().unwrap();
-    let api = Api::start(data.path(), &["--store", "s3://bucket/prefix"]);
-    let reply = delete(&api, &format!("/events/{}", app(1)), &[]);
-    assert_eq!(reply.status, 501, "{reply:?}");
-    assert!(reply.error().contains("not implemented"), "{reply:?}");
-}
-
-#[test]
 fn a_reset_empties_the_journal_of_a_stopped_receiver() {
     let mut rx = Receiver::start(&SLOW_FLUSH);
     let dir = rx.take_tmp().unwrap();

@@ -57,6 +57,10 @@ pub enum Command {
     /// Drain, flush everything, forget what is known of this app's log, hold flushes while the
     /// connection stays open (ended by `reset-end`, as a reset is).
     Forget(AppSha),
+    /// `forget` for a forget of the bucket the receiver ships to (its shipper sends it, then
+    /// removes the app from its outbox and database): accepted with `--store` too, where a
+    /// plain `forget` is refused because the bucket would keep the app.
+    ForgetShipped(AppSha),
 }
 
 impl Command {
@@ -68,6 +72,7 @@ impl Command {
             Command::ResetBegin => "reset-begin",
             Command::ResetEnd => "reset-end",
             Command::Forget(_) => "forget",
+            Command::ForgetShipped(_) => "forget-shipped",
         }
     }
 
@@ -75,6 +80,9 @@ impl Command {
     pub fn parse(line: &str) -> Option<Command> {
         if let Some(sha) = line.trim().strip_prefix("forget ") {
             return sha.trim().parse().ok().map(Command::Forget);
+        }
+        if let Some(sha) = line.trim().strip_prefix("forget-shipped ") {
+            return sha.trim().parse().ok().map(Command::ForgetShipped);
         }
         [
             Command::Ping,
@@ -89,7 +97,9 @@ impl Command {
     /// The request as sent on the socket.
     pub fn line(self) -> String {
         match self {
-            Command::Forget(app) => format!("{} {app}\n", self.word()),
+            Command::Forget(app) | Command::ForgetShipped(app) => {
+                format!("{} {app}\n", self.word())
+            }
             _ => format!("{}\n", self.word()),
         }
     }
@@ -189,7 +199,9 @@ impl Reply {
             Command::Sync => Reply::Synced(body_of(line, body)?),
             Command::ResetBegin => Reply::ResetBegun(body_of(line, body)?),
             Command::ResetEnd => Reply::ResetEnded(body_of(line, body)?),
-            Command::Forget(_) => Reply::ForgetBegun(body_of(line, body)?),
+            Command::Forget(_) | Command::ForgetShipped(_) => {
+                Reply::ForgetBegun(body_of(line, body)?)
+            }
         })
     }
 }
@@ -369,13 +381,20 @@ pub fn hold_all(data: &DataDir, timeout: Duration) -> io::Result<Vec<Answer<Hold
     ask_all(data, |socket| hold(socket, timeout))
 }
 
-/// Begins forgetting `app` on every running receiver of `data` ([`forget_hold`] on each).
+/// Begins forgetting `app` on every running receiver of `data` ([`forget_hold`] on each);
+/// `shipped`: for a forget of the bucket (`forget-shipped`).
 pub fn forget_hold_all(
     data: &DataDir,
     app: &AppSha,
+    shipped: bool,
     timeout: Duration,
 ) -> io::Result<Vec<Answer<Hold>>> {
-    ask_all(data, |socket| forget_hold(socket, app, timeout))
+    let command = if shipped {
+        Command::ForgetShipped(*app)
+    } else {
+        Command::Forget(*app)
+    };
+    ask_all(data, |socket| begin_hold(socket, command, timeout))
 }
 
 /// What a [`sync_all`] achieved.
@@ -515,6 +534,7 @@ mod tests {
             Command::ResetBegin,
             Command::ResetEnd,
             Command::Forget(AppSha([0xab; 32])),
+            Command::ForgetShipped(AppSha([0xcd; 32])),
         ] {
             let line = command.line();
             assert!(line.len() <= MAX_REQUEST_BYTES, "{line}");

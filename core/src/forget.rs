@@ -90,6 +90,31 @@ pub fn forget_app(
     app: &AppSha,
     timeout: Duration,
     own_writer: Option<&str>,
+    while_held: impl FnMut() -> Result<bool, String>,
+) -> Result<Forgotten, ForgetError> {
+    forget_in(data, app, timeout, own_writer, false, while_held)
+}
+
+/// [`forget_app`] for a forget of the bucket (`--store`), run by a receiver's shipper on its
+/// own data dir: the receivers are asked with `forget-shipped`, which they accept with
+/// `--store`, and a writer that runs without a control socket (an `ipevent-api` shipping its
+/// own posts, which removes the app from its own outbox itself) is left to itself instead of
+/// failing the forget.
+pub fn forget_app_for_bucket(
+    data: &DataDir,
+    app: &AppSha,
+    timeout: Duration,
+    while_held: impl FnMut() -> Result<bool, String>,
+) -> Result<Forgotten, ForgetError> {
+    forget_in(data, app, timeout, None, true, while_held)
+}
+
+fn forget_in(
+    data: &DataDir,
+    app: &AppSha,
+    timeout: Duration,
+    own_writer: Option<&str>,
+    for_bucket: bool,
     mut while_held: impl FnMut() -> Result<bool, String>,
 ) -> Result<Forgotten, ForgetError> {
     data.check_layout()
@@ -97,7 +122,7 @@ pub fn forget_app(
     let started = Instant::now();
     let mut pause = Duration::from_millis(5);
     loop {
-        match attempt(data, app, timeout, own_writer, &mut while_held) {
+        match attempt(data, app, timeout, own_writer, for_bucket, &mut while_held) {
             Err(Attempt::Busy(why) | Attempt::Unreachable(why))
                 if started.elapsed() < timeout.min(UNREACHABLE_WAIT) =>
             {
@@ -133,9 +158,12 @@ fn attempt(
     app: &AppSha,
     timeout: Duration,
     own_writer: Option<&str>,
+    for_bucket: bool,
     while_held: &mut impl FnMut() -> Result<bool, String>,
 ) -> Result<Forgotten, Attempt> {
-    // Before any receiver is held: a writer that cannot be reached fails the forget anyway.
+    // Before any receiver is held: a writer that cannot be reached fails the forget anyway
+    // (for the bucket, it is left to itself).
+    let mut beside = Vec::new();
     for id in writers(data)?
         .iter()
         .filter(|id| Some(id.as_str()) != own_writer)
@@ -146,10 +174,13 @@ fn attempt(
                 Err(ControlError::NotRunning)
             )
         {
-            return Err(unreachable(id));
+            if !for_bucket {
+                return Err(unreachable(id));
+            }
+            beside.push(id.clone());
         }
     }
-    let answers = control::forget_hold_all(data, app, timeout).map_err(|e| {
+    let answers = control::forget_hold_all(data, app, for_bucket, timeout).map_err(|e| {
         Attempt::Failed(ForgetError::Store(format!(
             "listing the receivers of {}: {e}",
             data.root().display()
@@ -202,6 +233,7 @@ fn attempt(
         .iter()
         .map(|(id, _)| id.as_str())
         .chain(own_writer)
+        .chain(beside.iter().map(String::as_str))
         .collect();
     let locks = stopped_writers_forget(data, app, &skip, &mut done)?;
     let moved = trash::move_to_trash(data, &data.app_dir(app), &format!("{TRASH_PREFIX}{app}-"))

@@ -2,8 +2,9 @@
 //! forgets one app.
 //!
 //! Exit codes: 0 success; 1 unknown app; 2 malformed SHA, unreadable `--apk` file, usage, or
-//! `forget` with `--store`; 3 the store could not be read or changed, or the result could not
-//! be written.
+//! `forget` without `--store` on a receiver that ships to a bucket; 3 the store could not be
+//! read or changed (or, with `--store`, a writer did not confirm a forget), or the result
+//! could not be written.
 //!
 //! With `--store s3://BUCKET/PREFIX` it reads the bucket every receiver ships to instead of
 //! the local tree, merging all of them.
@@ -30,6 +31,10 @@ use ipevent_store_s3::{Bucket, StoreUrl};
 
 /// How long `--sync` waits for each receiver to drain and flush.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `forget --store` waits for every receiver shipping to the bucket to apply it:
+/// each looks every ship interval, and holds its data dir's receivers for a moment.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Prints which addresses an app talked to were normal (good) and which were not (bad):
 /// `{"count":N,"good_ips":[...],"bad_ips":[...]}`.
@@ -105,8 +110,13 @@ enum Sub {
     /// app (their locks are taken meanwhile), the app's directory (every writer's log) is
     /// removed, and the receivers go on. Nothing received for the app before is reported
     /// afterwards; everything after is. Prints {"forgotten":SHA,"found":BOOL,"receivers":[...]}.
-    /// Refused while an ipevent-api runs on the data dir (use its DELETE /events/<sha>) and
-    /// with --store (not implemented for the bucket).
+    /// Refused while an ipevent-api runs on the data dir (use its DELETE /events/<sha>), and
+    /// when a receiver ships to a bucket (forget with --store then).
+    /// With --store: forgets the app on every writer of the bucket, on every host: the forget
+    /// is recorded in the bucket, every running receiver removes the app from its journal,
+    /// outbox, local tree and database, the databases of stopped writers lose it at once (and
+    /// their hosts' local state when they start). Succeeds once all of them did (up to 30 s);
+    /// otherwise exit 3 naming the receivers that did not.
     Forget {
         /// The app's SHA-256 (64 hex digits).
         sha: String,
@@ -294,14 +304,13 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     }
 }
 
-/// `forget SHA`: exit 2 with `--store` or when a receiver's store cannot forget, 3 when a
-/// receiver could not be held or the store not changed (nothing was removed).
+/// `forget SHA`: exit 2 when a receiver's store cannot forget (a receiver shipping to a
+/// bucket, without `--store`), 3 when a receiver could not be held or the store not changed
+/// (nothing was removed); with `--store`, 3 as well when a writer of the bucket did not apply
+/// the forget in time.
 fn forget_app(cli: &Cli, data: &DataDir, app: &AppSha) -> Result<String, Failure> {
     if let Some(url) = &cli.store {
-        return Err(Failure::new(
-            2,
-            format!("forget is not implemented for --store {url}: the bucket keeps the app"),
-        ));
+        return forget_in_bucket(cli, url, app);
     }
     let done = forget::forget_app(data, app, SYNC_TIMEOUT, None, || Ok(true)).map_err(|e| {
         let code = match e {
@@ -314,6 +323,46 @@ fn forget_app(cli: &Cli, data: &DataDir, app: &AppSha) -> Result<String, Failure
         "forgotten": app.to_hex(),
         "found": done.found,
         "receivers": done.receivers,
+    });
+    Ok(if cli.pretty {
+        serde_json::to_string_pretty(&value)
+    } else {
+        serde_json::to_string(&value)
+    }
+    .expect("JSON values serialise"))
+}
+
+/// `forget SHA --store`: through the bucket's forget log, applied by every writer of the
+/// bucket ([`Bucket::forget`]); succeeds only once every one of them has.
+fn forget_in_bucket(cli: &Cli, url: &str, app: &AppSha) -> Result<String, Failure> {
+    let url: StoreUrl = url.parse().map_err(|e| Failure::new(2, format!("{e}")))?;
+    let name = url.to_string();
+    let bucket =
+        std::sync::Arc::new(Bucket::from_env(url).map_err(|e| Failure::new(3, e.to_string()))?);
+    let fail = |e: ipevent_store_s3::S3Error| {
+        Failure::new(3, format!("forgetting app {app} in {name}: {e}"))
+    };
+    let found = bucket.read_app(app).map_err(fail)?.is_some();
+    let done = bucket.forget(app, FORGET_TIMEOUT).map_err(fail)?;
+    if !done.complete() {
+        return Err(Failure::new(
+            3,
+            format!(
+                "forgetting app {app} in {name}: not confirmed: receivers {} did not apply the \
+                 forget within {FORGET_TIMEOUT:?}, so their databases may still report the app; \
+                 it is recorded in the bucket and they apply it when they next run (run the \
+                 forget again to confirm)",
+                done.missing.join(", ")
+            ),
+        ));
+    }
+    let value = serde_json::json!({
+        "forgotten": app.to_hex(),
+        "found": found,
+        "receivers": done.answered,
+        "stopped_writers": done.stopped,
+        "generation": done.generation,
+        "sequence": done.seq,
     });
     Ok(if cli.pretty {
         serde_json::to_string_pretty(&value)

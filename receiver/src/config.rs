@@ -85,7 +85,10 @@ pub struct Config {
 
     /// Remove every app whose newest event is older than this many days: a sweep at start
     /// and then every hour, in the background (ingest never waits for it). Removals are
-    /// counted (apps_expired) and logged. 0: keep everything. Not available with --store.
+    /// counted (apps_expired) and logged. 0: keep everything. With --store the sweep judges
+    /// each app's newest event over the whole bucket (every receiver's database) and removes
+    /// expired apps from every writer, as `ipevent-query --store … forget` does; one receiver
+    /// of the cluster needs the flag.
     #[arg(long, env = "IPEVENT_RETAIN_DAYS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub retain_days: u64,

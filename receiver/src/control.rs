@@ -108,10 +108,12 @@ pub enum Op {
     /// same `hold`.
     BeginHold { hold: u64, reply: UnixStream },
     /// Flush everything, forget what the store writer knows of `app`'s log and hold flushes
-    /// until `EndHold` with the same `hold` (`forget <sha>`).
+    /// until `EndHold` with the same `hold` (`forget <sha>`; `forget-shipped <sha>` when
+    /// `shipped`, from a forget of the bucket).
     BeginForget {
         hold: u64,
         app: AppSha,
+        shipped: bool,
         reply: UnixStream,
     },
     /// End hold `hold`: asked for (`reset-end`, with a connection to answer on), or because
@@ -292,7 +294,10 @@ impl Control {
     /// Serves or forwards the first request line of the connection in `slot`.
     fn request(&mut self, slot: usize, line: &str, registry: &Registry) -> Option<Op> {
         let command = Command::parse(line);
-        if let Some(begin @ (Command::ResetBegin | Command::Forget(_))) = command {
+        if let Some(
+            begin @ (Command::ResetBegin | Command::Forget(_) | Command::ForgetShipped(_)),
+        ) = command
+        {
             let hold = self.next_id();
             let conn = self.conns[slot].as_mut().expect("an open slot");
             let reply = match conn.stream.try_clone() {
@@ -306,7 +311,18 @@ impl Control {
             conn.hold = Some(hold);
             conn.deadline = Instant::now() + RESET_LEASE;
             return Some(match begin {
-                Command::Forget(app) => Op::BeginForget { hold, app, reply },
+                Command::Forget(app) => Op::BeginForget {
+                    hold,
+                    app,
+                    shipped: false,
+                    reply,
+                },
+                Command::ForgetShipped(app) => Op::BeginForget {
+                    hold,
+                    app,
+                    shipped: true,
+                    reply,
+                },
                 _ => Op::BeginHold { hold, reply },
             });
         }
@@ -333,7 +349,9 @@ impl Control {
                 );
                 None
             }
-            Some(Command::ResetBegin | Command::Forget(_)) => unreachable!("handled above"),
+            Some(Command::ResetBegin | Command::Forget(_) | Command::ForgetShipped(_)) => {
+                unreachable!("handled above")
+            }
             None => {
                 answer(
                     &stream,

@@ -35,13 +35,6 @@ use crate::writer::{BatchPool, ToWriter, Writer, WriterSettings, MAX_POOL_BATCHE
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    if config.retain_days > 0 && config.store.is_some() {
-        eprintln!(
-            "ipevent-receiver: --retain-days is not implemented with --store (the bucket would \
-             keep the apps it removes)"
-        );
-        return ExitCode::from(2);
-    }
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,slatedb=warn"),
     )
@@ -100,8 +93,10 @@ fn run(config: Config) -> Result<()> {
     let ingest = start_ingest(sockets, to_writer, free_rx, &counters, control, &writer_id)?;
     let retention_counters = Arc::clone(&counters);
     let mut writer = Writer::new(settings, counters, from_ingest, free_tx, journal)?;
-    let shipper = shipping.map(|(outbox, counters, shipper)| {
+    let mut bucket = None;
+    let shipper = shipping.map(|(outbox, counters, shipper, shipping_to)| {
         writer.ship_through(outbox, counters);
+        bucket = Some(shipping_to);
         shipper
     });
     let writer_handle = std::thread::Builder::new()
@@ -113,8 +108,14 @@ fn run(config: Config) -> Result<()> {
     let _retention = match config.retain_days {
         0 => None,
         days => Some(
-            retention::start(data.clone(), days, retention_counters, run_state::unix_now)
-                .context("starting the retention sweep")?,
+            retention::start(
+                data.clone(),
+                bucket,
+                days,
+                retention_counters,
+                run_state::unix_now,
+            )
+            .context("starting the retention sweep")?,
         ),
     };
 
@@ -320,7 +321,12 @@ fn start_shipping(
     data: &DataDir,
     writer_id: &str,
     url: &str,
-) -> Result<(ship::Outbox, Arc<ship::ShipCounters>, ship::Shipper)> {
+) -> Result<(
+    ship::Outbox,
+    Arc<ship::ShipCounters>,
+    ship::Shipper,
+    Arc<ipevent_store_s3::Bucket>,
+)> {
     let url: ipevent_store_s3::StoreUrl = url.parse()?;
     let bucket = Arc::new(ipevent_store_s3::Bucket::from_env(url.clone())?);
     let counters = Arc::new(ship::ShipCounters::default());
@@ -333,7 +339,7 @@ fn start_shipping(
     )?;
     let host = ipevent_core::store::host_writer_id("");
     let settings = ship::ShipperSettings {
-        bucket,
+        bucket: Arc::clone(&bucket),
         writer_id: writer_id.to_string(),
         instance: ship::instance_token(data, writer_id)?,
         holder: format!("host {host}, data dir {}", config.data_dir.display()),
@@ -346,7 +352,7 @@ fn start_shipping(
     };
     let shipper =
         ship::Shipper::start(settings, woken).with_context(|| format!("shipping to {url}"))?;
-    Ok((outbox, counters, shipper))
+    Ok((outbox, counters, shipper, bucket))
 }
 
 fn listen_addr(listen: &[String], i: usize) -> std::net::SocketAddr {

@@ -7,6 +7,11 @@
 //! moment (flushes pause, ingest does not), and, once everything received is flushed, the app
 //! is checked again, so an app that has just received an event stays. Removals are counted
 //! (`apps_expired`) and logged.
+//!
+//! With `--store`, the sweep judges the bucket instead: an app's newest event over every
+//! writer's database (`Bucket::expired_apps`), checked again for each app once every receiver
+//! has answered a sync of the cluster, and removed through the forget of the bucket
+//! (`Bucket::forget`), which every writer of the bucket applies, this receiver included.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::forget;
 use ipevent_core::retention::{self, MAX_EXPIRED_PER_PASS};
 use ipevent_core::{AppSha, DataDir};
+use ipevent_store_s3::Bucket;
 
 use crate::counters::Counters;
 
@@ -32,9 +38,11 @@ pub struct Retention {
     _stop: Sender<()>,
 }
 
-/// Starts the sweep of `data` for apps older than `days` days. `now_unix` is the clock.
+/// Starts the sweep of `data` (or of `bucket`, with `--store`) for apps older than `days`
+/// days. `now_unix` is the clock.
 pub fn start(
     data: DataDir,
+    bucket: Option<Arc<Bucket>>,
     days: u64,
     counters: Arc<Counters>,
     now_unix: fn() -> u64,
@@ -43,7 +51,10 @@ pub fn start(
     std::thread::Builder::new()
         .name("retention".into())
         .spawn(move || loop {
-            sweep(&data, days, &counters, now_unix(), &stopped);
+            match &bucket {
+                Some(bucket) => sweep_bucket(bucket, days, &counters, now_unix(), &stopped),
+                None => sweep(&data, days, &counters, now_unix(), &stopped),
+            }
             match stopped.recv_timeout(SWEEP_INTERVAL) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
@@ -105,4 +116,101 @@ fn remove(data: &DataDir, app: &AppSha, cutoff: u32) -> Result<bool, forget::For
             .map_err(|e| e.to_string())
     };
     Ok(forget::forget_app(data, app, FORGET_TIMEOUT, None, still_old)?.removed)
+}
+
+/// One sweep of the bucket: removes every app whose newest event, over every writer's
+/// database, is older than the cutoff, a bounded batch at a time.
+fn sweep_bucket(
+    bucket: &Arc<Bucket>,
+    days: u64,
+    counters: &Counters,
+    now_unix: u64,
+    stopped: &Receiver<()>,
+) {
+    let cutoff = retention::cutoff_unix(now_unix, days);
+    let mut removed = 0u64;
+    loop {
+        let apps = match bucket.expired_apps(cutoff, MAX_EXPIRED_PER_PASS) {
+            Ok(apps) => apps,
+            Err(e) => {
+                log::warn!(
+                    "retention: listing the bucket's apps: {e}; trying again at the next sweep"
+                );
+                break;
+            }
+        };
+        if apps.is_empty() {
+            break;
+        }
+        // What the receivers hold but have not shipped yet counts too: each app is checked
+        // again once every receiver has shipped what it had.
+        match bucket.sync_all(FORGET_TIMEOUT) {
+            Ok(synced) if synced.missing.is_empty() => {}
+            Ok(synced) => {
+                log::warn!(
+                    "retention: receivers {} did not answer a sync of the cluster; trying again \
+                     at the next sweep",
+                    synced.missing.join(", ")
+                );
+                break;
+            }
+            Err(e) => {
+                log::warn!("retention: syncing the cluster: {e}; trying again at the next sweep");
+                break;
+            }
+        }
+        for app in &apps {
+            if !matches!(
+                stopped.try_recv(),
+                Err(crossbeam_channel::TryRecvError::Empty)
+            ) {
+                return;
+            }
+            match remove_from_bucket(bucket, app, cutoff) {
+                Ok(true) => {
+                    removed += 1;
+                    counters.apps_expired.fetch_add(1, Relaxed);
+                    log::info!(
+                        "retention: removed app {app} from the bucket: its newest event is older \
+                         than {days} days"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!("retention: app {app}: {e}; trying again at the next sweep");
+                    return;
+                }
+            }
+        }
+        if apps.len() < MAX_EXPIRED_PER_PASS {
+            break;
+        }
+    }
+    if removed > 0 {
+        log::info!(
+            "retention: sweep removed {removed} apps older than {days} days from the bucket"
+        );
+    }
+}
+
+/// Removes `app` from every writer of the bucket unless its newest event is no longer before
+/// `cutoff`. True when every writer applied the removal.
+fn remove_from_bucket(bucket: &Arc<Bucket>, app: &AppSha, cutoff: u32) -> Result<bool, String> {
+    let newest = bucket
+        .read_app(app)
+        .map_err(|e| e.to_string())?
+        .and_then(|d| d.addrs.iter().map(|(_, s)| s.last_seen).max());
+    if newest.is_none_or(|n| n >= cutoff) {
+        return Ok(false);
+    }
+    let done = bucket
+        .forget(app, FORGET_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    if !done.complete() {
+        return Err(format!(
+            "receivers {} did not apply its removal yet (they do when they next look)",
+            done.missing.join(", ")
+        ));
+    }
+    Ok(true)
 }

@@ -16,7 +16,7 @@ use ipevent_core::stats::ReceiverStats;
 use ipevent_core::store::{self, AppData, DataDir};
 use ipevent_core::{AppSha, Report};
 use ipevent_testkit::s3::S3Server;
-use ipevent_testkit::{bin, stdout_json, wait_for, Receiver};
+use ipevent_testkit::{bin, send_events, sender, stdout_json, wait_for, Receiver};
 use serde_json::Value;
 
 /// Flags that make a test cluster quick to converge: short flush, ship and stats intervals.
@@ -165,6 +165,10 @@ struct Api {
 
 impl Api {
     fn start(server: &S3Server, url: &str, data_dir: &Path) -> Api {
+        Api::start_with(server, url, data_dir, &[])
+    }
+
+    fn start_with(server: &S3Server, url: &str, data_dir: &Path, extra: &[&str]) -> Api {
         let ready = tempfile::tempdir().unwrap();
         let ready_file = ready.path().join("ready");
         let mut cmd = Command::new(bin("ipevent-api"));
@@ -175,6 +179,7 @@ impl Api {
             .arg(data_dir)
             .arg("--ready-file")
             .arg(&ready_file)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -808,6 +813,380 @@ fn a_reset_through_one_api_resets_every_receiver_on_the_bucket() {
             assert_eq!(stdout_json(&out)["count"], app["count"], "{app}");
         }
     }
+    a.stop();
+    b.stop();
+}
+
+/// The bucket's report of `app` (`--sync` first when `sync`); `None` when it has none (exit 1).
+fn bucket_report(server: &S3Server, url: &str, app: &AppSha, sync: bool) -> Option<Value> {
+    let sha = app.to_hex();
+    let args: Vec<&str> = if sync {
+        vec!["--sync", &sha]
+    } else {
+        vec![&sha]
+    };
+    let out = query_store(server, url, &args);
+    match out.status.code() {
+        Some(0) => Some(stdout_json(&out)),
+        Some(1) => None,
+        _ => panic!(
+            "ipevent-query {sha}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Asserts that the bucket reports `app` exactly as the local trees of `dirs` hold it (after a
+/// sync), and, when the kernel dropped nothing, with `sent` events.
+fn assert_bucket_counts(server: &S3Server, url: &str, dirs: &[&Path], app: &AppSha, sent: u64) {
+    let report = bucket_report(server, url, app, true).expect("the app is reported");
+    let local = local_merged(dirs, app).expect("stored locally");
+    assert_eq!(
+        report,
+        serde_json::from_str::<Value>(&Report::from_app(&local).to_json(false)).unwrap(),
+        "app {app}"
+    );
+    let drops: u64 = dirs
+        .iter()
+        .flat_map(|dir| {
+            DataDir::new(*dir)
+                .writer_ids()
+                .unwrap()
+                .into_iter()
+                .filter_map(move |id| {
+                    let text = std::fs::read(DataDir::new(*dir).stats_path(&id)).ok()?;
+                    serde_json::from_slice::<ReceiverStats>(&text).ok()
+                })
+        })
+        .map(|s| s.kernel_drops)
+        .sum();
+    if drops == 0 {
+        assert_eq!(report["count"], sent, "app {app}");
+    }
+}
+
+/// `ipevent-query --store URL forget SHA`.
+fn forget_in_bucket(server: &S3Server, url: &str, app: &AppSha) -> Output {
+    query_store(server, url, &["forget", &app.to_hex()])
+}
+
+fn ips(first: u32, n: u32) -> impl Iterator<Item = u32> {
+    (0..n).map(move |i| 0x0a00_0001 + first + i)
+}
+
+#[test]
+fn a_forget_through_the_bucket_removes_one_app_from_every_receiver() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster5f");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = receiver(&server, &url, dir_a.path(), "host-a", "127.0.0.1:0", &[]);
+    let mut b = receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0", &[]);
+    let dirs = [dir_a.path(), dir_b.path()];
+    let (gone, kept) = (AppSha([0x61; 32]), AppSha([0x62; 32]));
+    let tx = sender();
+    send_events(&tx, a.addr, &gone, ips(0, 3));
+    send_events(&tx, b.addr, &gone, ips(3, 2));
+    send_events(&tx, a.addr, &kept, ips(0, 2));
+    send_events(&tx, b.addr, &kept, [0xb900_0001]);
+    wait_seen(&mut [&mut a, &mut b], 8);
+    sync_shipped(&mut a);
+    sync_shipped(&mut b);
+    assert_bucket_counts(&server, &url, &dirs, &gone, 5);
+    let kept_before = bucket_report(&server, &url, &kept, false).expect("kept is reported");
+
+    // Forgotten through the CLI: every receiver applied it before the answer.
+    let out = forget_in_bucket(&server, &url, &gone);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = stdout_json(&out);
+    assert_eq!(body["forgotten"], gone.to_hex(), "{body}");
+    assert_eq!(body["found"], true, "{body}");
+    assert_eq!(
+        body["receivers"],
+        serde_json::json!(["host-a", "host-b"]),
+        "{body}"
+    );
+    assert_eq!(body["stopped_writers"], serde_json::json!([]), "{body}");
+    // Gone from the bucket at once, and from both hosts' local trees; the other app untouched.
+    assert_eq!(bucket_report(&server, &url, &gone, false), None);
+    assert!(local_merged(&dirs, &gone).is_none());
+    assert_eq!(
+        bucket_report(&server, &url, &kept, false),
+        Some(kept_before.clone())
+    );
+    let out = query_store(&server, &url, &["list", "--limit", "0"]);
+    assert_eq!(stdout_json(&out), local_list(&dirs));
+    assert_eq!(
+        stdout_json(&out),
+        serde_json::json!([{"app_sha256": kept.to_hex(), "count": 3}])
+    );
+
+    // What arrives after the forget is counted, exactly.
+    send_events(&tx, a.addr, &gone, ips(20, 2));
+    send_events(&tx, b.addr, &gone, ips(20, 1));
+    wait_seen(&mut [&mut a, &mut b], 11);
+    assert_bucket_counts(&server, &url, &dirs, &gone, 3);
+
+    // Through the API (on host-a's data dir, beside its receiver): the same.
+    let api = Api::start(&server, &url, dir_a.path());
+    let resp = ureq::delete(&format!("http://{}/events/{}", api.addr, gone.to_hex()))
+        .call()
+        .expect("DELETE /events/:sha");
+    let body: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    assert_eq!(body["forgotten"], gone.to_hex(), "{body}");
+    assert_eq!(body["found"], true, "{body}");
+    let receivers: Vec<&str> = body["receivers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        receivers.contains(&"host-a") && receivers.contains(&"host-b"),
+        "{body}"
+    );
+    match ureq::get(&format!("http://{}/events/{}", api.addr, gone.to_hex())).call() {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("GET of a forgotten app: {other:?}"),
+    }
+    let kept_now: Value = serde_json::from_str(&http_get(&format!(
+        "http://{}/events/{}",
+        api.addr,
+        kept.to_hex()
+    )))
+    .unwrap();
+    assert_eq!(kept_now, kept_before);
+    assert_eq!(bucket_report(&server, &url, &gone, false), None);
+    assert!(local_merged(&dirs, &gone).is_none());
+
+    // After it: a POST to the API and a datagram to host-b, both counted.
+    let posted = ipevent_core::IpEvent {
+        app: gone,
+        ip: 0x0a00_0001,
+    };
+    let resp = ureq::post(&format!("http://{}/events", api.addr))
+        .set("Content-Type", "application/octet-stream")
+        .send_bytes(&ipevent_core::wire::encode_to_vec(&posted))
+        .expect("POST /events");
+    assert_eq!(resp.status(), 202);
+    send_events(&tx, b.addr, &gone, ips(40, 1));
+    wait_seen(&mut [&mut a, &mut b], 12);
+    assert_bucket_counts(&server, &url, &dirs, &gone, 2);
+    drop(api);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn a_receiver_down_during_a_forget_does_not_bring_the_app_back() {
+    let server = S3Server::start();
+    let url = server.store_url("cluster5d");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dirs = [dir_a.path(), dir_b.path()];
+    let mut a = receiver(&server, &url, dir_a.path(), "host-a", "127.0.0.1:0", &[]);
+    let mut b = lazy_receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0");
+    let (gone, kept) = (AppSha([0x71; 32]), AppSha([0x72; 32]));
+    let tx = sender();
+    send_events(&tx, b.addr, &gone, ips(0, 2));
+    send_events(&tx, b.addr, &kept, [0xb900_0001]);
+    b.wait_stats("the first datagrams", |s| {
+        s.datagrams_received + s.kernel_drops >= 3
+    });
+    sync_shipped(&mut b);
+    // More of the app, only in host-b's journal (it flushes only when asked), when it dies.
+    send_events(&tx, b.addr, &gone, ips(2, 2));
+    b.wait_stats("the later datagrams journaled", |s| {
+        s.events_accepted + s.kernel_drops >= 5
+    });
+    assert!(!b.stop_with(libc::SIGKILL).success());
+
+    // host-b still holds its lease and cannot answer: the forget is not confirmed, and says
+    // which receiver it waits for.
+    let api = Api::start_with(&server, &url, dir_a.path(), &["--sync-timeout-ms", "1500"]);
+    let resp = ureq::delete(&format!("http://{}/events/{}", api.addr, gone.to_hex())).call();
+    match resp {
+        Err(ureq::Error::Status(503, resp)) => {
+            let body = resp.into_string().unwrap();
+            assert!(
+                body.contains("host-b") && body.contains("not confirmed"),
+                "{body}"
+            );
+        }
+        other => panic!("a forget host-b could not apply: {other:?}"),
+    }
+    drop(api);
+
+    // Restarted with the app in its journal: it applies the recorded forget before it ships
+    // anything, so the forget, asked again, is confirmed by both, and nothing comes back.
+    let mut b = lazy_receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0");
+    let out = forget_in_bucket(&server, &url, &gone);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout_json(&out)["receivers"],
+        serde_json::json!(["host-a", "host-b"])
+    );
+    assert_eq!(bucket_report(&server, &url, &gone, true), None);
+    assert!(local_merged(&dirs, &gone).is_none());
+    assert_eq!(
+        bucket_report(&server, &url, &kept, true).unwrap()["count"],
+        1
+    );
+
+    // Stopped cleanly (its lease given back) with the app shipped: the forget changes its
+    // database itself, and its next start drops the app from its local tree.
+    send_events(&tx, b.addr, &gone, ips(10, 1));
+    b.wait_stats("one more datagram", |s| {
+        s.datagrams_received + s.kernel_drops >= 1
+    });
+    sync_shipped(&mut b);
+    b.stop();
+    assert_eq!(
+        bucket_report(&server, &url, &gone, false).unwrap()["count"],
+        1
+    );
+    let out = forget_in_bucket(&server, &url, &gone);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = stdout_json(&out);
+    assert_eq!(body["receivers"], serde_json::json!(["host-a"]), "{body}");
+    // The API that ran above is a stopped writer too now.
+    assert!(
+        body["stopped_writers"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("host-b")),
+        "{body}"
+    );
+    assert_eq!(bucket_report(&server, &url, &gone, false), None);
+    let mut b = lazy_receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0");
+    // A sync is answered only once every recorded forget is applied.
+    assert_eq!(bucket_report(&server, &url, &gone, true), None);
+    assert!(local_merged(&dirs, &gone).is_none());
+
+    // After all that, new events of the app count, exactly.
+    send_events(&tx, a.addr, &gone, ips(30, 2));
+    send_events(&tx, b.addr, &gone, ips(40, 1));
+    wait_seen(&mut [&mut a, &mut b], 3);
+    assert_bucket_counts(&server, &url, &dirs, &gone, 3);
+    assert_eq!(
+        bucket_report(&server, &url, &kept, false).unwrap()["count"],
+        1
+    );
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn retention_with_the_bucket_removes_expired_apps_from_every_receiver() {
+    use ipevent_core::retention::SECS_PER_DAY;
+    use ipevent_store_s3::{Bucket, ShipDb};
+    let server = S3Server::start();
+    let url = server.store_url("cluster5r");
+    let env = server.env();
+    let bucket = std::sync::Arc::new(
+        Bucket::from_vars(url.parse().unwrap(), |name| {
+            env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+        })
+        .unwrap(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let seen = |days: u64| {
+        let at = u32::try_from(now - days * SECS_PER_DAY).unwrap();
+        ipevent_core::AddrStats {
+            count: 2,
+            first_seen: at - 100,
+            last_seen: at,
+        }
+    };
+    let (old, mixed, recent, live) = (
+        AppSha([0x81; 32]),
+        AppSha([0x82; 32]),
+        AppSha([0x83; 32]),
+        AppSha([0x84; 32]),
+    );
+    // What both receivers shipped long ago: crafted arrival times, put into their databases
+    // under their own data dirs' instance tokens before they start.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let crafted: [(&Path, &str, ipevent_store_s3::outbox::EntryApps); 2] = [
+        (
+            dir_a.path(),
+            "host-a",
+            vec![(old, vec![(1, seen(40))]), (mixed, vec![(1, seen(90))])],
+        ),
+        (
+            dir_b.path(),
+            "host-b",
+            vec![
+                (old, vec![(2, seen(31))]),
+                (mixed, vec![(2, seen(2))]),
+                (recent, vec![(3, seen(29))]),
+            ],
+        ),
+    ];
+    for (dir, writer_id, apps) in &crafted {
+        let data = DataDir::new(*dir);
+        data.create().unwrap();
+        store::create_dir_all(&data.receiver_dir(writer_id)).unwrap();
+        let token = if *writer_id == "host-a" { "a1" } else { "b2" };
+        std::fs::write(data.receiver_dir(writer_id).join("instance"), token).unwrap();
+        let db = ShipDb::open(std::sync::Arc::clone(&bucket), writer_id, token, "test").unwrap();
+        db.apply(0, apps).unwrap();
+        db.publish().unwrap();
+        db.close().unwrap();
+    }
+    assert_eq!(
+        bucket_report(&server, &url, &old, false).unwrap()["count"],
+        4
+    );
+
+    let mut b = receiver(&server, &url, dir_b.path(), "host-b", "127.0.0.2:0", &[]);
+    let mut a = receiver(
+        &server,
+        &url,
+        dir_a.path(),
+        "host-a",
+        "127.0.0.1:0",
+        &["--retain-days", "30"],
+    );
+    let tx = sender();
+    send_events(&tx, a.addr, &live, [0x0a00_0001]);
+    send_events(&tx, b.addr, &live, [0x0a00_0002]);
+    let stats = a.wait_stats("the sweep to remove the old app", |s| s.apps_expired == 1);
+    assert_eq!(stats.apps_expired, 1);
+    wait_seen(&mut [&mut a, &mut b], 2);
+    assert_eq!(bucket_report(&server, &url, &old, true), None);
+    for (app, count) in [(mixed, 4), (recent, 2)] {
+        assert_eq!(
+            bucket_report(&server, &url, &app, false).unwrap()["count"],
+            count,
+            "{app}"
+        );
+    }
+    let live_report = bucket_report(&server, &url, &live, true).expect("the live app");
+    let local = local_merged(&[dir_a.path(), dir_b.path()], &live).unwrap();
+    assert_eq!(live_report["count"], local.count());
+    let out = query_store(&server, &url, &["list", "--limit", "0"]);
+    let listed: Vec<String> = stdout_json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["app_sha256"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!listed.contains(&old.to_hex()), "{listed:?}");
+    assert!(listed.contains(&mixed.to_hex()) && listed.contains(&live.to_hex()));
     a.stop();
     b.stop();
 }

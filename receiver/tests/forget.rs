@@ -144,7 +144,7 @@ fn forget_with_no_receiver_running_empties_the_stopped_journal() {
 }
 
 #[test]
-fn forget_refuses_a_malformed_sha_and_the_bucket_and_accepts_an_unknown_app() {
+fn forget_refuses_a_malformed_sha_or_store_and_accepts_an_unknown_app() {
     let rx = Receiver::start(&SLOW_FLUSH);
     for bad in ["not-a-sha", "abc", &"g".repeat(64)] {
         let out = rx.query(&["forget", bad]);
@@ -156,10 +156,10 @@ fn forget_refuses_a_malformed_sha_and_the_bucket_and_accepts_an_unknown_app() {
             stderr(&out)
         );
     }
-    let out = rx.query(&["--store", "s3://bucket/prefix", "forget", &app(1).to_hex()]);
+    let out = rx.query(&["--store", "s3:/bucket", "forget", &app(1).to_hex()]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(
-        stderr(&out).contains("forget is not implemented for --store"),
+        stderr(&out).contains("expected s3://BUCKET/PREFIX"),
         "{}",
         stderr(&out)
     );

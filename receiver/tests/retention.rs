@@ -8,7 +8,7 @@ use ipevent_core::retention::SECS_PER_DAY;
 use ipevent_core::store::{AddrStats, AppendBlocks, StoreWriter};
 use ipevent_core::wire::{self, IpEvent};
 use ipevent_core::{AppSha, DataDir};
-use ipevent_testkit::{run_receiver_to_exit, sender, stdout_json, Receiver};
+use ipevent_testkit::{sender, stdout_json, Receiver};
 
 fn app(byte: u8) -> AppSha {
     AppSha([byte; 32])
@@ -86,20 +86,4 @@ fn the_sweep_removes_only_apps_whose_newest_event_is_older_than_the_retention() 
     rx.stop();
     // The count is in the stats file the receiver leaves at exit too.
     assert_eq!(rx.stats().unwrap().apps_expired, 1);
-}
-
-#[test]
-fn retention_is_refused_with_the_bucket_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = run_receiver_to_exit(
-        dir.path(),
-        &["--retain-days", "30", "--store", "s3://bucket/prefix"],
-    );
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("--retain-days is not implemented with --store"),
-        "{stderr}"
-    );
 }

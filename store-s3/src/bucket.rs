@@ -223,7 +223,7 @@ impl Bucket {
 
     /// Opens every writer's database read-only. A prefix that holds no database (a listing
     /// can still show a deleted one) is skipped.
-    async fn open_readers(&self) -> Result<Vec<(u64, String, DbReader)>, S3Error> {
+    pub(crate) async fn open_readers(&self) -> Result<Vec<(u64, String, DbReader)>, S3Error> {
         let generation = self.generation_async().await?;
         let ids = self.writer_ids_async(generation).await?;
         let mut tasks = tokio::task::JoinSet::new();
@@ -442,7 +442,7 @@ fn skip_wal_replay() -> bool {
     std::env::var("IPEVENT_S3_REPLAY_WAL").map_or(true, |v| v != "1")
 }
 
-async fn close_all(readers: Vec<(u64, String, DbReader)>) {
+pub(crate) async fn close_all(readers: Vec<(u64, String, DbReader)>) {
     for (_, id, reader) in readers {
         if let Err(e) = reader.close().await {
             log::debug!("closing the reader of {id}: {e}");
@@ -451,7 +451,10 @@ async fn close_all(readers: Vec<(u64, String, DbReader)>) {
 }
 
 /// Whether `path` holds a database manifest.
-async fn has_manifest(store: &dyn ObjectStore, path: &ObjectPath) -> Result<bool, S3Error> {
+pub(crate) async fn has_manifest(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+) -> Result<bool, S3Error> {
     let manifest = path.clone().join("manifest");
     let listing = store
         .list_with_delimiter(Some(&manifest))

@@ -63,7 +63,7 @@ pub struct SyncRequest {
     pub age: Duration,
 }
 
-fn os_err(
+pub(crate) fn os_err(
     action: &'static str,
     location: &ObjectPath,
 ) -> impl FnOnce(object_store::Error) -> S3Error {
@@ -76,7 +76,7 @@ fn os_err(
 }
 
 /// A request id: unique across hosts and processes, and safe as an object name.
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -226,7 +226,7 @@ impl Bucket {
 
 /// Polls `done` for each writer of `waiting` (with a growing pause) until all are done or
 /// `timeout` has passed since `start`; returns the writers done and those still waiting.
-fn wait_for_writers(
+pub(crate) fn wait_for_writers(
     mut waiting: Vec<String>,
     start: Instant,
     timeout: Duration,

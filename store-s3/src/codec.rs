@@ -10,6 +10,7 @@
 //! | `i ‖ ip (4, big-endian) ‖ sha (32)` | empty | the address index: the app has had that address |
 //! | `m/shipped_epoch` | epoch (8 bytes, LE) | the last flush epoch this database holds |
 //! | `m/addr_index` | empty | every address key has its index key (written once the database has them) |
+//! | `m/forgotten_seq` | sequence (8 bytes, LE) | the last forget of the bucket's log applied to it |
 //!
 //! Address and count keys are written as merge operands; [`StatsMerge`] sums counts and keeps
 //! the earliest first and the latest last arrival, so a database holds the same per-address
@@ -26,6 +27,9 @@ pub const ADDR_TAG: u8 = b'a';
 pub const COUNT_TAG: u8 = b'c';
 /// The key holding the last flush epoch the database holds.
 pub const SHIPPED_EPOCH_KEY: &[u8] = b"m/shipped_epoch";
+/// The key holding the sequence number of the last forget (in the bucket's forget log of the
+/// database's generation) whose app the database no longer holds.
+pub const FORGOTTEN_SEQ_KEY: &[u8] = b"m/forgotten_seq";
 
 /// First byte of an address index key.
 pub const ADDR_INDEX_TAG: u8 = b'i';

@@ -12,8 +12,9 @@
 //! - [`ShipDb`]: one writer's database: applies a flush's records and its epoch atomically.
 //! - [`outbox`]: the receiver's local queue of flushes not yet shipped.
 //! - [`shipper`]: the outbox a writer fills and the thread that ships it.
-//! - [`Bucket::sync_all`], [`Bucket::reset`]: read after write and reset across hosts,
-//!   through requests in the bucket that every receiver's shipper answers.
+//! - [`Bucket::sync_all`], [`Bucket::reset`], [`Bucket::forget`]: read after write, reset
+//!   and forgetting one app across hosts, through requests in the bucket that every
+//!   receiver's shipper answers.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@
 mod bucket;
 mod cluster;
 pub mod codec;
+mod forget;
 pub mod outbox;
 mod outbox_writer;
 mod ship;
@@ -28,6 +30,7 @@ pub mod shipper;
 
 pub use bucket::{Bucket, StoreUrl};
 pub use cluster::{ClusterReset, ClusterSync, SyncRequest, ABANDONED_REQUEST};
+pub use forget::ClusterForget;
 pub use ship::ShipDb;
 
 /// Errors of the object store path. Messages never contain credentials.
@@ -82,6 +85,13 @@ pub enum S3Error {
         holder: String,
         /// The lease object.
         lease: String,
+    },
+    /// A forget of the cluster holds this writer id's lease for a moment (it is removing an
+    /// app from the database of a stopped writer): try again shortly.
+    #[error("writer id {writer_id} is held for a moment by a forget of the cluster; trying again")]
+    LeaseBusy {
+        /// The writer id.
+        writer_id: String,
     },
     /// A stored value is not what this build writes.
     #[error("database {location}: {what}")]

@@ -187,6 +187,37 @@ fn parse_entry(bytes: &[u8], epoch: u64) -> Result<EntryApps, String> {
     Ok(out)
 }
 
+/// Removes `app`'s records from every entry of `outbox` (a forget of the app): an entry left
+/// without apps is removed, any other that held the app rewritten without it (whole or not at
+/// all, synced). An entry that does not verify is left as it is: it is never shipped. Returns
+/// how many entries were removed and how many bytes the outbox lost.
+pub fn strip_app(outbox: &Path, app: &AppSha) -> Result<(u64, u64), StoreError> {
+    let mut removed = 0u64;
+    let mut freed = 0u64;
+    let mut builder = EntryBuilder::default();
+    for (epoch, bytes) in entries(outbox)? {
+        let Ok(apps) = read_entry(outbox, epoch) else {
+            continue;
+        };
+        if apps.iter().all(|(a, _)| a != app) {
+            continue;
+        }
+        builder.begin(epoch);
+        for (kept, addrs) in apps.iter().filter(|(a, _)| a != app) {
+            builder.add(kept, addrs);
+        }
+        if builder.apps() == 0 {
+            remove_entry(outbox, epoch)?;
+            removed += 1;
+            freed += bytes;
+        } else {
+            let written = builder.write(outbox, true)?;
+            freed += bytes.saturating_sub(written);
+        }
+    }
+    Ok((removed, freed))
+}
+
 /// Removes the entry of `epoch` (shipped, or already in the database).
 pub fn remove_entry(outbox: &Path, epoch: u64) -> Result<(), StoreError> {
     let path = entry_path(outbox, epoch);
@@ -235,6 +266,38 @@ mod tests {
         remove_entry(&outbox, 12).unwrap();
         remove_entry(&outbox, 12).unwrap();
         assert_eq!(entries(&outbox).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn stripping_an_app_rewrites_or_removes_the_entries_that_held_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (AppSha([1; 32]), AppSha([2; 32]));
+        let mut builder = EntryBuilder::default();
+        builder.begin(1);
+        builder.add(&a, &[(1, stats(2, 10, 20))]);
+        builder.add(&b, &[(9, stats(1, 5, 5))]);
+        builder.write(tmp.path(), false).unwrap();
+        builder.begin(2);
+        builder.add(&a, &[(3, stats(1, 30, 30))]);
+        builder.write(tmp.path(), false).unwrap();
+        builder.begin(3);
+        builder.add(&b, &[(4, stats(1, 40, 40))]);
+        builder.write(tmp.path(), false).unwrap();
+        let before: u64 = entries(tmp.path()).unwrap().iter().map(|e| e.1).sum();
+        let (removed, freed) = strip_app(tmp.path(), &a).unwrap();
+        let after: u64 = entries(tmp.path()).unwrap().iter().map(|e| e.1).sum();
+        assert_eq!((removed, freed), (1, before - after));
+        let listed: Vec<u64> = entries(tmp.path()).unwrap().iter().map(|e| e.0).collect();
+        assert_eq!(listed, [1, 3]);
+        assert_eq!(
+            read_entry(tmp.path(), 1).unwrap(),
+            vec![(b, vec![(9, stats(1, 5, 5))])]
+        );
+        assert_eq!(
+            read_entry(tmp.path(), 3).unwrap(),
+            vec![(b, vec![(4, stats(1, 40, 40))])]
+        );
+        assert_eq!(strip_app(tmp.path(), &a).unwrap(), (0, 0));
     }
 
     #[test]

@@ -14,6 +14,19 @@ use crate::{Bucket, S3Error};
 /// Longest instance token: it identifies the data dir a writer id ships from.
 pub const MAX_INSTANCE_BYTES: usize = 64;
 
+/// Prefix of the instance tokens of forgets that open a stopped writer's database
+/// ([`crate::Bucket::forget`]): a receiver that finds its lease held by one waits for it.
+pub const FORGET_INSTANCE_PREFIX: &str = "forget-";
+
+/// A lease held by a forget longer than this is left over from a forget that died: it is
+/// taken over. A forget holds it for a few requests.
+pub const FORGET_LEASE_STALE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Most keys one write batch of [`ShipDb::forget`] deletes: an app with millions of addresses
+/// is removed in several batches, so memory stays bounded (the forget is applied again, whole,
+/// if it stops half way: its sequence is recorded only with the last batch).
+const FORGET_BATCH_KEYS: usize = 65_536;
+
 /// The database of one writer, opened for writing.
 ///
 /// A writer id is held in the bucket by one data dir at a time: `PREFIX/leases/<writer-id>`
@@ -146,6 +159,54 @@ impl ShipDb {
             .map_err(|source| db_error("writing to", &self.location, source))
     }
 
+    /// The sequence number of the last forget of the bucket's log (of this database's
+    /// generation) applied to this database (0: none).
+    pub fn forgotten_seq(&self) -> Result<u64, S3Error> {
+        let value = self
+            .bucket
+            .runtime
+            .block_on(self.db.get(codec::FORGOTTEN_SEQ_KEY))
+            .map_err(|source| db_error("reading the forget sequence of", &self.location, source))?;
+        Ok(value.and_then(|v| codec::decode_u64(&v)).unwrap_or(0))
+    }
+
+    /// Removes every key of `apps` (each address with its index key, and the total, found by a
+    /// prefix scan) and
+    /// records `seq` as the last forget applied; returns once that is durable, with the number
+    /// of address keys removed. Not yet visible to readers that skip the WAL: see
+    /// [`ShipDb::publish`].
+    pub fn forget(&self, seq: u64, apps: &[AppSha]) -> Result<u64, S3Error> {
+        let db = &self.db;
+        self.bucket
+            .runtime
+            .block_on(async {
+                let mut removed = 0u64;
+                let mut batch = WriteBatch::new();
+                let mut in_batch = 0usize;
+                for app in apps {
+                    let mut iter = db.scan_prefix(codec::addr_prefix(app), ..).await?;
+                    while let Some(kv) = iter.next().await? {
+                        if let Some((_, ip)) = codec::parse_addr_key(&kv.key) {
+                            batch.delete(codec::addr_index_key(ip, app));
+                        }
+                        batch.delete(kv.key);
+                        removed += 1;
+                        in_batch += 2;
+                        if in_batch >= FORGET_BATCH_KEYS {
+                            let full = std::mem::replace(&mut batch, WriteBatch::new());
+                            db.write(full).await?.await_durable().await?;
+                            in_batch = 0;
+                        }
+                    }
+                    batch.delete(codec::count_key(app));
+                }
+                batch.put(codec::FORGOTTEN_SEQ_KEY, seq.to_le_bytes());
+                db.write(batch).await?.await_durable().await?;
+                Ok::<u64, slatedb::Error>(removed)
+            })
+            .map_err(|source| db_error("forgetting apps in", &self.location, source))
+    }
+
     /// Makes everything applied so far visible to readers that skip the WAL: freezes the
     /// memtable and writes it to L0.
     pub fn publish(&self) -> Result<(), S3Error> {
@@ -243,11 +304,28 @@ async fn take_lease(
     loop {
         match bucket.store.get(&path).await {
             Ok(found) => {
+                let taken_at = found.meta.last_modified;
                 let body = found.bytes().await.map_err(|e| os_err("reading", e))?;
                 let body = String::from_utf8_lossy(&body);
                 let mut lines = body.lines();
-                if lines.next() == Some(instance) {
+                let holder_instance = lines.next();
+                if holder_instance == Some(instance) {
                     return Ok(());
+                }
+                if holder_instance.is_some_and(|h| h.starts_with(FORGET_INSTANCE_PREFIX)) {
+                    let age = std::time::SystemTime::now()
+                        .duration_since(std::time::SystemTime::from(taken_at))
+                        .unwrap_or_default();
+                    if age <= FORGET_LEASE_STALE {
+                        return Err(S3Error::LeaseBusy {
+                            writer_id: writer_id.to_string(),
+                        });
+                    }
+                    // Left over by a forget that died: taken over.
+                    match bucket.store.delete(&path).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => continue,
+                        Err(e) => return Err(os_err("deleting", e)),
+                    }
                 }
                 return Err(S3Error::LeaseHeld {
                     writer_id: writer_id.to_string(),

@@ -21,7 +21,9 @@ pub use crate::outbox_writer::{Outbox, ShipCounters};
 use crate::{Bucket, S3Error, ShipDb};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::control::{self, Command as Ctl, Reply};
+use ipevent_core::forget;
 use ipevent_core::store::{self, trash, DataDir};
+use ipevent_core::AppSha;
 
 /// How long the receiver waits at start for the bucket to confirm its writer id before it
 /// starts anyway (ingest never waits on the object store; the shipper keeps trying).
@@ -366,23 +368,46 @@ fn ship_to(
     };
     s.counters.shipped_epoch.store(shipped, Relaxed);
     s.counters.published_epoch.store(shipped, Relaxed);
+    let mut forgets = loop {
+        match db.forgotten_seq() {
+            Ok(seq) => break Forgets::new(s, db.generation(), seq),
+            Err(e) => {
+                complain("reading the forget sequence", &e, &s.counters);
+                if stopped_within(stop, s.interval) {
+                    return Some(Next::Stop);
+                }
+            }
+        }
+    };
     let mut stopping = false;
     let mut unpublished = false;
     let mut served = BTreeSet::new();
     let mut next_look = Instant::now();
     loop {
-        let mut result = ship_round(s, db, &mut shipped, &mut unpublished);
-        if result.is_ok() && !stopping && Instant::now() >= next_look {
+        let mut result = Ok(());
+        let looking = !stopping && Instant::now() >= next_look;
+        if looking {
             next_look = Instant::now() + s.interval;
             match s.bucket.generation() {
                 Ok(current) if current > db.generation() => {
                     return Some(Next::Generation(current));
                 }
-                Ok(_) => {
-                    result = answer_syncs(s, db, &mut shipped, &mut unpublished, &mut served);
-                }
+                Ok(_) => {}
                 Err(e) => result = Err(e),
             }
+        }
+        // Forgets first: nothing written after a forget's hold is shipped before the
+        // database has lost the app, and nothing is shipped while one is half applied.
+        if result.is_ok() && (looking || !forgets.settled) {
+            forgets.settled = false;
+            result = apply_forgets(s, db, &mut forgets);
+            forgets.settled = result.is_ok();
+        }
+        if result.is_ok() && forgets.settled {
+            result = ship_round(s, db, &mut shipped, &mut unpublished);
+        }
+        if result.is_ok() && looking {
+            result = answer_syncs(s, db, &mut shipped, &mut unpublished, &mut served);
         }
         match result {
             Ok(()) => {}
@@ -401,6 +426,114 @@ fn ship_to(
             recv(woken) -> _ => {}
             default(s.interval) => {}
         }
+    }
+}
+
+/// Where this writer stands with the bucket's forget log (see `ipevent_store_s3::Bucket::forget`).
+struct Forgets {
+    /// The last forget its database has applied.
+    db: u64,
+    /// The last forget its local state (journal, outbox, local tree) has applied, kept in
+    /// `receivers/<writer-id>/forgotten`: a forget a stopped writer's database got from the
+    /// forget itself is applied locally at the next start, before anything is shipped.
+    local: u64,
+    /// Every forget in the log was applied when it was last looked at.
+    settled: bool,
+    /// `forgotten/<writer-id>` says `db`.
+    told: bool,
+}
+
+impl Forgets {
+    fn new(s: &ShipperSettings, generation: u64, db: u64) -> Forgets {
+        Forgets {
+            db,
+            local: local_forgotten(&s.data, &s.writer_id, generation),
+            settled: false,
+            told: false,
+        }
+    }
+}
+
+fn forgotten_path(data: &DataDir, writer_id: &str) -> PathBuf {
+    data.receiver_dir(writer_id).join("forgotten")
+}
+
+/// The last forget of `generation`'s log this data dir's local state applied (0: none, or
+/// only forgets of an earlier generation, whose state a reset dropped since).
+fn local_forgotten(data: &DataDir, writer_id: &str, generation: u64) -> u64 {
+    let text = store::read_file(&forgotten_path(data, writer_id))
+        .ok()
+        .flatten()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_default();
+    let mut words = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+    match (words.next().flatten(), words.next().flatten()) {
+        (Some(g), Some(seq)) if g == generation => seq,
+        _ => 0,
+    }
+}
+
+/// Applies, in order, the forgets of the bucket's log this writer has not applied: first to
+/// its local state (every receiver of the data dir held and flushed, so no journal holds the
+/// app; its outbox entries and local tree lose the app), then to its database (the app's keys
+/// deleted with the sequence recorded, durable, published), then says so in the bucket.
+fn apply_forgets(s: &ShipperSettings, db: &ShipDb, f: &mut Forgets) -> Result<(), S3Error> {
+    let generation = db.generation();
+    let found = s.bucket.forgets_after(generation, f.db.min(f.local))?;
+    let local_before = f.local;
+    for (seq, app) in found.iter().filter(|(seq, _)| *seq > local_before) {
+        forget_locally(s, app)?;
+        store::write_atomic(
+            &forgotten_path(&s.data, &s.writer_id),
+            format!("{generation} {seq}\n").as_bytes(),
+        )?;
+        f.local = *seq;
+        log::info!("forget {app}: removed from this host's journal, outbox and local tree");
+    }
+    let to_db: Vec<AppSha> = found
+        .iter()
+        .filter(|(seq, _)| *seq > f.db)
+        .map(|(_, app)| *app)
+        .collect();
+    if let Some(&(last, _)) = found.last().filter(|(last, _)| *last > f.db) {
+        let removed = db.forget(last, &to_db)?;
+        db.publish()?;
+        f.db = last;
+        f.told = false;
+        log::info!(
+            "forget: {} apps removed from {} ({removed} addresses), up to forget {last}",
+            to_db.len(),
+            db.location()
+        );
+    }
+    if !f.told {
+        s.bucket.set_forgotten(&s.writer_id, generation, f.db)?;
+        f.told = true;
+    }
+    Ok(())
+}
+
+/// Removes `app` from this writer's local state: with a receiver, through the local forget
+/// (`forget-shipped`: every receiver of the data dir drains, flushes and holds; stopped ones'
+/// journals lose the app; the app's directory goes), its outbox entries losing the app while
+/// the receivers are held; for the API's own writer (no control socket), from its outbox.
+fn forget_locally(s: &ShipperSettings, app: &AppSha) -> Result<(), S3Error> {
+    let strip = || -> Result<bool, String> {
+        let (removed, freed) = outbox::strip_app(&s.outbox_dir, app).map_err(|e| e.to_string())?;
+        s.counters.entries.fetch_sub(removed, Relaxed);
+        s.counters.bytes.fetch_sub(freed, Relaxed);
+        Ok(true)
+    };
+    let failed = |why: String| {
+        S3Error::Local(store::StoreError::Backend(format!(
+            "forgetting app {app} on this host: {why}"
+        )))
+    };
+    match &s.control_socket {
+        None => strip().map(|_| ()).map_err(failed),
+        Some(_) => forget::forget_app_for_bucket(&s.data, app, SYNC_WAIT, strip)
+            .map(|_| ())
+            .map_err(|e| failed(e.to_string())),
     }
 }
 

@@ -13,12 +13,25 @@ impl Writer {
     /// away. Events that arrive meanwhile stay pending and go into a new log when the hold
     /// ends. Refused, holding nothing, while another hold lasts (the client tries again), when
     /// the flush cannot write everything (nothing is lost: it stays pending), and with
-    /// `--store`, whose bucket would keep the app.
-    pub(super) fn begin_forget(&mut self, hold: u64, app: &AppSha) -> Result<(), String> {
-        if self.outbox.is_some() {
+    /// `--store` unless `shipped` (the forget of the bucket, whose shipper removes the app
+    /// from the outbox and the database too; a local forget would leave the bucket the app).
+    /// With `--store` it also waits (refused as busy) while the outbox could not take a
+    /// flush: the journal then still holds what it carries.
+    pub(super) fn begin_forget(
+        &mut self,
+        hold: u64,
+        app: &AppSha,
+        shipped: bool,
+    ) -> Result<(), String> {
+        if self.outbox.is_some() && !shipped {
             return Err(format!(
-                "{REFUSAL_UNSUPPORTED} forgetting an app is not implemented with --store (the \
-                 bucket would keep it)"
+                "{REFUSAL_UNSUPPORTED} this receiver ships to a bucket (--store): forget the \
+                 app there (ipevent-query --store … forget), or the bucket would keep it"
+            ));
+        }
+        if self.outbox.as_ref().is_some_and(|o| o.has_carried()) {
+            return Err(format!(
+                "{REFUSAL_BUSY} the outbox could not take the last flush; try again"
             ));
         }
         if !self.holds.is_empty() {
@@ -27,6 +40,11 @@ impl Writer {
             ));
         }
         let failed = self.flush();
+        if self.outbox.as_ref().is_some_and(|o| o.has_carried()) {
+            return Err(format!(
+                "{REFUSAL_BUSY} the outbox could not take the flush; try again"
+            ));
+        }
         if failed > 0 || !self.pending.is_empty() {
             return Err(format!(
                 "{failed} apps could not be written, so the journal still holds them; see the \

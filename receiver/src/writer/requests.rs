@@ -45,8 +45,13 @@ impl Writer {
                 let dropped_pending = self.begin_hold(hold);
                 answers.push((reply, Reply::ResetBegun(ResetBegun { dropped_pending })));
             }
-            Op::BeginForget { hold, app, reply } => {
-                let answer = match self.begin_forget(hold, &app) {
+            Op::BeginForget {
+                hold,
+                app,
+                shipped,
+                reply,
+            } => {
+                let answer = match self.begin_forget(hold, &app, shipped) {
                     Ok(()) => Reply::ForgetBegun(ForgetBegun { epoch: self.epoch }),
                     Err(why) => Reply::Refused(why),
                 };
