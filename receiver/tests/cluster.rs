@@ -923,6 +923,20 @@ fn a_forget_through_the_bucket_removes_one_app_from_every_receiver() {
         stdout_json(&out),
         serde_json::json!([{"app_sha256": kept.to_hex(), "count": 3}])
     );
+    // Nor does the address lookup name it (both apps had 10.0.0.1).
+    let out = query_store(&server, &url, &["ip", "10.0.0.1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let named: Vec<Value> = stdout_json(&out)["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["app_sha256"].clone())
+        .collect();
+    assert_eq!(named, [serde_json::json!(kept.to_hex())]);
 
     // What arrives after the forget is counted, exactly.
     send_events(&tx, a.addr, &gone, ips(20, 2));
