@@ -41,7 +41,8 @@ pub struct Config {
     pub allow_loopback_admin: bool,
 
     /// How long to wait for each receiver to drain and flush (or to begin and end a reset),
-    /// in milliseconds.
+    /// in milliseconds. With --store, also how long a reset or a forget of one app waits for
+    /// every receiver shipping to the bucket to apply it.
     #[arg(long, env = "IPEVENT_API_SYNC_TIMEOUT_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub sync_timeout_ms: u64,
