@@ -11,7 +11,8 @@
 //! With `--store`, the sweep judges the bucket instead: an app's newest event over every
 //! writer's database (`Bucket::expired_apps`), checked again for each app once every receiver
 //! has answered a sync of the cluster, and removed through the forget of the bucket
-//! (`Bucket::forget`), which every writer of the bucket applies, this receiver included.
+//! (`Bucket::forget_apps`, up to `MAX_APPS_PER_FORGET` apps a forget), which every writer of
+//! the bucket applies, this receiver included.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::forget;
 use ipevent_core::retention::{self, MAX_EXPIRED_PER_PASS};
 use ipevent_core::{AppSha, DataDir};
-use ipevent_store_s3::Bucket;
+use ipevent_store_s3::{Bucket, MAX_APPS_PER_FORGET};
 
 use crate::counters::Counters;
 
@@ -159,30 +160,52 @@ fn sweep_bucket(
                 break;
             }
         }
-        for app in &apps {
-            if !matches!(
-                stopped.try_recv(),
-                Err(crossbeam_channel::TryRecvError::Empty)
-            ) {
-                return;
+        if !matches!(
+            stopped.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Empty)
+        ) {
+            return;
+        }
+        let still_old = match still_old(bucket, &apps, cutoff) {
+            Ok(old) => old,
+            Err(e) => {
+                log::warn!("retention: reading the bucket: {e}; trying again at the next sweep");
+                break;
             }
-            match remove_from_bucket(bucket, app, cutoff) {
-                Ok(true) => {
-                    removed += 1;
-                    counters.apps_expired.fetch_add(1, Relaxed);
-                    log::info!(
-                        "retention: removed app {app} from the bucket: its newest event is older \
-                         than {days} days"
-                    );
+        };
+        for batch in still_old.chunks(MAX_APPS_PER_FORGET) {
+            match bucket.forget_apps(batch, FORGET_TIMEOUT) {
+                Ok(done) if done.complete() => {
+                    removed += batch.len() as u64;
+                    counters.apps_expired.fetch_add(batch.len() as u64, Relaxed);
+                    for app in batch {
+                        log::info!(
+                            "retention: removed app {app} from the bucket: its newest event is \
+                             older than {days} days"
+                        );
+                    }
                 }
-                Ok(false) => {}
+                Ok(done) => {
+                    log::warn!(
+                        "retention: receivers {} did not apply the removal of {} apps yet (they \
+                         do when they next look); trying again at the next sweep",
+                        done.missing.join(", "),
+                        batch.len()
+                    );
+                    return;
+                }
                 Err(e) => {
-                    log::warn!("retention: app {app}: {e}; trying again at the next sweep");
+                    log::warn!(
+                        "retention: removing {} apps: {e}; trying again at the next sweep",
+                        batch.len()
+                    );
                     return;
                 }
             }
         }
-        if apps.len() < MAX_EXPIRED_PER_PASS {
+        // Apps that turned out recent are listed again by the next pass: stop at a pass that
+        // removed none.
+        if apps.len() < MAX_EXPIRED_PER_PASS || still_old.is_empty() {
             break;
         }
     }
@@ -193,24 +216,24 @@ fn sweep_bucket(
     }
 }
 
-/// Removes `app` from every writer of the bucket unless its newest event is no longer before
-/// `cutoff`. True when every writer applied the removal.
-fn remove_from_bucket(bucket: &Arc<Bucket>, app: &AppSha, cutoff: u32) -> Result<bool, String> {
-    let newest = bucket
-        .read_app(app)
-        .map_err(|e| e.to_string())?
-        .and_then(|d| d.addrs.iter().map(|(_, s)| s.last_seen).max());
-    if newest.is_none_or(|n| n >= cutoff) {
-        return Ok(false);
-    }
-    let done = bucket
-        .forget(app, FORGET_TIMEOUT)
+/// Those of `apps` whose newest event, read again over every writer, is still before
+/// `cutoff`.
+fn still_old(bucket: &Bucket, apps: &[AppSha], cutoff: u32) -> Result<Vec<AppSha>, String> {
+    let mut old = Vec::new();
+    let mut failed = None;
+    bucket
+        .read_apps(apps, &mut |app, read| match read {
+            Ok(data) => {
+                let newest = data.and_then(|d| d.addrs.iter().map(|(_, s)| s.last_seen).max());
+                if newest.is_some_and(|n| n < cutoff) {
+                    old.push(*app);
+                }
+            }
+            Err(e) => failed = Some(e.to_string()),
+        })
         .map_err(|e| e.to_string())?;
-    if !done.complete() {
-        return Err(format!(
-            "receivers {} did not apply its removal yet (they do when they next look)",
-            done.missing.join(", ")
-        ));
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(old),
     }
-    Ok(true)
 }

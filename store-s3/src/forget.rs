@@ -4,7 +4,8 @@
 //! anything of the app that reached a receiver before the call.
 //!
 //! ```text
-//! PREFIX/forgets/<seq, 20 digits>        one per forget of generation 0, body: the app's SHA
+//! PREFIX/forgets/<seq, 20 digits>        one per forget of generation 0, body: the SHA of each
+//!                                        app it removes, one a line
 //! PREFIX/g<N>/forgets/<seq, 20 digits>   the same for generation N (a reset starts a new log)
 //! PREFIX/forgotten/<writer-id>           "<generation> <seq>": the last forget it applied
 //! ```
@@ -36,6 +37,11 @@ use crate::cluster::{new_request_id, os_err, wait_for_writers};
 use crate::codec;
 use crate::ship::FORGET_INSTANCE_PREFIX;
 use crate::{Bucket, S3Error, ShipDb};
+
+/// Most apps one forget names (one entry of the log): bounds the entry (65 bytes an app) and
+/// the work a writer does before it answers. Retention forgets its expired apps in batches of
+/// this size.
+pub const MAX_APPS_PER_FORGET: usize = 1024;
 
 /// Longest pause between two tries to take a stopped writer's lease held by another forget.
 const MAX_LEASE_PAUSE: Duration = Duration::from_millis(200);
@@ -81,8 +87,15 @@ impl Bucket {
         self.path(&format!("forgotten/{writer_id}"))
     }
 
-    /// Appends a forget of `app` to the log of `generation`; returns its sequence number.
-    pub fn log_forget(&self, generation: u64, app: &AppSha) -> Result<u64, S3Error> {
+    /// Appends a forget of `apps` (one entry, at most [`MAX_APPS_PER_FORGET`]) to the log of
+    /// `generation`; returns its sequence number.
+    pub fn log_forget(&self, generation: u64, apps: &[AppSha]) -> Result<u64, S3Error> {
+        assert!(
+            !apps.is_empty() && apps.len() <= MAX_APPS_PER_FORGET,
+            "{} apps in one forget",
+            apps.len()
+        );
+        let body: String = apps.iter().map(|app| format!("{app}\n")).collect();
         let dir = self.forgets_dir(generation);
         let mut last = self.runtime.block_on(async {
             let listed = self
@@ -106,7 +119,7 @@ impl Bucket {
             let entry = self.forget_entry(generation, next);
             let created = self.runtime.block_on(self.store.put_opts(
                 &entry,
-                PutPayload::from(format!("{app}\n")),
+                PutPayload::from(body.clone()),
                 PutOptions::from(PutMode::Create),
             ));
             match created {
@@ -119,19 +132,29 @@ impl Bucket {
         }
     }
 
-    /// The app of forget `seq` of `generation`'s log; `None` when the log has no such entry
+    /// The apps of forget `seq` of `generation`'s log; `None` when the log has no such entry
     /// (yet).
-    pub fn logged_forget(&self, generation: u64, seq: u64) -> Result<Option<AppSha>, S3Error> {
+    pub fn logged_forget(&self, generation: u64, seq: u64) -> Result<Option<Vec<AppSha>>, S3Error> {
         let entry = self.forget_entry(generation, seq);
         self.runtime.block_on(async {
             match self.store.get(&entry).await {
                 Ok(found) => {
                     let body = found.bytes().await.map_err(os_err("reading", &entry))?;
-                    let app = String::from_utf8_lossy(&body).trim().parse::<AppSha>();
-                    app.map(Some).map_err(|e| S3Error::Corrupt {
-                        location: entry.to_string(),
-                        what: format!("not an app SHA-256: {e}"),
-                    })
+                    let apps: Result<Vec<AppSha>, _> = String::from_utf8_lossy(&body)
+                        .lines()
+                        .map(|line| line.trim().parse::<AppSha>())
+                        .collect();
+                    match apps {
+                        Ok(apps) if !apps.is_empty() => Ok(Some(apps)),
+                        Ok(_) => Err(S3Error::Corrupt {
+                            location: entry.to_string(),
+                            what: "a forget naming no app".into(),
+                        }),
+                        Err(e) => Err(S3Error::Corrupt {
+                            location: entry.to_string(),
+                            what: format!("not an app SHA-256: {e}"),
+                        }),
+                    }
                 }
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(os_err("reading", &entry)(e)),
@@ -144,11 +167,11 @@ impl Bucket {
         &self,
         generation: u64,
         after: u64,
-    ) -> Result<Vec<(u64, AppSha)>, S3Error> {
+    ) -> Result<Vec<(u64, Vec<AppSha>)>, S3Error> {
         let mut out = Vec::new();
         let mut seq = after + 1;
-        while let Some(app) = self.logged_forget(generation, seq)? {
-            out.push((seq, app));
+        while let Some(apps) = self.logged_forget(generation, seq)? {
+            out.push((seq, apps));
             seq += 1;
         }
         Ok(out)
@@ -195,9 +218,19 @@ impl Bucket {
         app: &AppSha,
         timeout: Duration,
     ) -> Result<ClusterForget, S3Error> {
+        self.forget_apps(std::slice::from_ref(app), timeout)
+    }
+
+    /// [`Bucket::forget`] for several apps at once (retention): one entry of the forget log,
+    /// applied by each writer in one go. At most [`MAX_APPS_PER_FORGET`] apps.
+    pub fn forget_apps(
+        self: &Arc<Self>,
+        apps: &[AppSha],
+        timeout: Duration,
+    ) -> Result<ClusterForget, S3Error> {
         let start = Instant::now();
         let generation = self.generation()?;
-        let seq = self.log_forget(generation, app)?;
+        let seq = self.log_forget(generation, apps)?;
         // Listed after the entry exists: a writer that takes its lease later reads the log
         // after that, and applies the forget itself before it ships.
         let mut waiting = self.live_writers()?;
@@ -278,7 +311,7 @@ impl Bucket {
                     .forgets_after(generation, done)?
                     .into_iter()
                     .take_while(|(s, _)| *s <= seq)
-                    .map(|(_, app)| app)
+                    .flat_map(|(_, apps)| apps)
                     .collect();
                 let removed = db.forget(seq, &apps)?;
                 db.publish()?;

@@ -30,7 +30,7 @@ pub mod shipper;
 
 pub use bucket::{Bucket, StoreUrl};
 pub use cluster::{ClusterReset, ClusterSync, SyncRequest, ABANDONED_REQUEST};
-pub use forget::ClusterForget;
+pub use forget::{ClusterForget, MAX_APPS_PER_FORGET};
 pub use ship::ShipDb;
 
 /// Errors of the object store path. Messages never contain credentials.

@@ -481,19 +481,21 @@ fn apply_forgets(s: &ShipperSettings, db: &ShipDb, f: &mut Forgets) -> Result<()
     let generation = db.generation();
     let found = s.bucket.forgets_after(generation, f.db.min(f.local))?;
     let local_before = f.local;
-    for (seq, app) in found.iter().filter(|(seq, _)| *seq > local_before) {
-        forget_locally(s, app)?;
+    for (seq, apps) in found.iter().filter(|(seq, _)| *seq > local_before) {
+        for app in apps {
+            forget_locally(s, app)?;
+            log::info!("forget {app}: removed from this host's journal, outbox and local tree");
+        }
         store::write_atomic(
             &forgotten_path(&s.data, &s.writer_id),
             format!("{generation} {seq}\n").as_bytes(),
         )?;
         f.local = *seq;
-        log::info!("forget {app}: removed from this host's journal, outbox and local tree");
     }
     let to_db: Vec<AppSha> = found
         .iter()
         .filter(|(seq, _)| *seq > f.db)
-        .map(|(_, app)| *app)
+        .flat_map(|(_, apps)| apps.iter().copied())
         .collect();
     if let Some(&(last, _)) = found.last().filter(|(last, _)| *last > f.db) {
         let removed = db.forget(last, &to_db)?;
