@@ -3,6 +3,7 @@
 `ipevent-query watch`.
 
     python3 bench/watch_latency.py [--trials 200] [--flush-interval-ms 1000] [--root /dev/shm]
+                                   [--store [--ship-interval-ms 1000]]
 
 One receiver (`--flush-interval-ms`, default 1000) and one `ipevent-query watch` on a fresh
 data dir. Each trial waits a random time (uniform over one flush interval, so that sends fall
@@ -11,6 +12,11 @@ at every phase of the flush clock), sends one datagram with an address the app h
 `sendto` returns once the datagram is in the receiving socket's buffer, so the clock starts
 when the datagram reaches the socket. A trial whose line does not come within five flush
 intervals is counted as lost and sent again under a new address.
+
+With `--store`, a SeaweedFS server (`weed mini` from `.venv-s3`, as `bench/cluster.py` starts
+it) holds the bucket: the receiver ships to it and the watch follows the bucket
+(`ipevent-query --store s3://ipevent/watch watch`), so the time also covers shipping,
+publishing and the watch's look at the bucket.
 
 Prints the latencies' percentiles (ms) as JSON. Linux, Python 3 (standard library), the
 release binaries (`cargo build --release -p ipevent-receiver -p ipevent-query`).
@@ -98,6 +104,9 @@ def main():
     parser.add_argument("--flush-interval-ms", type=int, default=1000)
     parser.add_argument("--root", default="/dev/shm")
     parser.add_argument("--bin-dir", help="where the ipevent binaries are (default target/release)")
+    parser.add_argument("--store", action="store_true",
+                        help="ship to a local SeaweedFS bucket and watch the bucket")
+    parser.add_argument("--ship-interval-ms", type=int, default=1000)
     args = parser.parse_args()
     bins = Path(args.bin_dir) if args.bin_dir else RELEASE
     interval_s = args.flush_interval_ms / 1000
@@ -106,18 +115,27 @@ def main():
     try:
         data = work / "d"
         env = dict(os.environ, IPEVENT_ALLOW_ROOT="true")
+        store = []
+        if args.store:
+            sys.path.insert(0, str(ROOT / "bench"))
+            from cluster import Seaweed
+            weed = Seaweed(str(work))
+            procs.append(weed.proc)
+            env = dict(weed.env(), IPEVENT_ALLOW_ROOT="true")
+            store = ["--store", "s3://ipevent/watch"]
         receiver = subprocess.Popen(
             [str(bins / "ipevent-receiver"), "--listen", "127.0.0.1:0", "--writer-id", "bench",
              "--data-dir", str(data), "--flush-interval-ms", str(args.flush_interval_ms),
-             "--log-interval-s", "0"],
+             "--log-interval-s", "0"]
+            + (store + ["--ship-interval-ms", str(args.ship_interval_ms)] if store else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         procs.append(receiver)
         stats = wait_until("the receiver", lambda: read_json(data / "receivers/bench/stats.json"))
         host, port = stats["listen"][0].rsplit(":", 1)
         to = (host, int(port))
         watch = subprocess.Popen(
-            [str(bins / "ipevent-query"), "--data-dir", str(data), "watch"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [str(bins / "ipevent-query"), "--data-dir", str(data)] + store + ["watch"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         procs.append(watch)
         said = LineReader(watch.stderr).line(60)
         if not said or "watching" not in said:
@@ -151,6 +169,8 @@ def main():
         result = {
             "trials": len(values), "lost_and_resent": lost,
             "flush_interval_ms": args.flush_interval_ms,
+            "store": "s3 (SeaweedFS)" if store else "local tree",
+            "ship_interval_ms": args.ship_interval_ms if store else None,
             "p50_ms": round(percentile(values, 50), 1),
             "p90_ms": round(percentile(values, 90), 1),
             "p99_ms": round(percentile(values, 99), 1),
@@ -159,7 +179,7 @@ def main():
         }
         print(json.dumps(result, indent=2))
     finally:
-        for proc in procs:
+        for proc in reversed(procs):
             if proc.poll() is None:
                 proc.terminate()
                 try:

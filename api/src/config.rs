@@ -21,8 +21,9 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_DATA_DIR", default_value = ipevent_core::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
-    /// Answer `GET /events/:sha` from this store, `s3://BUCKET/PREFIX`, where the receivers
-    /// ship with the same --store, instead of the data dir. The endpoint and credentials come
+    /// Answer `GET /events/:sha` (and `GET /watch`, following every receiver) from this
+    /// store, `s3://BUCKET/PREFIX`, where the receivers ship with the same --store, instead
+    /// of the data dir. The endpoint and credentials come
     /// only from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and
     /// AWS_ALLOW_HTTP.
     #[arg(long, env = "IPEVENT_STORE")]

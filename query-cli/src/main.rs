@@ -98,7 +98,8 @@ enum Sub {
     /// report classifies as bad ("event":"bad_address"), or its chosen netblock moves and a
     /// good address turns bad ("event":"netblock_changed"): {"event":…,"app_sha256":…,
     /// "ip":…,"count":…,"first_seen":…,"last_seen":…,"netblock":…,"previous_netblock":…}.
-    /// Runs until SIGINT or SIGTERM (exit 0). Reads the local data dir only.
+    /// Runs until SIGINT or SIGTERM (exit 0). With --store it follows every receiver that
+    /// ships to the bucket, about one ship interval behind their flushes.
     Watch {
         /// Also report what happened from this time on (RFC 3339, 2026-12-01T17:00:00Z, or a
         /// duration ago: 15m, 2h, 3days): every app is read once first. Default: from now.
@@ -213,17 +214,11 @@ fn init_logging() {
         .init();
 }
 
-/// `watch`: the local data dir only (a bucket cannot be followed yet: exit 2).
+/// `watch`: follows the data dir, or with `--store` the bucket.
 fn follow(cli: &Cli, since: Option<&str>) -> Result<(), Failure> {
-    if let Some(url) = &cli.store {
-        return Err(Failure::new(
-            2,
-            format!("watch reads a local data dir; --store {url} cannot be watched yet"),
-        ));
-    }
     let data = DataDir::new(&cli.data_dir);
-    let name = data.root().display().to_string();
-    watch::run(&data, &name, since)
+    let (store, name) = open_store(cli, &data)?;
+    watch::run(store.as_ref(), &name, since)
 }
 
 fn run(cli: &Cli) -> Result<String, Failure> {

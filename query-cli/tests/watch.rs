@@ -319,13 +319,13 @@ fn receiver_restarts_neither_repeat_nor_lose_lines() {
 }
 
 #[test]
-fn a_bad_since_or_a_bucket_is_a_one_line_error_exit_2() {
+fn a_bad_since_or_store_is_a_one_line_error_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
         &["watch", "--since", "yesterday"][..],
         &["watch", "--since", "2001-13-01T00:00:00Z"],
         &["watch", "--since", ""],
-        &["--store", "s3://bucket/prefix", "watch"],
+        &["--store", "s3://UP/prefix", "watch"],
     ] {
         let out = query(dir.path(), args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");

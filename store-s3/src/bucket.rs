@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ipevent_core::lookup::Cidr;
 use ipevent_core::store::backend::EachApp;
-use ipevent_core::store::{AppCount, AppData, Store, StoreError};
+use ipevent_core::store::{AppCount, AppData, ChangeFeed, Store, StoreError};
 use ipevent_core::{AddrStats, AppSha};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
@@ -106,7 +106,8 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 pub struct Bucket {
     pub(crate) url: StoreUrl,
     pub(crate) store: Arc<dyn ObjectStore>,
-    pub(crate) runtime: tokio::runtime::Runtime,
+    /// Shared with what follows the bucket ([`crate::changes`]), which may outlive a borrow.
+    pub(crate) runtime: Arc<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -157,8 +158,17 @@ impl Bucket {
         Ok(Bucket {
             url,
             store: Arc::new(store),
-            runtime,
+            runtime: Arc::new(runtime),
         })
+    }
+
+    /// Another handle on the same connection and runtime.
+    pub(crate) fn share(&self) -> Bucket {
+        Bucket {
+            url: self.url.clone(),
+            store: Arc::clone(&self.store),
+            runtime: Arc::clone(&self.runtime),
+        }
     }
 
     /// The store's URL.
@@ -418,7 +428,7 @@ impl Bucket {
 /// flushed to L0 and below. The writer flushes its memtable after every ship round, so a
 /// reader is at most one ship interval behind, and opening costs a manifest read instead of a
 /// WAL replay.
-async fn open_reader(
+pub(crate) async fn open_reader(
     path: ObjectPath,
     store: Arc<dyn ObjectStore>,
 ) -> Result<DbReader, slatedb::Error> {
@@ -486,6 +496,12 @@ impl Store for Bucket {
 
     fn apps_with_address(&self, cidr: Cidr) -> Result<Option<Vec<AppSha>>, StoreError> {
         Bucket::apps_with_address(self, cidr).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn follow_changes(&self) -> Result<Box<dyn ChangeFeed>, StoreError> {
+        let feed = crate::changes::ChangeKeyFeed::start(self.share())
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(Box::new(feed))
     }
 }
 

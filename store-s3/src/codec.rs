@@ -1,6 +1,6 @@
 //! Keys, values and the merge operator of a writer's database.
 //!
-//! Four kinds of keys, told apart by their first byte so that every kind is one contiguous
+//! Kinds of keys, told apart by their first byte so that every kind is one contiguous
 //! range:
 //!
 //! | key | value | what |
@@ -8,9 +8,11 @@
 //! | `a ‖ sha (32) ‖ ip (4, big-endian)` | [`AddrStats`] (16 bytes) | one address of one app |
 //! | `c ‖ sha (32)` | count (8 bytes, LE) | the app's total, so `list` reads one key per app |
 //! | `i ‖ ip (4, big-endian) ‖ sha (32)` | empty | the address index: the app has had that address |
-//! | `m/shipped_epoch` | epoch (8 bytes, LE) | the last flush epoch this database holds |
+//! | `m/shipped_epoch` | epoch (8 bytes, LE) ‖ instance | the last flush epoch this database holds |
 //! | `m/addr_index` | empty | every address key has its index key (written once the database has them) |
 //! | `m/forgotten_seq` | sequence (8 bytes, LE) | the last forget of the bucket's log applied to it |
+//! | `w ‖ epoch (8, big-endian)` | previous epoch (8 bytes, LE) | a shipped flush, for `watch` |
+//! | `w ‖ epoch (8, big-endian) ‖ sha (32)` | empty | an app that flush changed, for `watch` |
 //!
 //! Address and count keys are written as merge operands; [`StatsMerge`] sums counts and keeps
 //! the earliest first and the latest last arrival, so a database holds the same per-address
@@ -25,6 +27,8 @@ use slatedb::{MergeOperator, MergeOperatorError};
 pub const ADDR_TAG: u8 = b'a';
 /// First byte of an app total key.
 pub const COUNT_TAG: u8 = b'c';
+/// First byte of a change key (a shipped flush and the apps it changed).
+pub const CHANGE_TAG: u8 = b'w';
 /// The key holding the last flush epoch the database holds.
 pub const SHIPPED_EPOCH_KEY: &[u8] = b"m/shipped_epoch";
 /// The key holding the sequence number of the last forget (in the bucket's forget log of the
@@ -62,6 +66,10 @@ pub fn parse_addr_index_key(key: &[u8]) -> Option<(u32, AppSha)> {
 pub const ADDR_KEY_BYTES: usize = 1 + 32 + 4;
 /// Bytes of an app total key.
 pub const COUNT_KEY_BYTES: usize = 1 + 32;
+/// Bytes of a flush's change key (the flush itself).
+pub const FLUSH_KEY_BYTES: usize = 1 + 8;
+/// Bytes of an app's change key.
+pub const CHANGE_KEY_BYTES: usize = FLUSH_KEY_BYTES + 32;
 /// Bytes of an address value.
 pub const STATS_BYTES: usize = 16;
 
@@ -111,6 +119,43 @@ pub fn parse_count_key(key: &[u8]) -> Option<AppSha> {
     Some(AppSha(sha))
 }
 
+/// The change key of flush `epoch` itself; its value is the epoch of the flush shipped
+/// before it to the same database, so a follower can tell that it missed flushes whose keys
+/// expired. It sorts before the flush's app keys.
+pub fn flush_key(epoch: u64) -> [u8; FLUSH_KEY_BYTES] {
+    let mut key = [0u8; FLUSH_KEY_BYTES];
+    key[0] = CHANGE_TAG;
+    key[1..].copy_from_slice(&epoch.to_be_bytes());
+    key
+}
+
+/// The change key naming `app` as changed by flush `epoch`. Change keys sort by epoch, so a
+/// range scan from an epoch on returns the flushes in the order they were shipped.
+pub fn change_key(epoch: u64, app: &AppSha) -> [u8; CHANGE_KEY_BYTES] {
+    let mut key = [0u8; CHANGE_KEY_BYTES];
+    key[..FLUSH_KEY_BYTES].copy_from_slice(&flush_key(epoch));
+    key[FLUSH_KEY_BYTES..].copy_from_slice(&app.0);
+    key
+}
+
+/// A change key taken apart: the flush's epoch, and the app it changed (`None` for the
+/// flush's own key). `None` for any other key.
+pub fn parse_change_key(key: &[u8]) -> Option<(u64, Option<AppSha>)> {
+    if key.first() != Some(&CHANGE_TAG) || key.len() < FLUSH_KEY_BYTES {
+        return None;
+    }
+    let epoch = u64::from_be_bytes(key[1..FLUSH_KEY_BYTES].try_into().ok()?);
+    match key.len() {
+        FLUSH_KEY_BYTES => Some((epoch, None)),
+        CHANGE_KEY_BYTES => {
+            let mut sha = [0u8; 32];
+            sha.copy_from_slice(&key[FLUSH_KEY_BYTES..]);
+            Some((epoch, Some(AppSha(sha))))
+        }
+        _ => None,
+    }
+}
+
 /// Encodes an address's stats: count (u64 LE), first seen (u32 LE), last seen (u32 LE).
 pub fn encode_stats(stats: &AddrStats) -> [u8; STATS_BYTES] {
     let mut value = [0u8; STATS_BYTES];
@@ -128,6 +173,12 @@ pub fn decode_stats(value: &[u8]) -> Option<AddrStats> {
         first_seen: u32::from_le_bytes(value[8..12].try_into().ok()?),
         last_seen: u32::from_le_bytes(value[12..16].try_into().ok()?),
     })
+}
+
+/// Decodes the shipped epoch's value: the epoch and the instance token that wrote it.
+pub fn decode_shipped(value: &[u8]) -> Option<(u64, &[u8])> {
+    let (epoch, instance) = value.split_at_checked(8)?;
+    Some((decode_u64(epoch)?, instance))
 }
 
 /// Decodes an 8-byte little-endian number (a total or an epoch).
@@ -227,6 +278,19 @@ mod tests {
         );
         assert!(addr_index_key(1, &app(9)) < addr_index_key(2, &app(0)));
         assert_eq!(parse_addr_index_key(&addr_key(&a, 1)), None);
+    }
+
+    #[test]
+    fn change_keys_round_trip_and_sort_by_epoch_flush_first() {
+        let a = app(9);
+        assert_eq!(parse_change_key(&flush_key(7)), Some((7, None)));
+        assert_eq!(parse_change_key(&change_key(7, &a)), Some((7, Some(a))));
+        assert!(flush_key(7)[..] < change_key(7, &app(0))[..]);
+        assert!(change_key(7, &app(0xff))[..] < flush_key(8)[..]);
+        assert!(change_key(255, &a)[..] < flush_key(256)[..]);
+        assert_eq!(parse_change_key(&count_key(&a)), None);
+        assert_eq!(parse_change_key(SHIPPED_EPOCH_KEY), None);
+        assert_eq!(parse_change_key(&change_key(1, &a)[..20]), None);
     }
 
     #[test]

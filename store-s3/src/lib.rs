@@ -9,6 +9,9 @@
 //! - [`codec`]: keys, values and the merge operator.
 //! - [`Bucket`]: the connection (endpoint and credentials from the standard `AWS_*` variables
 //!   only) and the read path ([`Bucket::read_app`], [`Bucket::list_apps`]).
+//! - `changes`: what `watch --store` follows ([`Bucket`]'s
+//!   [`Store::follow_changes`](ipevent_core::store::Store::follow_changes)): the apps each
+//!   shipped flush changed, from the change keys the shipper writes with it.
 //! - [`ShipDb`]: one writer's database: applies a flush's records and its epoch atomically.
 //! - [`outbox`]: the receiver's local queue of flushes not yet shipped.
 //! - [`shipper`]: the outbox a writer fills and the thread that ships it.
@@ -20,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod bucket;
+mod changes;
 mod cluster;
 pub mod codec;
 mod forget;
@@ -29,9 +33,10 @@ mod ship;
 pub mod shipper;
 
 pub use bucket::{Bucket, StoreUrl};
+pub use changes::LOOK_INTERVAL;
 pub use cluster::{ClusterReset, ClusterSync, SyncRequest, ABANDONED_REQUEST};
 pub use forget::{ClusterForget, MAX_APPS_PER_FORGET};
-pub use ship::ShipDb;
+pub use ship::{ShipDb, CHANGE_HISTORY};
 
 /// Errors of the object store path. Messages never contain credentials.
 #[derive(Debug, thiserror::Error)]

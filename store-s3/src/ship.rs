@@ -1,11 +1,13 @@
 //! One writer's database: the receiver's shipper applies each flush to it.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipevent_core::{AddrStats, AppSha};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use slatedb::config::{FlushOptions, FlushType, Settings};
+use slatedb::config::{FlushOptions, FlushType, PutOptions as KeyOptions, Settings, Ttl};
 use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
 
 use crate::codec::{self, StatsMerge};
@@ -27,6 +29,13 @@ pub const FORGET_LEASE_STALE: std::time::Duration = std::time::Duration::from_se
 /// if it stops half way: its sequence is recorded only with the last batch).
 const FORGET_BATCH_KEYS: usize = 65_536;
 
+/// How long a flush's change keys (the apps it changed, read by `watch`) stay in the
+/// database before they expire: a watch that could not read the bucket for longer than this
+/// re-reads every app once instead (see [`crate::changes`]). Ten minutes of flushes keep the
+/// keys a small share of the data (one per app and flush, against one per address and app)
+/// while no watch that is merely slow or briefly cut off from the bucket ever falls behind.
+pub const CHANGE_HISTORY: Duration = Duration::from_secs(600);
+
 /// The database of one writer, opened for writing.
 ///
 /// A writer id is held in the bucket by one data dir at a time: `PREFIX/leases/<writer-id>`
@@ -41,6 +50,9 @@ pub struct ShipDb {
     writer_id: String,
     instance: String,
     location: String,
+    /// The last epoch this instance applied or read back: the previous flush named by the
+    /// next flush's change key.
+    previous: AtomicU64,
 }
 
 impl ShipDb {
@@ -101,6 +113,7 @@ impl ShipDb {
             writer_id: writer_id.to_string(),
             instance: instance.to_string(),
             location,
+            previous: AtomicU64::new(0),
         })
     }
 
@@ -122,22 +135,31 @@ impl ShipDb {
             .runtime
             .block_on(self.db.get(codec::SHIPPED_EPOCH_KEY))
             .map_err(|source| db_error("reading the shipped epoch of", &self.location, source))?;
-        Ok(match value {
-            Some(v) if v.len() > 8 && &v[8..] == self.instance.as_bytes() => {
-                codec::decode_u64(&v[..8]).unwrap_or(0)
-            }
+        let epoch = match value.as_deref().and_then(codec::decode_shipped) {
+            Some((epoch, instance)) if instance == self.instance.as_bytes() => epoch,
             _ => 0,
-        })
+        };
+        self.previous.store(epoch, Relaxed);
+        Ok(epoch)
     }
 
-    /// Applies one flush: every app's addresses and total, and `epoch` as the shipped epoch,
-    /// in one atomic write batch; returns once the batch is durable in the bucket.
+    /// Applies one flush: every app's addresses and total, the flush's change keys (for
+    /// `watch`, expiring after [`CHANGE_HISTORY`]) and `epoch` as the shipped epoch, in one
+    /// atomic write batch; returns once the batch is durable in the bucket.
     pub fn apply(
         &self,
         epoch: u64,
         apps: &[(AppSha, Vec<(u32, AddrStats)>)],
     ) -> Result<(), S3Error> {
         let mut batch = WriteBatch::new();
+        let expiring = KeyOptions {
+            ttl: Ttl::ExpireAfterMillis(CHANGE_HISTORY.as_millis() as u64),
+        };
+        let previous = self.previous.load(Relaxed);
+        batch.put_with_options(codec::flush_key(epoch), previous.to_le_bytes(), &expiring);
+        for (app, _) in apps {
+            batch.put_with_options(codec::change_key(epoch, app), b"", &expiring);
+        }
         for (app, addrs) in apps {
             let mut total = 0u64;
             for (ip, stats) in addrs {
@@ -156,7 +178,9 @@ impl ShipDb {
                 let handle = self.db.write(batch).await?;
                 handle.await_durable().await
             })
-            .map_err(|source| db_error("writing to", &self.location, source))
+            .map_err(|source| db_error("writing to", &self.location, source))?;
+        self.previous.store(epoch, Relaxed);
+        Ok(())
     }
 
     /// The sequence number of the last forget of the bucket's log (of this database's

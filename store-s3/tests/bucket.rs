@@ -1,11 +1,13 @@
 //! The engine against a real S3 server (SeaweedFS): writers apply flushes, readers merge them.
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use ipevent_core::store::AppCount;
+use ipevent_core::store::{AppCount, ChangeFeed, Store};
 use ipevent_core::{AddrStats, AppSha};
-use ipevent_store_s3::{Bucket, S3Error, ShipDb, StoreUrl};
+use ipevent_store_s3::{Bucket, S3Error, ShipDb, StoreUrl, LOOK_INTERVAL};
 use ipevent_testkit::s3::S3Server;
+use ipevent_testkit::WAIT_LIMIT;
 
 fn bucket(server: &S3Server, prefix: &str) -> Arc<Bucket> {
     let env = server.env();
@@ -155,5 +157,88 @@ fn the_address_index_names_the_apps_of_an_address_or_block() {
     assert_eq!(named("0.0.0.16/28"), [a, b]);
     assert_eq!(named("0.0.0.40"), Vec::<AppSha>::new());
     one.close().unwrap();
+    two.close().unwrap();
+}
+
+/// Calls the feed until it has named `expected.len()` apps (it looks at the bucket at most
+/// every `LOOK_INTERVAL`), and returns what it named.
+fn next_changes(feed: &mut dyn ChangeFeed, expected: usize) -> Vec<AppSha> {
+    let start = Instant::now();
+    let mut named = Vec::new();
+    while named.len() < expected {
+        assert!(
+            start.elapsed() < WAIT_LIMIT,
+            "the feed named {named:?}, not {expected} apps"
+        );
+        feed.changed(&mut named).unwrap();
+        std::thread::park_timeout(LOOK_INTERVAL / 4);
+    }
+    named
+}
+
+#[test]
+fn the_feed_names_each_shipped_flush_s_apps_in_order_across_writers_takeovers_and_resets() {
+    let server = S3Server::start();
+    let bucket = bucket(&server, "feed");
+    let (a, b, c) = (AppSha([0xa0; 32]), AppSha([0xb0; 32]), AppSha([0xc0; 32]));
+    let one = ShipDb::open(Arc::clone(&bucket), "one", "inst-1", "host-1 /data").unwrap();
+    one.apply(1, &[(a, vec![(1, stats(1, 1, 1))])]).unwrap();
+    one.publish().unwrap();
+
+    // From now on: what was shipped before is not named.
+    let mut feed = Store::follow_changes(&*bucket).unwrap();
+    one.apply(2, &[(b, vec![(1, stats(1, 2, 2))])]).unwrap();
+    one.apply(
+        3,
+        &[
+            (c, vec![(1, stats(1, 3, 3))]),
+            (a, vec![(2, stats(1, 3, 3))]),
+        ],
+    )
+    .unwrap();
+    one.publish().unwrap();
+    // In flush order; within a flush by SHA.
+    assert_eq!(next_changes(&mut *feed, 3), [b, a, c]);
+
+    // A writer that appears later is read from its first flush.
+    let two = ShipDb::open(Arc::clone(&bucket), "two", "inst-2", "host-2 /data").unwrap();
+    assert_eq!(two.shipped_epoch().unwrap(), 0);
+    two.apply(40, &[(c, vec![(9, stats(1, 4, 4))])]).unwrap();
+    two.apply(41, &[(b, vec![(9, stats(1, 4, 4))])]).unwrap();
+    two.publish().unwrap();
+    assert_eq!(next_changes(&mut *feed, 2), [c, b]);
+
+    // Another data dir takes writer id one over (its epochs start anew): every app of that
+    // database is named once, then its flushes.
+    one.close().unwrap();
+    let taken = ShipDb::open(Arc::clone(&bucket), "one", "inst-9", "host-9 /data").unwrap();
+    assert_eq!(taken.shipped_epoch().unwrap(), 0);
+    let d = AppSha([0xd0; 32]);
+    // (Epochs past the old instance's: where they overlap, the old instance's apps of the
+    // same epoch are named too, which costs a read and prints nothing.)
+    taken.apply(10, &[(d, vec![(1, stats(1, 5, 5))])]).unwrap();
+    taken.publish().unwrap();
+    let mut named = next_changes(&mut *feed, 4);
+    named.sort();
+    assert_eq!(named, [a, b, c, d]);
+    taken.apply(11, &[(a, vec![(1, stats(1, 6, 6))])]).unwrap();
+    taken.publish().unwrap();
+    assert_eq!(next_changes(&mut *feed, 1), [a]);
+
+    // A reset: the new generation's databases are followed from their start.
+    let generation = bucket.advance_generation(0).unwrap();
+    taken.close_keeping_lease().unwrap();
+    let next = ShipDb::open_in(
+        Arc::clone(&bucket),
+        generation,
+        "one",
+        "inst-9",
+        "host-9 /data",
+    )
+    .unwrap();
+    next.apply(12, &[(d, vec![(7, stats(1, 7, 7))])]).unwrap();
+    next.publish().unwrap();
+    assert_eq!(next_changes(&mut *feed, 1), [d]);
+    next.close().unwrap();
     two.close().unwrap();
 }
