@@ -11,8 +11,9 @@ Cases (each reports the load average beside its figures, since the machine may b
          whole process (ingest, writer, shipper, S3 client) from /proc, until the last flush is
          shipped.
 - lag:   ship lag at --lag-rate datagrams/s over --lag-apps apps (random scenario, 0%
-         corrupted) for --lag-secs: stats.json sampled every 50 ms, each flush epoch's time
-         from its first sighting to the first sample where it is published; p50/p99.
+         corrupted) for --lag-secs, the receiver's ship interval --lag-ship-ms: stats.json
+         sampled every 50 ms, each flush epoch's time from its first sighting to the first
+         sample where it is published; p50/p99.
          Also the object store's requests per second (SeaweedFS's own counters) under that
          load, and idle before it.
 - query: three receivers on one bucket, traffic spread over them, then `ipevent-query
@@ -274,7 +275,7 @@ def percentile(values, p):
 
 def case_lag(a, weed, work, url):
     r = Receiver(work, "lag", "127.0.0.1:0", weed.env(), a.receiver_cpu,
-                 ["--store", f"{url}/lag"])
+                 ["--store", f"{url}/lag", "--ship-interval-ms", str(a.lag_ship_ms)])
     r.sync_shipped(weed.env())
     idle_secs = 10
     req0 = weed.requests()
@@ -307,13 +308,15 @@ def case_lag(a, weed, work, url):
     lags = [published_at[e] - first_seen[e] for e in published_at]
     under_load = {k: (req_end.get(k, 0) - req_start.get(k, 0)) / elapsed for k in req_end}
     r.stop()
-    out = {"rate": a.lag_rate, "apps": a.lag_apps, "secs": a.lag_secs, "sent": summary["sent"],
+    out = {"rate": a.lag_rate, "apps": a.lag_apps, "secs": a.lag_secs,
+           "ship_interval_ms": a.lag_ship_ms, "sent": summary["sent"],
            "received": s["datagrams_received"], "kernel_drops": s["kernel_drops"],
            "flushes": len(lags), "lag_p50_s": percentile(lags, 50),
            "lag_p99_s": percentile(lags, 99), "lag_max_s": max(lags) if lags else None,
            "requests_per_s_idle": idle, "requests_per_s_load": under_load,
            "load_before": load_before, "load_after": loadavg()}
-    print(f"lag: {len(lags)} flushes, p50 {out['lag_p50_s']} s, p99 {out['lag_p99_s']} s; "
+    print(f"lag at a {a.lag_ship_ms} ms ship interval: {len(lags)} flushes, "
+          f"p50 {out['lag_p50_s']} s, p99 {out['lag_p99_s']} s; "
           f"requests/s idle {sum(idle.values()):.1f} {idle}, under load "
           f"{sum(under_load.values()):.1f} {under_load} (load {load_before} -> {out['load_after']})",
           flush=True)
@@ -358,10 +361,10 @@ def case_gc(a, weed, work, url):
     client([r.addr], ["--scenario", "random", "--apps", "10000", "--rate", "2000", "--duration",
                       str(a.gc_secs), "--corrupt-pct", "0", "--seed", "17"], a.sender_cpu, env)
     s = r.sync_shipped(env)
-    objects_running = weed.object_count("gc")
+    objects_running = weed.object_count("bench/gc")
     r.stop()
     out = {"secs": a.gc_secs, "flushes": s["flushes"], "objects_while_running": objects_running,
-           "objects_after_stop": weed.object_count("gc"), "load_before": load_before,
+           "objects_after_stop": weed.object_count("bench/gc"), "load_before": load_before,
            "load_after": loadavg()}
     print(f"gc: {out['flushes']} flushes in {a.gc_secs} s, {objects_running} objects in the "
           f"bucket prefix ({out['objects_after_stop']} after a clean stop) "
@@ -378,6 +381,8 @@ def main():
     p.add_argument("--lag-rate", type=int, default=100_000)
     p.add_argument("--lag-apps", type=int, default=100_000)
     p.add_argument("--lag-secs", type=int, default=60)
+    p.add_argument("--lag-ship-ms", type=int, default=1000,
+                   help="the receiver's --ship-interval-ms in the lag case")
     p.add_argument("--query-runs", type=int, default=100)
     p.add_argument("--gc-secs", type=int, default=360)
     p.add_argument("--sender-cpu", type=int, default=0)

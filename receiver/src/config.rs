@@ -113,9 +113,10 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_STORE")]
     pub store: Option<String>,
 
-    /// With --store: how often the outbox is shipped and made visible to readers of the
-    /// bucket, in milliseconds (a flush also wakes the shipper). Readers are at most this
-    /// much behind what has been shipped.
+    /// With --store: how often the shipper looks at the bucket (sync requests, resets,
+    /// forgets) and, at most, makes what it shipped visible to readers of the bucket, in
+    /// milliseconds. A flush wakes the shipper, which ships it at once; readers see it at
+    /// most this much later (one publish per interval, each a table in the database).
     #[arg(long, env = "IPEVENT_SHIP_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub ship_interval_ms: u64,

@@ -380,7 +380,7 @@ fn ship_to(
         }
     };
     let mut stopping = false;
-    let mut unpublished = false;
+    let mut unpublished = Unpublished::default();
     let mut served = BTreeSet::new();
     let mut next_look = Instant::now();
     loop {
@@ -404,7 +404,7 @@ fn ship_to(
             forgets.settled = result.is_ok();
         }
         if result.is_ok() && forgets.settled {
-            result = ship_round(s, db, &mut shipped, &mut unpublished);
+            result = ship_round(s, db, &mut shipped, &mut unpublished, stopping);
         }
         if result.is_ok() && looking {
             result = answer_syncs(s, db, &mut shipped, &mut unpublished, &mut served);
@@ -424,7 +424,7 @@ fn ship_to(
         crossbeam_channel::select! {
             recv(stop) -> _ => stopping = true,
             recv(woken) -> _ => {}
-            default(s.interval) => {}
+            default(unpublished.wait(s.interval)) => {}
         }
     }
 }
@@ -620,7 +620,7 @@ fn answer_syncs(
     s: &ShipperSettings,
     db: &ShipDb,
     shipped: &mut u64,
-    unpublished: &mut bool,
+    unpublished: &mut Unpublished,
     served: &mut BTreeSet<String>,
 ) -> Result<(), S3Error> {
     let listed: BTreeSet<String> = s
@@ -649,7 +649,7 @@ fn answer_syncs(
         }
     }
     // The sync's flush wrote its entry before the writer answered: one round ships it.
-    ship_round(s, db, shipped, unpublished)?;
+    ship_round(s, db, shipped, unpublished, true)?;
     if s.counters.carried.load(SeqCst) {
         return Ok(());
     }
@@ -657,12 +657,43 @@ fn answer_syncs(
     s.bucket.answer_syncs(&s.writer_id, served)
 }
 
-/// Ships every entry the outbox holds, oldest first, then publishes them to readers.
+/// What the shipper made durable in its database but not yet visible to readers that skip the
+/// WAL, and when it last made something visible. Each publish writes a table into the
+/// database, which costs requests and compaction work however little it holds, so a
+/// shipper publishes at most once per ship interval however often flushes come (readers are
+/// then at most one interval behind what was shipped), and at once for a sync or a stop.
+#[derive(Debug, Default)]
+struct Unpublished {
+    /// Something shipped is not visible yet.
+    pending: bool,
+    /// The last publish.
+    last: Option<Instant>,
+}
+
+impl Unpublished {
+    /// Whether a publish now keeps to one per `interval`.
+    fn due(&self, interval: Duration) -> bool {
+        self.last.is_none_or(|at| at.elapsed() >= interval)
+    }
+
+    /// How long the shipper may wait for a wake-up before it has to publish.
+    fn wait(&self, interval: Duration) -> Duration {
+        match (self.pending, self.last) {
+            (true, Some(at)) => interval.saturating_sub(at.elapsed()),
+            (true, None) => Duration::ZERO,
+            (false, _) => interval,
+        }
+    }
+}
+
+/// Ships every entry the outbox holds, oldest first, then publishes them to readers when a
+/// publish is due (see [`Unpublished`]) or `now`.
 fn ship_round(
     s: &ShipperSettings,
     db: &ShipDb,
     shipped: &mut u64,
-    unpublished: &mut bool,
+    unpublished: &mut Unpublished,
+    now: bool,
 ) -> Result<(), S3Error> {
     let written = s.counters.written_epoch.load(SeqCst);
     for (epoch, bytes) in outbox::entries(&s.outbox_dir)? {
@@ -684,17 +715,48 @@ fn ship_round(
             };
             db.apply(epoch, &apps)?;
             *shipped = epoch;
-            *unpublished = true;
+            unpublished.pending = true;
             s.counters.shipped_epoch.store(epoch, Relaxed);
         }
         outbox::remove_entry(&s.outbox_dir, epoch)?;
         s.counters.entries.fetch_sub(1, Relaxed);
         s.counters.bytes.fetch_sub(bytes, Relaxed);
     }
-    if *unpublished {
+    if unpublished.pending && (now || unpublished.due(s.interval)) {
         db.publish()?;
-        *unpublished = false;
+        unpublished.pending = false;
+        unpublished.last = Some(Instant::now());
     }
-    s.counters.published_epoch.store(*shipped, Relaxed);
+    if !unpublished.pending {
+        s.counters.published_epoch.store(*shipped, Relaxed);
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publish_is_due_at_once_after_a_quiet_interval_and_at_most_once_per_interval() {
+        let interval = Duration::from_secs(3600);
+        let mut u = Unpublished::default();
+        // Nothing shipped: the shipper waits a whole interval for a wake-up.
+        assert_eq!(u.wait(interval), interval);
+        // Shipped, never published: due now.
+        u.pending = true;
+        assert!(u.due(interval));
+        assert_eq!(u.wait(interval), Duration::ZERO);
+        // Published just now: the next publish waits for the rest of the interval.
+        u.last = Some(Instant::now());
+        assert!(!u.due(interval));
+        let wait = u.wait(interval);
+        assert!(wait > Duration::ZERO && wait <= interval, "{wait:?}");
+        // Published an interval ago: due again.
+        u.last = Instant::now().checked_sub(interval);
+        if u.last.is_some() {
+            assert!(u.due(interval));
+            assert_eq!(u.wait(interval), Duration::ZERO);
+        }
+    }
 }
