@@ -432,22 +432,30 @@ fn list(store: &dyn Store, limit: usize, pretty: bool) -> Result<String, Failure
             app.unreadable.as_deref().unwrap_or_default()
         );
     }
-    let rows: Vec<serde_json::Value> = apps[..shown]
+    let rows: Vec<ListRow> = apps[..shown]
         .iter()
-        .map(|a| match &a.unreadable {
-            None => serde_json::json!({"app_sha256": a.app.to_hex(), "count": a.count}),
-            Some(why) => {
-                serde_json::json!({"app_sha256": a.app.to_hex(), "count": a.count, "unreadable": why})
-            }
+        .map(|a| ListRow {
+            app_sha256: a.app.to_hex(),
+            count: a.count,
+            unreadable: a.unreadable.as_deref(),
         })
         .collect();
-    let value = serde_json::Value::Array(rows);
     Ok(if pretty {
-        serde_json::to_string_pretty(&value)
+        serde_json::to_string_pretty(&rows)
     } else {
-        serde_json::to_string(&value)
+        serde_json::to_string(&rows)
     }
-    .expect("JSON values serialise"))
+    .expect("list rows serialise"))
+}
+
+/// One line of `list`: serialised straight from the struct (a million apps print in a
+/// fraction of the time a JSON map per app took), keys in the order they always had.
+#[derive(serde::Serialize)]
+struct ListRow<'a> {
+    app_sha256: String,
+    count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreadable: Option<&'a str>,
 }
 
 /// With `--sync`, asks every running receiver to drain and flush. A receiver that cannot is
