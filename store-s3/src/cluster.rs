@@ -318,13 +318,17 @@ impl Bucket {
 
     /// Records that `writer_id` now ships to `generation`.
     pub fn set_following(&self, writer_id: &str, generation: u64) -> Result<(), S3Error> {
-        let path = self.following_path(writer_id);
+        self.put_line(&self.following_path(writer_id), format!("{generation}\n"))
+    }
+
+    /// Writes `line` as the whole object at `path` (a writer's note to the others).
+    pub(crate) fn put_line(&self, path: &ObjectPath, line: String) -> Result<(), S3Error> {
         self.runtime.block_on(async {
             self.store
-                .put(&path, PutPayload::from(format!("{generation}\n")))
+                .put(path, PutPayload::from(line))
                 .await
                 .map(|_| ())
-                .map_err(os_err("writing", &path))
+                .map_err(os_err("writing", path))
         })
     }
 

@@ -179,14 +179,10 @@ impl Bucket {
 
     /// Records that `writer_id` applied every forget of `generation`'s log up to `seq`.
     pub fn set_forgotten(&self, writer_id: &str, generation: u64, seq: u64) -> Result<(), S3Error> {
-        let path = self.forgotten_path(writer_id);
-        self.runtime.block_on(async {
-            self.store
-                .put(&path, PutPayload::from(format!("{generation} {seq}\n")))
-                .await
-                .map(|_| ())
-                .map_err(os_err("writing", &path))
-        })
+        self.put_line(
+            &self.forgotten_path(writer_id),
+            format!("{generation} {seq}\n"),
+        )
     }
 
     /// The generation and forget sequence `writer_id` last said it applied ((0, 0): never).
