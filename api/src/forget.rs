@@ -109,14 +109,7 @@ async fn forget_in_bucket(
                 done.answered.len(),
                 done.stopped.len()
             );
-            let body = serde_json::json!({
-                "forgotten": app.to_hex(),
-                "found": found,
-                "receivers": done.answered,
-                "stopped_writers": done.stopped,
-                "generation": done.generation,
-                "sequence": done.seq,
-            });
+            let body = done.answer(&app, found);
             (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],

@@ -351,14 +351,7 @@ fn forget_in_bucket(cli: &Cli, url: &str, app: &AppSha) -> Result<String, Failur
             ),
         ));
     }
-    let value = serde_json::json!({
-        "forgotten": app.to_hex(),
-        "found": found,
-        "receivers": done.answered,
-        "stopped_writers": done.stopped,
-        "generation": done.generation,
-        "sequence": done.seq,
-    });
+    let value = done.answer(app, found);
     Ok(if cli.pretty {
         serde_json::to_string_pretty(&value)
     } else {

@@ -67,6 +67,19 @@ impl ClusterForget {
     pub fn complete(&self) -> bool {
         self.missing.is_empty()
     }
+
+    /// The answer of a complete forget of `app`, as `ipevent-query --store … forget` prints
+    /// it and `DELETE /events/:sha` returns it (`found`: a database held something of it).
+    pub fn answer(&self, app: &AppSha, found: bool) -> serde_json::Value {
+        serde_json::json!({
+            "forgotten": app.to_hex(),
+            "found": found,
+            "receivers": self.answered,
+            "stopped_writers": self.stopped,
+            "generation": self.generation,
+            "sequence": self.seq,
+        })
+    }
 }
 
 impl Bucket {
