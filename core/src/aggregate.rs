@@ -86,11 +86,14 @@ impl Pending {
     }
 
     /// Takes everything out, grouped by app and sorted by address, leaving this empty.
+    ///
+    /// The app map goes first: its memory is free again before the sorted copy of the
+    /// addresses is made, which would otherwise be the receiver's peak.
     pub fn take(&mut self) -> Drained {
+        self.index = FxHashMap::default();
         let mut entries: Vec<(u64, AddrStats)> =
             std::mem::take(&mut self.addrs).into_iter().collect();
         entries.sort_unstable_by_key(|(k, _)| *k);
-        self.index = FxHashMap::default();
         self.events = 0;
         Drained {
             apps: std::mem::take(&mut self.apps),

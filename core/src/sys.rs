@@ -82,6 +82,35 @@ pub fn map_read_write(file: &File) -> io::Result<memmap2::MmapMut> {
     unsafe { memmap2::MmapMut::map_mut(file) }
 }
 
+/// Makes the directory `name` inside the open directory `dir` (`mkdirat`) with `mode`: the
+/// kernel walks no path above `dir`. Like `mkdir`, it never follows a link at `name`.
+pub fn mkdir_at(dir: &File, name: &std::ffi::CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: `name` is NUL-terminated and outlives the call; `dir` is an open descriptor.
+    let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Opens `name` relative to the open directory `dir` (`openat`) with `flags`, and `mode` for
+/// a file it creates.
+pub fn open_at(
+    dir: &File,
+    name: &std::ffi::CStr,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<File> {
+    // SAFETY: `name` is NUL-terminated and outlives the call; `dir` is an open descriptor.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat and nothing else owns it.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,

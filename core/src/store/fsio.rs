@@ -265,6 +265,36 @@ pub fn open_create_new(path: &Path) -> Result<File, StoreError> {
         .map_err(io_err("creating", path))
 }
 
+/// Opens the directory at `path` (for [`create_dir_in`] and [`create_new_in`]), refusing a
+/// symlink there as every open of the store does.
+pub(crate) fn open_dir(path: &Path) -> Result<File, StoreError> {
+    no_follow(libc::O_DIRECTORY)
+        .read(true)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP | libc::ENOTDIR) => StoreError::NotADirectory(path.to_path_buf()),
+            _ => io_err("opening", path)(e),
+        })
+}
+
+/// Makes the directory `name` (one component) inside the open directory `dir`, with
+/// [`DIR_MODE`]: no path above `dir` is walked again.
+pub(crate) fn create_dir_in(dir: &File, name: &std::ffi::CStr) -> io::Result<()> {
+    crate::sys::mkdir_at(dir, name, DIR_MODE)
+}
+
+/// [`open_create_new`] of `name`, relative to the open directory `dir`: created for
+/// appending, failing if anything is there, no symlink followed.
+pub(crate) fn create_new_in(dir: &File, name: &std::ffi::CStr) -> io::Result<File> {
+    let flags = libc::O_WRONLY
+        | libc::O_APPEND
+        | libc::O_CREAT
+        | libc::O_EXCL
+        | libc::O_NOFOLLOW
+        | libc::O_CLOEXEC;
+    crate::sys::open_at(dir, name, flags, FILE_MODE)
+}
+
 /// Reads a whole (small) file without following a symlink. `Ok(None)` when it does not exist.
 pub fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     use std::io::Read;

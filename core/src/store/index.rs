@@ -419,7 +419,13 @@ impl IndexWriter {
         self.addrs.forget();
     }
 
+    /// Appends the buffer's blocks to the index, then syncs it (with `fsync`).
     fn write(&mut self) -> Result<(), StoreError> {
+        self.append_buf(self.fsync)
+    }
+
+    /// Appends the buffer's blocks to the index; syncs it when `sync`.
+    fn append_buf(&mut self, sync: bool) -> Result<(), StoreError> {
         if self.file.is_none() {
             let file = open_append(&self.path)?;
             self.file = Some(file);
@@ -428,7 +434,7 @@ impl IndexWriter {
         let written = self.buf.len() as u64;
         let result =
             file.write_all(&self.buf)
-                .and_then(|()| if self.fsync { file.sync_data() } else { Ok(()) });
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         if self.buf.capacity() > INDEX_BUF_KEEP_BYTES {
             // A flush of very many apps: do not hold its buffer until the next one.
             self.buf = Vec::new();
@@ -462,10 +468,15 @@ impl IndexWriter {
         }
         self.sequence += 1;
         self.counts.clear();
-        self.buf.clear();
-        if !apps.is_empty() {
-            encode_begin(&mut self.buf, self.sequence, apps);
-            self.write()?;
+        // One block per write, so the buffer holds one block and not a name per app of a
+        // large flush. A crash between two writes leaves apps named that the flush has not
+        // touched yet: their logs are read directly, and are as the index says.
+        let mut blocks = apps.chunks(MAX_INDEX_RECORDS).peekable();
+        while let Some(chunk) = blocks.next() {
+            self.buf.clear();
+            encode_begin(&mut self.buf, self.sequence, chunk);
+            let last = blocks.peek().is_none();
+            self.append_buf(self.fsync && last)?;
         }
         self.in_flush = true;
         Ok(())

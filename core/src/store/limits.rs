@@ -2,14 +2,16 @@
 //! inodes), so a flood of new SHAs cannot fill the disk, and on the distinct addresses it
 //! stores per app.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::compact;
-use super::fsio::{io_err, map_read, StoreError, DIR_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK};
+use super::fsio::{
+    io_err, map_read, open_dir, StoreError, DIR_MODE, REFUSED_APP_LIMIT, REFUSED_LOW_DISK,
+};
 use super::layout::DataDir;
 use super::log_state::LogState;
 use super::walk::count_app_dirs;
@@ -41,6 +43,9 @@ pub const REFUSED_ADDRESS_LIMIT: &str = "address_limit";
 pub(super) struct AppDirs {
     /// Fan-out directories (by first SHA byte) known to be plain directories.
     fans_ready: [bool; 256],
+    /// Fan-out directories open for [`super::create::create_logs`] during one flush, so
+    /// that a new app's `mkdir` and `open` walk one component instead of the whole path.
+    fan_files: Vec<Option<File>>,
     pub(super) limits: StoreLimits,
     /// Apps in the store, counted when a `max_apps` limit is set.
     apps: u64,
@@ -52,6 +57,7 @@ impl Default for AppDirs {
     fn default() -> AppDirs {
         AppDirs {
             fans_ready: [false; 256],
+            fan_files: Vec::new(),
             limits: StoreLimits::default(),
             apps: 0,
             free_checked: None,
@@ -81,6 +87,17 @@ impl AppDirs {
     /// Forgets which fan-out directories exist (after a reset moved the tree away).
     pub(super) fn forget(&mut self) {
         self.fans_ready = [false; 256];
+        self.close_fans();
+    }
+
+    /// Closes the fan-out directories [`AppDirs::may_create`] opened (at the end of a flush).
+    pub(super) fn close_fans(&mut self) {
+        self.fan_files = Vec::new();
+    }
+
+    /// The open fan-out directory of `app`, if [`AppDirs::may_create`] opened it.
+    pub(super) fn fan(&self, app: &AppSha) -> Option<&File> {
+        self.fan_files.get(usize::from(app.0[0]))?.as_ref()
     }
 
     /// Makes sure `app`'s directory exists as a plain directory, creating it (within the
@@ -96,7 +113,7 @@ impl AppDirs {
         let dir = data.app_dir(app);
         let allowed = self.check_limits(data, app);
         if allowed.is_ok() {
-            self.ensure_fan(app, &dir)?;
+            self.ensure_fan(data, app)?;
             match fs::DirBuilder::new().mode(DIR_MODE).create(&dir) {
                 Ok(()) => {
                     self.apps += 1;
@@ -108,7 +125,7 @@ impl AppDirs {
         }
         match fs::symlink_metadata(&dir) {
             Ok(meta) if meta.is_dir() => {
-                self.ensure_fan(app, &dir)?;
+                self.ensure_fan(data, app)?;
                 Ok(false)
             }
             Ok(_) => Err(StoreError::NotADirectory(dir)),
@@ -120,23 +137,33 @@ impl AppDirs {
     }
 
     /// Whether `app`'s directory may be made by [`super::create::create_logs`]: its fan-out
-    /// directory is ready and no limit stands in the way. Never with a `max_apps` limit
-    /// (which counts apps one by one), and never a refusal: a refused app takes
-    /// [`AppDirs::ensure_app_dir`], which reports it.
+    /// directory is ready, open ([`AppDirs::fan`]) until [`AppDirs::close_fans`], and no
+    /// limit stands in the way. Never with a `max_apps` limit (which counts apps one by one),
+    /// and never a refusal: a refused app takes [`AppDirs::ensure_app_dir`], which reports it.
     pub(super) fn may_create(&mut self, data: &DataDir, app: &AppSha) -> Result<bool, StoreError> {
         if self.limits.max_apps.is_some() || self.check_limits(data, app).is_err() {
             return Ok(false);
         }
-        self.ensure_fan(app, &data.app_dir(app))?;
+        self.ensure_fan(data, app)?;
+        let slot = usize::from(app.0[0]);
+        if self.fan_files.is_empty() {
+            self.fan_files.resize_with(256, || None);
+        }
+        if self.fan_files[slot].is_none() {
+            let fan = data.app_dir(app);
+            let fan = fan.parent().expect("an app dir has a parent");
+            self.fan_files[slot] = Some(open_dir(fan)?);
+        }
         Ok(true)
     }
 
-    /// Makes sure the fan-out directory above `dir` is a plain directory.
-    fn ensure_fan(&mut self, app: &AppSha, dir: &Path) -> Result<(), StoreError> {
+    /// Makes sure the fan-out directory of `app` is a plain directory.
+    fn ensure_fan(&mut self, data: &DataDir, app: &AppSha) -> Result<(), StoreError> {
         let slot = usize::from(app.0[0]);
         if self.fans_ready[slot] {
             return Ok(());
         }
+        let dir = data.app_dir(app);
         let fan = dir.parent().expect("an app dir has a parent");
         match fs::DirBuilder::new().mode(DIR_MODE).create(fan) {
             Ok(()) => {}

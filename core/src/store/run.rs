@@ -46,7 +46,7 @@ impl<'a> RunWriter<'a> {
     }
 
     fn push(&mut self, ip: u32, stats: &AddrStats) -> Result<(), StoreError> {
-        if self.block.records() >= RUN_CHUNK_RECORDS {
+        if block_full(self.block) {
             self.write_block()?;
             self.block.begin_continuing(self.epoch);
         }
@@ -70,6 +70,36 @@ impl<'a> RunWriter<'a> {
         }
         Ok(())
     }
+}
+
+/// True when the run's block being built takes no more records: the next one begins.
+fn block_full(block: &BlockBuilder) -> bool {
+    block.records() >= RUN_CHUNK_RECORDS
+}
+
+/// Encodes `records` (sorted, non-empty) into `out` as the bytes [`append_run`] writes for
+/// them as one run of `epoch`, built in `block`. Returns the events.
+pub(super) fn encode_run(
+    block: &mut BlockBuilder,
+    epoch: u64,
+    records: &[(u32, AddrStats)],
+    out: &mut Vec<u8>,
+) -> u64 {
+    out.clear();
+    block.begin(epoch);
+    let mut events = 0;
+    for (ip, stats) in records {
+        if block_full(block) {
+            out.extend_from_slice(block.finish());
+            block.begin_continuing(epoch);
+        }
+        block.push(*ip, stats);
+        events += stats.count;
+    }
+    if block.records() > 0 {
+        out.extend_from_slice(block.finish());
+    }
+    events
 }
 
 /// Appends `records` (sorted, non-empty) as one run of `epoch` to the end of the log at

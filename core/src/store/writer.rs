@@ -6,7 +6,7 @@ use std::path::Path;
 use std::thread;
 
 use super::backend::{AppendBlocks, Appended, Runs, StoreCounters};
-use super::create::{create_logs, Created};
+use super::create::{create_logs, Created, Target};
 use super::fsio::StoreError;
 use super::index::IndexWriter;
 use super::layout::{validate_writer_id, DataDir};
@@ -215,9 +215,13 @@ impl StoreWriter {
                 fresh.push(i);
             }
         }
+        let target = Target {
+            data: &self.data,
+            dirs: &self.dirs,
+            writer_id: &self.writer_id,
+        };
         let outcomes = create_logs(
-            &self.data,
-            &self.writer_id,
+            &target,
             epoch,
             self.fsync,
             runs,
@@ -327,6 +331,7 @@ impl AppendBlocks for StoreWriter {
     }
 
     fn end_flush(&mut self) -> Result<(), StoreError> {
+        self.dirs.close_fans();
         self.index.end()
     }
 
