@@ -24,7 +24,7 @@
 //! pairs after its logs and before its counts block, so a crash in between leaves those apps
 //! unsettled, and the writer's settle on reopen adds their pairs before it settles them.
 //!
-//! A flush writes one run (or one per [`MAX_PENDING_PAIRS`] pairs, for a very large flush),
+//! A flush writes one run (or one per [`MAX_PENDING_BYTES`] of pairs, for a very large flush),
 //! through a temporary file renamed into place; then the runs are merged as the log's
 //! compaction merges ([`super::compact`]): the newest runs are merged with an older one
 //! once, together, they hold at least as many bytes, so every run is more than the sum of
@@ -71,10 +71,13 @@ pub const RUN_RECORD_BYTES: usize = 36;
 /// reads, and a run of 10M pairs has about 2,500 blocks to search.
 pub const RUN_BLOCK_RECORDS: usize = 4096;
 const RUN_BLOCK_BYTES: usize = RUN_HEADER_BYTES + RUN_BLOCK_RECORDS * RUN_RECORD_BYTES;
-/// Pairs the writer holds before it writes them as a run: a flush of more writes several
-/// runs, and the merge joins them. Held as 8 bytes per pair and 32 per app (8 MiB of
-/// pairs, at most 40 MiB with one address per app, 21 MiB at the 2.4 of a random flood).
-pub const MAX_PENDING_PAIRS: usize = 1 << 20;
+/// Bytes of pairs the writer holds before it writes them as a run: a flush of more writes
+/// several runs, and the merge joins them. A pair takes 8 bytes and its app 32 once per
+/// flush: 36 MiB is 1M pairs of apps with one address each, and 1.8M of a flood of new apps
+/// with 2.4 addresses each (the runs of a flush of a million of them need no merge).
+pub const MAX_PENDING_BYTES: usize = 36 << 20;
+const PENDING_PAIR_BYTES: usize = std::mem::size_of::<u64>();
+const PENDING_APP_BYTES: usize = std::mem::size_of::<AppSha>();
 /// Times a reader lists a writer's runs again when one it listed was merged away before it
 /// could open it; after that it reads every app of the writer.
 const READ_ATTEMPTS: usize = 3;
@@ -433,6 +436,8 @@ pub(crate) struct AddrIndexWriter {
     pending: Vec<u64>,
     /// The apps of `pending`, once per [`AddrIndexWriter::add`].
     pending_apps: Vec<AppSha>,
+    /// [`MAX_PENDING_BYTES`], lower in tests.
+    max_pending_bytes: usize,
     /// The runs were listed and verified (or built) since the writer opened or forgot them.
     ready: bool,
     /// Writing pairs failed during this flush: its counts must not be written.
@@ -448,6 +453,7 @@ impl AddrIndexWriter {
             next_sequence: 1,
             pending: Vec::new(),
             pending_apps: Vec::new(),
+            max_pending_bytes: MAX_PENDING_BYTES,
             ready: false,
             failed: None,
         }
@@ -596,7 +602,7 @@ impl AddrIndexWriter {
                 (self.pending_apps.len() - 1) as u64
             });
             self.pending.push((u64::from(ip) << 32) | at);
-            if self.pending.len() >= MAX_PENDING_PAIRS {
+            if self.pending_bytes() >= self.max_pending_bytes {
                 if let Err(e) = self.write_pending() {
                     self.clear_pending();
                     self.ready = false;
@@ -618,6 +624,10 @@ impl AddrIndexWriter {
         if let Err(e) = self.add(app, ips) {
             self.failed = Some(e);
         }
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.pending.len() * PENDING_PAIR_BYTES + self.pending_apps.len() * PENDING_APP_BYTES
     }
 
     fn clear_pending(&mut self) {
@@ -651,7 +661,7 @@ impl AddrIndexWriter {
         let bytes = run.finish(&run_path(&self.dir, sequence), self.fsync)?;
         self.next_sequence += 1;
         self.clear_pending();
-        if self.pending.capacity() > MAX_PENDING_PAIRS / 16 {
+        if self.pending.capacity() * PENDING_PAIR_BYTES > self.max_pending_bytes / 16 {
             // A large flush: do not hold its buffers until the next one.
             self.pending = Vec::new();
             self.pending_apps = Vec::new();
@@ -897,7 +907,8 @@ mod tests {
     fn an_app_cut_by_a_full_buffer_keeps_its_addresses() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = index_writer(dir.path());
-        let first = MAX_PENDING_PAIRS as u32 - 2;
+        w.max_pending_bytes = 1 << 20;
+        let first = ((w.max_pending_bytes - PENDING_APP_BYTES * 2) / PENDING_PAIR_BYTES) as u32 - 2;
         w.add(&app(1), 0..first).unwrap();
         // Two of these fill the buffer (a run is written), three go to the next run.
         w.add(&app(9), [3, 1, u32::MAX, 2, 5].into_iter()).unwrap();

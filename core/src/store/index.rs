@@ -87,12 +87,7 @@ fn encode<T>(
 ) {
     for chunk in items.chunks(MAX_INDEX_RECORDS) {
         let start = out.len();
-        out.extend_from_slice(&INDEX_MAGIC);
-        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
-        out.extend_from_slice(&kind.to_le_bytes());
-        out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-        out.extend_from_slice(&sequence.to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&[0; INDEX_HEADER_BYTES]);
         for item in chunk {
             put(out, item);
         }
@@ -100,11 +95,61 @@ fn encode<T>(
             out.len() - start,
             INDEX_HEADER_BYTES + chunk.len() * record_bytes
         );
-        let crc = crc32c::crc32c_append(
-            crc32c::crc32c(&out[start..start + 20]),
-            &out[start + INDEX_HEADER_BYTES..],
-        );
-        out[start + 20..start + INDEX_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+        seal_block(&mut out[start..], kind, sequence, chunk.len());
+    }
+}
+
+/// Fills in the header of `block`, whose `records` records follow the header's room.
+fn seal_block(block: &mut [u8], kind: u16, sequence: u64, records: usize) {
+    let (header, body) = block.split_at_mut(INDEX_HEADER_BYTES);
+    header[0..4].copy_from_slice(&INDEX_MAGIC);
+    header[4..6].copy_from_slice(&INDEX_VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&kind.to_le_bytes());
+    header[8..12].copy_from_slice(&(records as u32).to_le_bytes());
+    header[12..20].copy_from_slice(&sequence.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..20]), body);
+    header[20..24].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The counts blocks of a flush, built as its apps are written: each count is put in place
+/// as it comes, with room for a header before every [`MAX_INDEX_RECORDS`] of them, and
+/// [`CountsBlocks::seal`] fills the headers in. The flush holds its counts once, as the bytes
+/// it writes.
+#[derive(Debug, Default)]
+struct CountsBlocks {
+    bytes: Vec<u8>,
+    records: usize,
+}
+
+impl CountsBlocks {
+    fn push(&mut self, app: &AppSha, events: u64) {
+        if self.records.is_multiple_of(MAX_INDEX_RECORDS) {
+            self.bytes.extend_from_slice(&[0; INDEX_HEADER_BYTES]);
+        }
+        self.bytes.extend_from_slice(&app.0);
+        self.bytes.extend_from_slice(&events.to_le_bytes());
+        self.records += 1;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.records = 0;
+        if self.bytes.capacity() > INDEX_BUF_KEEP_BYTES {
+            self.bytes = Vec::new();
+        }
+    }
+
+    /// Fills in every block's header: the bytes are then what [`encode_counts`] gives.
+    fn seal(&mut self, sequence: u64) {
+        let full = INDEX_HEADER_BYTES + MAX_INDEX_RECORDS * COUNTS_RECORD_BYTES;
+        for (i, block) in self.bytes.chunks_mut(full).enumerate() {
+            let records = (self.records - i * MAX_INDEX_RECORDS).min(MAX_INDEX_RECORDS);
+            seal_block(block, KIND_COUNTS, sequence, records);
+        }
     }
 }
 
@@ -305,7 +350,7 @@ pub(crate) struct IndexWriter {
     /// The file may not be what we think (a failed write, a reset moved the tree away):
     /// read it again, settle it and rewrite it before the next flush.
     stale: bool,
-    counts: Vec<(AppSha, u64)>,
+    counts: CountsBlocks,
     checks: Vec<AppSha>,
     buf: Vec<u8>,
     /// The writer's address index ([`super::addr_index`]), written before each counts
@@ -330,7 +375,7 @@ impl IndexWriter {
             sequence: 0,
             in_flush: false,
             stale: true,
-            counts: Vec::new(),
+            counts: CountsBlocks::default(),
             checks: Vec::new(),
             buf: Vec::new(),
             addrs: AddrIndexWriter::new(data, writer_id, fsync),
@@ -497,7 +542,7 @@ impl IndexWriter {
 
     /// Records `app`'s total events after this flush wrote its log.
     pub(crate) fn count(&mut self, app: &AppSha, events: u64) {
-        self.counts.push((*app, events));
+        self.counts.push(app, events);
     }
 
     /// Records that `app`'s log could not be written because something other than a plain
@@ -521,8 +566,10 @@ impl IndexWriter {
         if self.counts.is_empty() && self.checks.is_empty() {
             return Ok(());
         }
-        self.buf.clear();
-        encode_counts(&mut self.buf, self.sequence, &self.counts);
+        // The counts are written from where they were built, the checks after them, in
+        // one write.
+        self.counts.seal(self.sequence);
+        std::mem::swap(&mut self.buf, &mut self.counts.bytes);
         encode_check(&mut self.buf, self.sequence, &self.checks);
         self.counts.clear();
         self.checks.clear();
@@ -621,4 +668,33 @@ pub fn list_from_indexes(data: &DataDir) -> Result<Option<Vec<AppCount>>, StoreE
         .collect();
     out.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.app.cmp(&b.app)));
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_built_as_a_flush_goes_are_the_blocks_encoded_at_once() {
+        let counts: Vec<(AppSha, u64)> = (0..MAX_INDEX_RECORDS as u64 + 1000)
+            .map(|i| {
+                let mut sha = [7; 32];
+                sha[..8].copy_from_slice(&i.to_be_bytes());
+                (AppSha(sha), i * 3 + 1)
+            })
+            .collect();
+        for n in [1, 10, MAX_INDEX_RECORDS, counts.len()] {
+            let mut built = CountsBlocks::default();
+            for (app, events) in &counts[..n] {
+                built.push(app, *events);
+            }
+            built.seal(42);
+            let mut encoded = Vec::new();
+            encode_counts(&mut encoded, 42, &counts[..n]);
+            assert_eq!(built.bytes, encoded, "{n} counts");
+            let (view, verified) = read_index(&built.bytes);
+            assert_eq!(verified as usize, encoded.len());
+            assert_eq!(view.counts.len(), n);
+        }
+    }
 }
