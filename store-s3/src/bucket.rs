@@ -311,16 +311,14 @@ impl Bucket {
                 .map_err(|e| db_err("scanning", e))?;
             let mut seen = false;
             while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                let (Some((_, ip)), Some(stats)) = (
-                    codec::parse_addr_key(&kv.key),
-                    codec::decode_stats(&kv.value),
-                ) else {
-                    return Err(S3Error::Corrupt {
-                        location: location(),
-                        what: format!("unexpected entry of {} bytes", kv.value.len()),
-                    });
+                let Some(addrs) = codec::parse_addr_key(&kv.key)
+                    .and_then(|(_, hi)| codec::decode_chunk(hi, &kv.value))
+                else {
+                    return Err(corrupt_entry(location(), &kv.key, &kv.value));
                 };
-                merged.entry(ip).or_default().merge(&stats);
+                for (ip, stats) in addrs {
+                    merged.entry(ip).or_default().merge(&stats);
+                }
                 seen = true;
             }
             out.logs += usize::from(seen);
@@ -334,27 +332,28 @@ impl Bucket {
     }
 
     /// The apps that had an address in `cidr`, from every writer's address index keys: one
-    /// range scan per database. `Ok(None)` when some database was written before the index
-    /// (it has no marker key): the caller reads every app.
+    /// range scan per database over the /16s the block touches. `Ok(None)` when some database
+    /// has no [`codec::FORMAT_KEY`] (written by another version): the caller reads every app.
     pub fn apps_with_address(&self, cidr: Cidr) -> Result<Option<Vec<AppSha>>, S3Error> {
         let (lo, hi) = cidr.range();
-        let start = codec::addr_index_key(lo, &AppSha([0; 32]));
-        let end = codec::addr_index_key(hi, &AppSha([0xff; 32]));
+        let start = codec::addr_index_key(codec::high(lo), &AppSha([0; 32]));
+        let end = codec::addr_index_key(codec::high(hi), &AppSha([0xff; 32]));
         self.runtime.block_on(async {
             let readers = self.open_readers().await?;
             let mut out = Vec::new();
             let mut indexed = true;
             for (generation, id, reader) in &readers {
+                let location = || self.writer_path(*generation, id).to_string();
                 let db_err = |action, source| S3Error::Db {
                     action,
-                    location: self.writer_path(*generation, id).to_string(),
+                    location: location(),
                     source,
                 };
-                let marker = reader
-                    .get(codec::ADDR_INDEX_MARKER_KEY)
+                let format = reader
+                    .get(codec::FORMAT_KEY)
                     .await
                     .map_err(|e| db_err("reading", e))?;
-                if marker.is_none() {
+                if format.is_none() {
                     indexed = false;
                     break;
                 }
@@ -363,7 +362,12 @@ impl Bucket {
                     .await
                     .map_err(|e| db_err("scanning", e))?;
                 while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                    if let Some((_, app)) = codec::parse_addr_index_key(&kv.key) {
+                    let Some((app, mut ips)) = codec::parse_addr_index_key(&kv.key)
+                        .and_then(|(hi, app)| Some((app, codec::decode_lows(hi, &kv.value)?)))
+                    else {
+                        return Err(corrupt_entry(location(), &kv.key, &kv.value));
+                    };
+                    if ips.any(|ip| (lo..=hi).contains(&ip)) {
                         out.push(app);
                     }
                 }
@@ -420,6 +424,18 @@ impl Bucket {
             out.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.app.cmp(&b.app)));
             Ok(out)
         })
+    }
+}
+
+/// The error for an entry this build did not write.
+pub(crate) fn corrupt_entry(location: String, key: &[u8], value: &[u8]) -> S3Error {
+    S3Error::Corrupt {
+        location,
+        what: format!(
+            "unexpected entry (key of {} bytes, value of {} bytes)",
+            key.len(),
+            value.len()
+        ),
     }
 }
 

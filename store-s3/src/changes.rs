@@ -238,7 +238,7 @@ async fn look_at_writer(
                 // Nothing past the tail (an epoch never goes back within one instance).
                 Some(_) => return Ok(Some((now, apps))),
             };
-            let last = codec::change_key(shipped, &AppSha([0xff; 32]));
+            let last = codec::change_key(shipped, u32::MAX);
             let mut iter = reader
                 .scan(codec::flush_key(from).to_vec()..=last.to_vec())
                 .await
@@ -257,7 +257,11 @@ async fn look_at_writer(
                         }
                         expected = epoch;
                     }
-                    Some((_, Some(app))) => apps.push(app),
+                    Some((_, Some(_))) => {
+                        apps.extend(codec::decode_changed(&kv.value).ok_or_else(|| {
+                            corrupt(format!("change key value of {} bytes", kv.value.len()))
+                        })?)
+                    }
                     None => return Err(corrupt(format!("key of {} bytes", kv.key.len()))),
                 }
             }

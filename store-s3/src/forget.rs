@@ -32,7 +32,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use rustc_hash::FxHashMap;
 
-use crate::bucket::{close_all, has_manifest};
+use crate::bucket::{close_all, corrupt_entry, has_manifest};
 use crate::cluster::{new_request_id, os_err, wait_for_writers};
 use crate::codec;
 use crate::ship::FORGET_INSTANCE_PREFIX;
@@ -358,17 +358,15 @@ impl Bucket {
                     .await
                     .map_err(db_err)?;
                 while let Some(kv) = iter.next().await.map_err(db_err)? {
-                    let (Some((app, _)), Some(stats)) = (
-                        codec::parse_addr_key(&kv.key),
-                        codec::decode_stats(&kv.value),
-                    ) else {
-                        return Err(S3Error::Corrupt {
-                            location: location(),
-                            what: format!("unexpected entry of {} bytes", kv.value.len()),
-                        });
+                    let Some((app, addrs)) = codec::parse_addr_key(&kv.key)
+                        .and_then(|(app, hi)| Some((app, codec::decode_chunk(hi, &kv.value)?)))
+                    else {
+                        return Err(corrupt_entry(location(), &kv.key, &kv.value));
                     };
                     let last = newest.entry(app).or_insert(0);
-                    *last = (*last).max(stats.last_seen);
+                    for (_, stats) in addrs {
+                        *last = (*last).max(stats.last_seen);
+                    }
                 }
             }
             close_all(readers).await;

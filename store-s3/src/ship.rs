@@ -1,12 +1,13 @@
 //! One writer's database: the receiver's shipper applies each flush to it.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ipevent_core::{AddrStats, AppSha};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use rustc_hash::FxHashMap;
 use slatedb::config::{FlushOptions, FlushType, PutOptions as KeyOptions, Settings, Ttl};
 use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
 
@@ -53,6 +54,53 @@ pub struct ShipDb {
     /// The last epoch this instance applied or read back: the previous flush named by the
     /// next flush's change key.
     previous: AtomicU64,
+    /// Addresses whose index entries this instance made durable in the database.
+    indexed: Mutex<Indexed>,
+}
+
+/// Most (app, address) pairs [`Indexed`] remembers (about 4 bytes each, plus 40 per app)
+/// before it starts over.
+const INDEXED_PAIRS: usize = 4 << 20;
+
+/// The (app, address) pairs whose index entries this instance has made durable in its
+/// database, so that a flush writes index keys only for addresses new to it: most flushes
+/// repeat addresses, and each key costs the database as much as an address chunk. Index
+/// entries leave the database only by a forget (which drops the app here too) or a reset
+/// (another database, another `ShipDb`), so a pair remembered here is in the database. When
+/// full it starts over, and the index keys of the addresses that come again are written
+/// again (a merge that changes nothing).
+#[derive(Default)]
+struct Indexed {
+    apps: FxHashMap<AppSha, Vec<u32>>,
+    pairs: usize,
+}
+
+impl Indexed {
+    fn has(&self, app: &AppSha, ip: u32) -> bool {
+        self.apps
+            .get(app)
+            .is_some_and(|ips| ips.binary_search(&ip).is_ok())
+    }
+
+    /// Remembers what a durable batch indexed.
+    fn learn(&mut self, learned: &[(AppSha, u32)]) {
+        if self.pairs + learned.len() > INDEXED_PAIRS {
+            *self = Indexed::default();
+        }
+        for (app, ip) in learned {
+            let ips = self.apps.entry(*app).or_default();
+            if let Err(at) = ips.binary_search(ip) {
+                ips.insert(at, *ip);
+                self.pairs += 1;
+            }
+        }
+    }
+
+    fn forget(&mut self, app: &AppSha) {
+        if let Some(ips) = self.apps.remove(app) {
+            self.pairs -= ips.len();
+        }
+    }
 }
 
 impl ShipDb {
@@ -104,8 +152,10 @@ impl ShipDb {
                     .build(),
             )
             .map_err(|source| db_error("opening", &location, source))?;
-        rt.block_on(index_addresses(&db))
-            .map_err(|source| db_error("indexing the addresses of", &location, source))?;
+        if let Err(e) = rt.block_on(check_format(&db, &location)) {
+            let _ = rt.block_on(db.close());
+            return Err(e);
+        }
         Ok(ShipDb {
             bucket,
             db,
@@ -114,6 +164,7 @@ impl ShipDb {
             instance: instance.to_string(),
             location,
             previous: AtomicU64::new(0),
+            indexed: Mutex::new(Indexed::default()),
         })
     }
 
@@ -143,9 +194,10 @@ impl ShipDb {
         Ok(epoch)
     }
 
-    /// Applies one flush: every app's addresses and total, the flush's change keys (for
-    /// `watch`, expiring after [`CHANGE_HISTORY`]) and `epoch` as the shipped epoch, in one
-    /// atomic write batch; returns once the batch is durable in the bucket.
+    /// Applies one flush: every app's addresses (one chunk per /16, and an index key for the
+    /// addresses not indexed yet) and total, the flush's change keys (for `watch`, expiring
+    /// after [`CHANGE_HISTORY`]) and `epoch` as the shipped epoch, in one atomic write batch;
+    /// returns once the batch is durable in the bucket. An app may come more than once.
     pub fn apply(
         &self,
         epoch: u64,
@@ -157,15 +209,45 @@ impl ShipDb {
         };
         let previous = self.previous.load(Relaxed);
         batch.put_with_options(codec::flush_key(epoch), previous.to_le_bytes(), &expiring);
-        for (app, _) in apps {
-            batch.put_with_options(codec::change_key(epoch, app), b"", &expiring);
+        let mut changed: Vec<AppSha> = apps.iter().map(|(app, _)| *app).collect();
+        changed.sort_unstable();
+        changed.dedup();
+        for (part, apps) in changed.chunks(codec::CHANGE_PART_APPS).enumerate() {
+            let names: Vec<u8> = apps.iter().flat_map(|app| app.0).collect();
+            batch.put_with_options(codec::change_key(epoch, part as u32), names, &expiring);
         }
+        let mut indexed = self.indexed.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut learned = Vec::new();
+        let mut sorted = Vec::new();
         for (app, addrs) in apps {
+            let addrs = if addrs.is_sorted_by(|a, b| a.0 < b.0) {
+                addrs
+            } else {
+                sorted.clone_from(addrs);
+                sorted.sort_unstable_by_key(|(ip, _)| *ip);
+                sorted.dedup_by(|later, kept| {
+                    let same = later.0 == kept.0;
+                    if same {
+                        kept.1.merge(&later.1);
+                    }
+                    same
+                });
+                &sorted
+            };
             let mut total = 0u64;
-            for (ip, stats) in addrs {
-                batch.merge(codec::addr_key(app, *ip), codec::encode_stats(stats));
-                batch.put(codec::addr_index_key(*ip, app), b"");
-                total += stats.count;
+            for (hi, run) in codec::chunks(addrs) {
+                batch.merge(codec::addr_key(app, hi), codec::encode_chunk(run));
+                let first_new = learned.len();
+                learned.extend(
+                    run.iter()
+                        .filter(|(ip, _)| !indexed.has(app, *ip))
+                        .map(|(ip, _)| (*app, *ip)),
+                );
+                if learned.len() > first_new {
+                    let new = learned[first_new..].iter().map(|(_, ip)| *ip);
+                    batch.merge(codec::addr_index_key(hi, app), codec::encode_lows(new));
+                }
+                total += run.iter().map(|(_, stats)| stats.count).sum::<u64>();
             }
             batch.merge(codec::count_key(app), total.to_le_bytes());
         }
@@ -179,6 +261,7 @@ impl ShipDb {
                 handle.await_durable().await
             })
             .map_err(|source| db_error("writing to", &self.location, source))?;
+        indexed.learn(&learned);
         self.previous.store(epoch, Relaxed);
         Ok(())
     }
@@ -194,12 +277,15 @@ impl ShipDb {
         Ok(value.and_then(|v| codec::decode_u64(&v)).unwrap_or(0))
     }
 
-    /// Removes every key of `apps` (each address with its index key, and the total, found by a
-    /// prefix scan) and
-    /// records `seq` as the last forget applied; returns once that is durable, with the number
-    /// of address keys removed. Not yet visible to readers that skip the WAL: see
-    /// [`ShipDb::publish`].
+    /// Removes every key of `apps` (each address chunk with its index key, found by a prefix
+    /// scan, and the total) and records `seq` as the last forget applied; returns once that is
+    /// durable, with the number of addresses removed. Not yet visible to readers that skip the
+    /// WAL: see [`ShipDb::publish`].
     pub fn forget(&self, seq: u64, apps: &[AppSha]) -> Result<u64, S3Error> {
+        let mut indexed = self.indexed.lock().unwrap_or_else(PoisonError::into_inner);
+        for app in apps {
+            indexed.forget(app);
+        }
         let db = &self.db;
         self.bucket
             .runtime
@@ -210,11 +296,11 @@ impl ShipDb {
                 for app in apps {
                     let mut iter = db.scan_prefix(codec::addr_prefix(app), ..).await?;
                     while let Some(kv) = iter.next().await? {
-                        if let Some((_, ip)) = codec::parse_addr_key(&kv.key) {
-                            batch.delete(codec::addr_index_key(ip, app));
+                        if let Some((_, hi)) = codec::parse_addr_key(&kv.key) {
+                            batch.delete(codec::addr_index_key(hi, app));
                         }
+                        removed += (kv.value.len() / codec::CHUNK_ENTRY_BYTES) as u64;
                         batch.delete(kv.key);
-                        removed += 1;
                         in_batch += 2;
                         if in_batch >= FORGET_BATCH_KEYS {
                             let full = std::mem::replace(&mut batch, WriteBatch::new());
@@ -263,32 +349,41 @@ impl ShipDb {
     }
 }
 
-/// Index keys written per batch when a database from before the address index gets them.
-const INDEX_BATCH_KEYS: usize = 4096;
-
-/// Gives every address key of a database written before the address index its index key,
-/// then writes the marker that lets readers trust the index (for a new database: the marker
-/// alone). From then on every batch writes both keys together.
-async fn index_addresses(db: &Db) -> Result<(), slatedb::Error> {
-    if db.get(codec::ADDR_INDEX_MARKER_KEY).await?.is_some() {
-        return Ok(());
-    }
-    let mut iter = db.scan_prefix([codec::ADDR_TAG], ..).await?;
-    let mut batch = WriteBatch::new();
-    let mut in_batch = 0;
-    while let Some(kv) = iter.next().await? {
-        if let Some((app, ip)) = codec::parse_addr_key(&kv.key) {
-            batch.put(codec::addr_index_key(ip, &app), b"");
-            in_batch += 1;
+/// Writes [`codec::FORMAT`] into a new database; refuses one written in another key layout
+/// (an older build's), which this build would misread.
+async fn check_format(db: &Db, location: &str) -> Result<(), S3Error> {
+    let db_err = |source| db_error("reading the format of", location, source);
+    match db.get(codec::FORMAT_KEY).await.map_err(db_err)? {
+        Some(format) if codec::decode_u64(&format) == Some(codec::FORMAT) => Ok(()),
+        found => {
+            let empty = found.is_none()
+                && db
+                    .scan(..)
+                    .await
+                    .map_err(db_err)?
+                    .next()
+                    .await
+                    .map_err(db_err)?
+                    .is_none();
+            if !empty {
+                return Err(S3Error::Corrupt {
+                    location: location.to_string(),
+                    what: format!(
+                        "written in key layout {} by another version of ipevent, not layout {}; \
+                         reset the bucket (DELETE /events) or use another --store prefix",
+                        found.as_deref().and_then(codec::decode_u64).unwrap_or(1),
+                        codec::FORMAT
+                    ),
+                });
+            }
+            db.put(codec::FORMAT_KEY, codec::FORMAT.to_le_bytes())
+                .await
+                .map_err(|source| db_error("writing the format of", location, source))?
+                .await_durable()
+                .await
+                .map_err(|source| db_error("writing the format of", location, source))
         }
-        if in_batch == INDEX_BATCH_KEYS {
-            db.write(std::mem::replace(&mut batch, WriteBatch::new()))
-                .await?;
-            in_batch = 0;
-        }
     }
-    batch.put(codec::ADDR_INDEX_MARKER_KEY, b"");
-    db.write(batch).await?.await_durable().await
 }
 
 fn db_error(action: &'static str, location: &str, source: slatedb::Error) -> S3Error {

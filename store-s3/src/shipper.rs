@@ -721,14 +721,28 @@ fn ship_round(
         outbox::remove_entry(&s.outbox_dir, epoch)?;
         s.counters.entries.fetch_sub(1, Relaxed);
         s.counters.bytes.fetch_sub(bytes, Relaxed);
+        // A shipper catching up publishes as it goes, once per interval, rather than after
+        // the last entry.
+        publish_if(s, db, *shipped, unpublished, false)?;
     }
+    publish_if(s, db, *shipped, unpublished, now)
+}
+
+/// Publishes what was shipped if that is pending and a publish is due, or `now`.
+fn publish_if(
+    s: &ShipperSettings,
+    db: &ShipDb,
+    shipped: u64,
+    unpublished: &mut Unpublished,
+    now: bool,
+) -> Result<(), S3Error> {
     if unpublished.pending && (now || unpublished.due(s.interval)) {
         db.publish()?;
         unpublished.pending = false;
         unpublished.last = Some(Instant::now());
     }
     if !unpublished.pending {
-        s.counters.published_epoch.store(*shipped, Relaxed);
+        s.counters.published_epoch.store(shipped, Relaxed);
     }
     Ok(())
 }

@@ -136,7 +136,28 @@ fn the_address_index_names_the_apps_of_an_address_or_block() {
     let one = ShipDb::open(Arc::clone(&bucket), "one", "inst-1", "host-1 /data").unwrap();
     one.apply(1, &[(a, vec![(10, stats(1, 1, 1)), (20, stats(1, 1, 1))])])
         .unwrap();
+    // A second flush merges into the same /16's keys, and adds another /16; an app may come
+    // twice, with its addresses out of order.
+    let far = u32::from(std::net::Ipv4Addr::new(10, 1, 2, 3));
+    one.apply(
+        2,
+        &[
+            (a, vec![(far, stats(2, 2, 2)), (30, stats(1, 2, 2))]),
+            (a, vec![(30, stats(1, 3, 3)), (10, stats(1, 2, 2))]),
+        ],
+    )
+    .unwrap();
     one.publish().unwrap();
+    let read = bucket.read_app(&a).unwrap().unwrap();
+    assert_eq!(
+        read.addrs,
+        [
+            (10, stats(2, 1, 2)),
+            (20, stats(1, 1, 1)),
+            (30, stats(2, 2, 3)),
+            (far, stats(2, 2, 2))
+        ]
+    );
     let two = ShipDb::open(Arc::clone(&bucket), "two", "inst-2", "host-2 /data").unwrap();
     two.apply(1, &[(b, vec![(5, stats(1, 1, 1)), (20, stats(2, 1, 1))])])
         .unwrap();
@@ -156,6 +177,22 @@ fn the_address_index_names_the_apps_of_an_address_or_block() {
     assert_eq!(named("0.0.0.0/28"), [a, b]);
     assert_eq!(named("0.0.0.16/28"), [a, b]);
     assert_eq!(named("0.0.0.40"), Vec::<AppSha>::new());
+    assert_eq!(named("0.0.0.30"), [a]);
+    assert_eq!(named("10.1.2.3"), [a]);
+    assert_eq!(named("10.1.2.4"), Vec::<AppSha>::new());
+    assert_eq!(named("10.1.0.0/16"), [a]);
+    assert_eq!(named("10.0.0.0/8"), [a]);
+    assert_eq!(named("0.0.0.0/0"), [a, b]);
+
+    // A forgotten app that comes back is indexed again.
+    assert_eq!(one.forget(1, &[a]).unwrap(), 4);
+    one.publish().unwrap();
+    assert_eq!(named("0.0.0.10"), Vec::<AppSha>::new());
+    assert_eq!(named("0.0.0.20"), [b]);
+    one.apply(3, &[(a, vec![(10, stats(1, 4, 4))])]).unwrap();
+    one.publish().unwrap();
+    assert_eq!(named("0.0.0.10"), [a]);
+    assert_eq!(named("10.1.2.3"), Vec::<AppSha>::new());
     one.close().unwrap();
     two.close().unwrap();
 }
