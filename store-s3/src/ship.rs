@@ -139,9 +139,12 @@ impl ShipDb {
         let rt = bucket.runtime.handle().clone();
         rt.block_on(take_lease(&bucket, writer_id, instance, holder))?;
         let settings = Settings {
-            // The shipper waits for each batch to be durable; a short WAL interval keeps that
-            // wait short without a request per batch when batches come fast.
-            flush_interval: Some(std::time::Duration::from_millis(50)),
+            // No WAL: the outbox is this database's log. A batch becomes durable, and
+            // visible to readers, when the memtable holding it is written as a table
+            // ([`ShipDb::publish`]), and the shipper removes outbox entries only then. A WAL
+            // would write every key to the bucket a second time and cost about a tenth of
+            // the database's CPU.
+            wal_enabled: false,
             ..Settings::default()
         };
         let db = rt
@@ -196,8 +199,9 @@ impl ShipDb {
 
     /// Applies one flush: every app's addresses (one chunk per /16, and an index key for the
     /// addresses not indexed yet) and total, the flush's change keys (for `watch`, expiring
-    /// after [`CHANGE_HISTORY`]) and `epoch` as the shipped epoch, in one atomic write batch;
-    /// returns once the batch is durable in the bucket. An app may come more than once.
+    /// after [`CHANGE_HISTORY`]) and `epoch` as the shipped epoch, in one atomic write batch,
+    /// durable in the bucket and visible to readers with the next [`ShipDb::publish`]. An app
+    /// may come more than once.
     pub fn apply(
         &self,
         epoch: u64,
@@ -256,10 +260,7 @@ impl ShipDb {
         batch.put(codec::SHIPPED_EPOCH_KEY, marker);
         self.bucket
             .runtime
-            .block_on(async {
-                let handle = self.db.write(batch).await?;
-                handle.await_durable().await
-            })
+            .block_on(self.db.write(batch))
             .map_err(|source| db_error("writing to", &self.location, source))?;
         indexed.learn(&learned);
         self.previous.store(epoch, Relaxed);
@@ -279,8 +280,8 @@ impl ShipDb {
 
     /// Removes every key of `apps` (each address chunk with its index key, found by a prefix
     /// scan, and the total) and records `seq` as the last forget applied; returns once that is
-    /// durable, with the number of addresses removed. Not yet visible to readers that skip the
-    /// WAL: see [`ShipDb::publish`].
+    /// durable and visible (published with whatever was applied before it), with the number
+    /// of addresses removed.
     pub fn forget(&self, seq: u64, apps: &[AppSha]) -> Result<u64, S3Error> {
         let mut indexed = self.indexed.lock().unwrap_or_else(PoisonError::into_inner);
         for app in apps {
@@ -304,21 +305,25 @@ impl ShipDb {
                         in_batch += 2;
                         if in_batch >= FORGET_BATCH_KEYS {
                             let full = std::mem::replace(&mut batch, WriteBatch::new());
-                            db.write(full).await?.await_durable().await?;
+                            db.write(full).await?;
                             in_batch = 0;
                         }
                     }
                     batch.delete(codec::count_key(app));
                 }
                 batch.put(codec::FORGOTTEN_SEQ_KEY, seq.to_le_bytes());
-                db.write(batch).await?.await_durable().await?;
+                db.write(batch).await?;
+                db.flush_with_options(FlushOptions {
+                    flush_type: FlushType::MemTable,
+                })
+                .await?;
                 Ok::<u64, slatedb::Error>(removed)
             })
             .map_err(|source| db_error("forgetting apps in", &self.location, source))
     }
 
-    /// Makes everything applied so far visible to readers that skip the WAL: freezes the
-    /// memtable and writes it to L0.
+    /// Makes everything applied so far durable and visible to readers: freezes the memtable
+    /// and writes it to L0, in the order the batches were applied.
     pub fn publish(&self) -> Result<(), S3Error> {
         self.bucket
             .runtime
@@ -376,10 +381,15 @@ async fn check_format(db: &Db, location: &str) -> Result<(), S3Error> {
                     ),
                 });
             }
-            db.put(codec::FORMAT_KEY, codec::FORMAT.to_le_bytes())
+            let written = async {
+                db.put(codec::FORMAT_KEY, codec::FORMAT.to_le_bytes())
+                    .await?;
+                db.flush_with_options(FlushOptions {
+                    flush_type: FlushType::MemTable,
+                })
                 .await
-                .map_err(|source| db_error("writing the format of", location, source))?
-                .await_durable()
+            };
+            written
                 .await
                 .map_err(|source| db_error("writing the format of", location, source))
         }

@@ -657,15 +657,18 @@ fn answer_syncs(
     s.bucket.answer_syncs(&s.writer_id, served)
 }
 
-/// What the shipper made durable in its database but not yet visible to readers that skip the
-/// WAL, and when it last made something visible. Each publish writes a table into the
-/// database, which costs requests and compaction work however little it holds, so a
-/// shipper publishes at most once per ship interval however often flushes come (readers are
-/// then at most one interval behind what was shipped), and at once for a sync or a stop.
+/// What the shipper applied to its database but did not publish yet (the database has no
+/// WAL: a batch is durable, and visible to readers, once published), and when it last
+/// published. Each publish writes a table into the database, which costs requests and
+/// compaction work however little it holds, so a shipper publishes at most once per ship
+/// interval however often flushes come (readers are then at most one interval behind what was
+/// shipped), and at once for a sync or a stop.
 #[derive(Debug, Default)]
 struct Unpublished {
-    /// Something shipped is not visible yet.
+    /// Something applied is not published yet.
     pending: bool,
+    /// The outbox entries applied and not published (epoch, bytes): removed once published.
+    applied: Vec<(u64, u64)>,
     /// The last publish.
     last: Option<Instant>,
 }
@@ -687,7 +690,8 @@ impl Unpublished {
 }
 
 /// Ships every entry the outbox holds, oldest first, then publishes them to readers when a
-/// publish is due (see [`Unpublished`]) or `now`.
+/// publish is due (see [`Unpublished`]) or `now`. `shipped` is the last epoch applied; an
+/// entry leaves the outbox once published.
 fn ship_round(
     s: &ShipperSettings,
     db: &ShipDb,
@@ -716,19 +720,20 @@ fn ship_round(
             db.apply(epoch, &apps)?;
             *shipped = epoch;
             unpublished.pending = true;
-            s.counters.shipped_epoch.store(epoch, Relaxed);
+            unpublished.applied.push((epoch, bytes));
+            // A shipper catching up publishes as it goes, once per interval, rather than
+            // after the last entry.
+            publish_if(s, db, *shipped, unpublished, false)?;
+        } else if !unpublished.applied.iter().any(|(e, _)| *e == epoch) {
+            // Published before a restart, and left by it.
+            remove_entry(s, epoch, bytes)?;
         }
-        outbox::remove_entry(&s.outbox_dir, epoch)?;
-        s.counters.entries.fetch_sub(1, Relaxed);
-        s.counters.bytes.fetch_sub(bytes, Relaxed);
-        // A shipper catching up publishes as it goes, once per interval, rather than after
-        // the last entry.
-        publish_if(s, db, *shipped, unpublished, false)?;
     }
     publish_if(s, db, *shipped, unpublished, now)
 }
 
-/// Publishes what was shipped if that is pending and a publish is due, or `now`.
+/// Publishes what was applied if that is pending and a publish is due, or `now`, and then
+/// removes the entries it made durable from the outbox.
 fn publish_if(
     s: &ShipperSettings,
     db: &ShipDb,
@@ -742,8 +747,19 @@ fn publish_if(
         unpublished.last = Some(Instant::now());
     }
     if !unpublished.pending {
+        s.counters.shipped_epoch.store(shipped, Relaxed);
         s.counters.published_epoch.store(shipped, Relaxed);
+        for (epoch, bytes) in std::mem::take(&mut unpublished.applied) {
+            remove_entry(s, epoch, bytes)?;
+        }
     }
+    Ok(())
+}
+
+fn remove_entry(s: &ShipperSettings, epoch: u64, bytes: u64) -> Result<(), S3Error> {
+    outbox::remove_entry(&s.outbox_dir, epoch)?;
+    s.counters.entries.fetch_sub(1, Relaxed);
+    s.counters.bytes.fetch_sub(bytes, Relaxed);
     Ok(())
 }
 
