@@ -311,9 +311,7 @@ impl Bucket {
                 .map_err(|e| db_err("scanning", e))?;
             let mut seen = false;
             while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                let Some(addrs) = codec::parse_addr_key(&kv.key)
-                    .and_then(|(_, hi)| codec::decode_chunk(hi, &kv.value))
-                else {
+                let Some((_, addrs)) = codec::decode_addr_entry(&kv.key, &kv.value) else {
                     return Err(corrupt_entry(location(), &kv.key, &kv.value));
                 };
                 for (ip, stats) in addrs {

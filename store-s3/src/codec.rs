@@ -170,6 +170,16 @@ pub fn decode_chunk(hi: u16, value: &[u8]) -> Option<impl Iterator<Item = (u32, 
     }))
 }
 
+/// An address key and its value taken apart: the app and its addresses in that /16, in
+/// order; `None` for any other key or a value that is not a whole number of entries.
+pub fn decode_addr_entry<'a>(
+    key: &[u8],
+    value: &'a [u8],
+) -> Option<(AppSha, impl Iterator<Item = (u32, AddrStats)> + 'a)> {
+    let (app, hi) = parse_addr_key(key)?;
+    Some((app, decode_chunk(hi, value)?))
+}
+
 /// The addresses an index value of the /16 `hi` names, in order; `None` when the value is
 /// not a whole number of entries.
 pub fn decode_lows(hi: u16, value: &[u8]) -> Option<impl Iterator<Item = u32> + '_> {

@@ -358,9 +358,7 @@ impl Bucket {
                     .await
                     .map_err(db_err)?;
                 while let Some(kv) = iter.next().await.map_err(db_err)? {
-                    let Some((app, addrs)) = codec::parse_addr_key(&kv.key)
-                        .and_then(|(app, hi)| Some((app, codec::decode_chunk(hi, &kv.value)?)))
-                    else {
+                    let Some((app, addrs)) = codec::decode_addr_entry(&kv.key, &kv.value) else {
                         return Err(corrupt_entry(location(), &kv.key, &kv.value));
                     };
                     let last = newest.entry(app).or_insert(0);
