@@ -113,11 +113,13 @@ pub struct Config {
     #[arg(long, env = "IPEVENT_STORE")]
     pub store: Option<String>,
 
-    /// With --store: how often the shipper looks at the bucket (sync requests, resets,
-    /// forgets) and, at most, makes what it shipped visible to readers of the bucket, in
-    /// milliseconds. A flush wakes the shipper, which ships it at once; readers see it at
-    /// most this much later (one publish per interval, each a table in the database).
-    #[arg(long, env = "IPEVENT_SHIP_INTERVAL_MS", default_value_t = 1000,
+    /// With --store: how often, at most, the shipper ships the flushes that came since its
+    /// last round, as one write batch, and makes them visible to readers of the bucket, in
+    /// milliseconds. Flushes that come within one interval go together: an app in each of
+    /// them costs the bucket its keys once. Readers see a flush at most about this much
+    /// later (plus the round itself); `--sync` ships at once. The shipper looks at the
+    /// bucket (sync requests, resets, forgets) every second, or this often if shorter.
+    #[arg(long, env = "IPEVENT_SHIP_INTERVAL_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub ship_interval_ms: u64,
 

@@ -10,6 +10,7 @@
 //! written into the outbox, so a crash between a flush's local append and its outbox entry is
 //! repaired from the journal (see [`Outbox::note_replayed`]).
 
+use std::collections::hash_map::Entry;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -23,7 +24,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipevent_core::control::{self, Command as Ctl, Reply};
 use ipevent_core::forget;
 use ipevent_core::store::{self, trash, DataDir};
-use ipevent_core::AppSha;
+use ipevent_core::{AddrStats, AppSha};
+use rustc_hash::FxHashMap;
 
 /// How long the receiver waits at start for the bucket to confirm its writer id before it
 /// starts anyway (ingest never waits on the object store; the shipper keeps trying).
@@ -34,6 +36,16 @@ pub const STOP_WAIT: Duration = Duration::from_secs(10);
 /// How long the shipper waits for its own writer to drain and flush for a sync request of
 /// the cluster.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
+/// How often the shipper looks at the bucket for sync requests, resets and forgets, when
+/// the ship interval is longer: those wait on every receiver, so they are answered within
+/// about a second however seldom flushes are shipped.
+const LOOK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the shipper looks at the bucket when it ships every `interval`.
+fn look_interval(interval: Duration) -> Duration {
+    interval.min(LOOK_INTERVAL)
+}
+
 /// Shipping failures are logged at most this often.
 const COMPLAINT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -71,7 +83,8 @@ pub struct ShipperSettings {
     /// when a reader's sync request arrives through the bucket. `None` for a writer whose
     /// events are in the outbox before it acknowledges them (the API's `POST /events`).
     pub control_socket: Option<PathBuf>,
-    /// How often the outbox is shipped and the bucket looked at.
+    /// How often, at most, waiting flushes are shipped as one round and published (the
+    /// bucket is looked at every [`LOOK_INTERVAL`], or this if shorter).
     pub interval: Duration,
     /// Counters shared with the outbox.
     pub counters: Arc<ShipCounters>,
@@ -269,7 +282,7 @@ fn retrying<T>(
             Ok(value) => return Some(value),
             Err(e) => {
                 complain(what, &e, &s.counters);
-                if stopped_within(stop, s.interval) {
+                if stopped_within(stop, look_interval(s.interval)) {
                     return None;
                 }
             }
@@ -303,7 +316,7 @@ fn open_db(
             }
             Err(e) => {
                 complain("opening the database", &e, &s.counters);
-                if stopped_within(stop, s.interval) {
+                if stopped_within(stop, look_interval(s.interval)) {
                     return None;
                 }
             }
@@ -339,7 +352,7 @@ fn follow_missed_reset(
 fn drop_local_state_retrying(s: &ShipperSettings, stop: &Receiver<()>) -> bool {
     while let Err(e) = drop_local_state(s) {
         log::warn!("following the reset: {e}; trying again");
-        if stopped_within(stop, s.interval) {
+        if stopped_within(stop, look_interval(s.interval)) {
             return false;
         }
     }
@@ -360,7 +373,7 @@ fn ship_to(
             Ok(epoch) => break epoch,
             Err(e) => {
                 complain("reading the shipped epoch", &e, &s.counters);
-                if stopped_within(stop, s.interval) {
+                if stopped_within(stop, look_interval(s.interval)) {
                     return Some(Next::Stop);
                 }
             }
@@ -373,7 +386,7 @@ fn ship_to(
             Ok(seq) => break Forgets::new(s, db.generation(), seq),
             Err(e) => {
                 complain("reading the forget sequence", &e, &s.counters);
-                if stopped_within(stop, s.interval) {
+                if stopped_within(stop, look_interval(s.interval)) {
                     return Some(Next::Stop);
                 }
             }
@@ -387,7 +400,7 @@ fn ship_to(
         let mut result = Ok(());
         let looking = !stopping && Instant::now() >= next_look;
         if looking {
-            next_look = Instant::now() + s.interval;
+            next_look = Instant::now() + look_interval(s.interval);
             match s.bucket.generation() {
                 Ok(current) if current > db.generation() => {
                     return Some(Next::Generation(current));
@@ -424,7 +437,7 @@ fn ship_to(
         crossbeam_channel::select! {
             recv(stop) -> _ => stopping = true,
             recv(woken) -> _ => {}
-            default(unpublished.wait(s.interval)) => {}
+            default(unpublished.wait(s.interval).min(next_look.saturating_duration_since(Instant::now()))) => {}
         }
     }
 }
@@ -657,31 +670,35 @@ fn answer_syncs(
     s.bucket.answer_syncs(&s.writer_id, served)
 }
 
-/// What the shipper applied to its database but did not publish yet (the database has no
-/// WAL: a batch is durable, and visible to readers, once published), and when it last
-/// published. Each publish writes a table into the database, which costs requests and
-/// compaction work however little it holds, so a shipper publishes at most once per ship
-/// interval however often flushes come (readers are then at most one interval behind what was
-/// shipped), and at once for a sync or a stop.
+/// Where the shipper stands between rounds: what it applied to its database but did not
+/// publish yet (the database has no WAL: a batch is durable, and visible to readers, once
+/// published), whether flushes wait in the outbox, and when the last round of applying
+/// began. Each write batch and each publish cost the database per key and per table, however
+/// little they hold, so flushes that come within one ship interval wait and go together: one
+/// round per interval applies every waiting flush as one batch (an app that comes in every
+/// flush costs its keys once) and publishes it. Readers are then at most about one interval
+/// and one round behind the writer; a sync or a stop ships and publishes at once.
 #[derive(Debug, Default)]
 struct Unpublished {
-    /// Something applied is not published yet.
+    /// Something applied is not published yet (its publish failed).
     pending: bool,
+    /// Outbox entries wait for the next round.
+    waiting: bool,
     /// The outbox entries applied and not published (epoch, bytes): removed once published.
     applied: Vec<(u64, u64)>,
-    /// The last publish.
+    /// When the last round of applying began.
     last: Option<Instant>,
 }
 
 impl Unpublished {
-    /// Whether a publish now keeps to one per `interval`.
+    /// Whether a round may begin now and keep to one per `interval`.
     fn due(&self, interval: Duration) -> bool {
         self.last.is_none_or(|at| at.elapsed() >= interval)
     }
 
-    /// How long the shipper may wait for a wake-up before it has to publish.
+    /// How long the shipper may wait for a wake-up before the next round is due.
     fn wait(&self, interval: Duration) -> Duration {
-        match (self.pending, self.last) {
+        match (self.pending || self.waiting, self.last) {
             (true, Some(at)) => interval.saturating_sub(at.elapsed()),
             (true, None) => Duration::ZERO,
             (false, _) => interval,
@@ -689,9 +706,14 @@ impl Unpublished {
     }
 }
 
-/// Ships every entry the outbox holds, oldest first, then publishes them to readers when a
-/// publish is due (see [`Unpublished`]) or `now`. `shipped` is the last epoch applied; an
-/// entry leaves the outbox once published.
+/// Most bytes of outbox entries one round applies as one write batch (see
+/// [`Unpublished`]): bounds the shipper's memory, which holds about twice this while it
+/// merges them. A shipper catching up applies and publishes one such batch after another.
+const ROUND_BYTES: u64 = 32 << 20;
+
+/// Ships the outbox entries, oldest first, when a round is due (see [`Unpublished`]), they
+/// fill a round, or `now`: each round's entries as one write batch, published at once.
+/// `shipped` is the last epoch applied; an entry leaves the outbox once published.
 fn ship_round(
     s: &ShipperSettings,
     db: &ShipDb,
@@ -699,41 +721,92 @@ fn ship_round(
     unpublished: &mut Unpublished,
     now: bool,
 ) -> Result<(), S3Error> {
+    // A publish that failed is tried first: the entries it holds are applied already.
+    publish_if(s, db, *shipped, unpublished, true)?;
     let written = s.counters.written_epoch.load(SeqCst);
+    let mut waiting = Vec::new();
     for (epoch, bytes) in outbox::entries(&s.outbox_dir)? {
         // An entry the writer has not finished with (its marker not yet written) waits.
         if epoch > written {
             break;
         }
         if epoch > *shipped {
-            let apps = match outbox::read_entry(&s.outbox_dir, epoch) {
-                Ok(apps) => apps,
+            waiting.push((epoch, bytes));
+        } else if !unpublished.applied.iter().any(|(e, _)| *e == epoch) {
+            // Published before a restart, and left by it.
+            remove_entry(s, epoch, bytes)?;
+        }
+    }
+    let mut rest = &waiting[..];
+    while !rest.is_empty() {
+        let round_full = rest.iter().map(|(_, bytes)| bytes).sum::<u64>() >= ROUND_BYTES;
+        if !(now || round_full || unpublished.due(s.interval)) {
+            break;
+        }
+        unpublished.last = Some(Instant::now());
+        let mut taken = 1;
+        let mut bytes = rest[0].1;
+        while taken < rest.len() && bytes + rest[taken].1 <= ROUND_BYTES {
+            bytes += rest[taken].1;
+            taken += 1;
+        }
+        let (round, later) = rest.split_at(taken);
+        rest = later;
+        let mut apps = Coalesced::default();
+        let mut last = None;
+        for &(epoch, bytes) in round {
+            match outbox::read_entry(&s.outbox_dir, epoch) {
+                Ok(entry) => {
+                    apps.add(entry);
+                    unpublished.applied.push((epoch, bytes));
+                    last = Some(epoch);
+                }
                 Err(what) => {
                     log::error!("outbox entry not shipped, kept aside as .bad: {what}");
                     let path = outbox::entry_path(&s.outbox_dir, epoch);
                     let _ = std::fs::rename(&path, path.with_extension("bad"));
                     s.counters.entries.fetch_sub(1, Relaxed);
                     s.counters.bytes.fetch_sub(bytes, Relaxed);
-                    continue;
                 }
-            };
-            db.apply(epoch, &apps)?;
+            }
+        }
+        if let Some(epoch) = last {
+            db.apply(epoch, &apps.into_apps())?;
             *shipped = epoch;
             unpublished.pending = true;
-            unpublished.applied.push((epoch, bytes));
-            // A shipper catching up publishes as it goes, once per interval, rather than
-            // after the last entry.
-            publish_if(s, db, *shipped, unpublished, false)?;
-        } else if !unpublished.applied.iter().any(|(e, _)| *e == epoch) {
-            // Published before a restart, and left by it.
-            remove_entry(s, epoch, bytes)?;
+            publish_if(s, db, *shipped, unpublished, true)?;
         }
     }
+    unpublished.waiting = !rest.is_empty();
     publish_if(s, db, *shipped, unpublished, now)
 }
 
-/// Publishes what was applied if that is pending and a publish is due, or `now`, and then
-/// removes the entries it made durable from the outbox.
+/// The apps of several outbox entries, each app's addresses gathered from all of them
+/// ([`ShipDb::apply`] merges an app's repeated addresses).
+#[derive(Default)]
+struct Coalesced {
+    apps: FxHashMap<AppSha, Vec<(u32, AddrStats)>>,
+}
+
+impl Coalesced {
+    fn add(&mut self, entry: outbox::EntryApps) {
+        for (app, addrs) in entry {
+            match self.apps.entry(app) {
+                Entry::Vacant(v) => {
+                    v.insert(addrs);
+                }
+                Entry::Occupied(mut o) => o.get_mut().extend(addrs),
+            }
+        }
+    }
+
+    fn into_apps(self) -> outbox::EntryApps {
+        self.apps.into_iter().collect()
+    }
+}
+
+/// Publishes what was applied if that is pending and `now`, and then removes the entries it
+/// made durable from the outbox.
 fn publish_if(
     s: &ShipperSettings,
     db: &ShipDb,
@@ -741,10 +814,9 @@ fn publish_if(
     unpublished: &mut Unpublished,
     now: bool,
 ) -> Result<(), S3Error> {
-    if unpublished.pending && (now || unpublished.due(s.interval)) {
+    if unpublished.pending && now {
         db.publish()?;
         unpublished.pending = false;
-        unpublished.last = Some(Instant::now());
     }
     if !unpublished.pending {
         s.counters.shipped_epoch.store(shipped, Relaxed);
@@ -768,25 +840,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_publish_is_due_at_once_after_a_quiet_interval_and_at_most_once_per_interval() {
+    fn a_round_is_due_at_once_after_a_quiet_interval_and_at_most_once_per_interval() {
         let interval = Duration::from_secs(3600);
         let mut u = Unpublished::default();
-        // Nothing shipped: the shipper waits a whole interval for a wake-up.
+        // Nothing waits: the shipper waits a whole interval for a wake-up.
         assert_eq!(u.wait(interval), interval);
-        // Shipped, never published: due now.
-        u.pending = true;
+        // A flush waits, no round yet: due now.
+        u.waiting = true;
         assert!(u.due(interval));
         assert_eq!(u.wait(interval), Duration::ZERO);
-        // Published just now: the next publish waits for the rest of the interval.
+        // A round began just now: the next one waits for the rest of the interval.
         u.last = Some(Instant::now());
         assert!(!u.due(interval));
         let wait = u.wait(interval);
         assert!(wait > Duration::ZERO && wait <= interval, "{wait:?}");
-        // Published an interval ago: due again.
+        // Nothing waits: a whole interval again.
+        u.waiting = false;
+        assert_eq!(u.wait(interval), interval);
+        // A round began an interval ago: due again.
+        u.waiting = true;
         u.last = Instant::now().checked_sub(interval);
         if u.last.is_some() {
             assert!(u.due(interval));
             assert_eq!(u.wait(interval), Duration::ZERO);
         }
+    }
+
+    #[test]
+    fn coalesced_entries_hold_every_address_of_every_app_once_per_app() {
+        let stats = |count, first_seen, last_seen| AddrStats {
+            count,
+            first_seen,
+            last_seen,
+        };
+        let (a, b) = (AppSha([1; 32]), AppSha([2; 32]));
+        let mut apps = Coalesced::default();
+        apps.add(vec![(a, vec![(10, stats(1, 5, 5)), (20, stats(2, 5, 6))])]);
+        apps.add(vec![
+            (b, vec![(7, stats(1, 9, 9))]),
+            (a, vec![(10, stats(3, 7, 8)), (15, stats(1, 7, 7))]),
+        ]);
+        let mut out = apps.into_apps();
+        out.sort_by_key(|(app, _)| *app);
+        assert_eq!(
+            out,
+            vec![
+                (
+                    a,
+                    vec![
+                        (10, stats(1, 5, 5)),
+                        (20, stats(2, 5, 6)),
+                        (10, stats(3, 7, 8)),
+                        (15, stats(1, 7, 7))
+                    ]
+                ),
+                (b, vec![(7, stats(1, 9, 9))]),
+            ]
+        );
     }
 }
