@@ -305,19 +305,20 @@ impl Bucket {
                 location: location(),
                 source,
             };
-            let mut iter = reader
-                .scan_prefix(codec::addr_prefix(app), ..)
-                .await
-                .map_err(|e| db_err("scanning", e))?;
+            let key = codec::addr_key(codec::bucket(app));
+            let value = reader.get(key).await.map_err(|e| db_err("reading", e))?;
             let mut seen = false;
-            while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                let Some((_, addrs)) = codec::decode_addr_entry(&kv.key, &kv.value) else {
-                    return Err(corrupt_entry(location(), &kv.key, &kv.value));
-                };
-                for (ip, stats) in addrs {
-                    merged.entry(ip).or_default().merge(&stats);
+            if let Some(value) = value {
+                let payload = codec::find_record(&value, app)
+                    .ok_or_else(|| corrupt_entry(location(), &key, &value))?;
+                if let Some(payload) = payload {
+                    let addrs = codec::decode_addrs(payload)
+                        .ok_or_else(|| corrupt_entry(location(), &key, &value))?;
+                    for (ip, stats) in addrs {
+                        merged.entry(ip).or_default().merge(&stats);
+                    }
+                    seen = true;
                 }
-                seen = true;
             }
             out.logs += usize::from(seen);
         }
@@ -334,8 +335,8 @@ impl Bucket {
     /// has no [`codec::FORMAT_KEY`] (written by another version): the caller reads every app.
     pub fn apps_with_address(&self, cidr: Cidr) -> Result<Option<Vec<AppSha>>, S3Error> {
         let (lo, hi) = cidr.range();
-        let start = codec::addr_index_key(codec::high(lo), &AppSha([0; 32]));
-        let end = codec::addr_index_key(codec::high(hi), &AppSha([0xff; 32]));
+        let start = codec::addr_index_key(codec::high(lo));
+        let end = codec::addr_index_key(codec::high(hi));
         self.runtime.block_on(async {
             let readers = self.open_readers().await?;
             let mut out = Vec::new();
@@ -360,13 +361,16 @@ impl Bucket {
                     .await
                     .map_err(|e| db_err("scanning", e))?;
                 while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                    let Some((app, mut ips)) = codec::parse_addr_index_key(&kv.key)
-                        .and_then(|(hi, app)| Some((app, codec::decode_lows(hi, &kv.value)?)))
-                    else {
-                        return Err(corrupt_entry(location(), &kv.key, &kv.value));
-                    };
-                    if ips.any(|ip| (lo..=hi).contains(&ip)) {
-                        out.push(app);
+                    let records = codec::parse_addr_index_key(&kv.key)
+                        .zip(codec::records(&kv.value))
+                        .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                    let (block, records) = records;
+                    for (app, payload) in records {
+                        let mut ips = codec::decode_lows(block, payload)
+                            .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                        if ips.any(|ip| (lo..=hi).contains(&ip)) {
+                            out.push(app);
+                        }
                     }
                 }
             }
@@ -398,16 +402,14 @@ impl Bucket {
                     location: location(),
                     source,
                 })? {
-                    let (Some(app), Some(count)) = (
-                        codec::parse_count_key(&kv.key),
-                        codec::decode_u64(&kv.value),
-                    ) else {
-                        return Err(S3Error::Corrupt {
-                            location: location(),
-                            what: format!("unexpected total of {} bytes", kv.value.len()),
-                        });
-                    };
-                    *totals.entry(app).or_default() += count;
+                    let records = codec::parse_count_key(&kv.key)
+                        .and(codec::records(&kv.value))
+                        .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                    for (app, payload) in records {
+                        let count = codec::decode_u64(payload)
+                            .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                        *totals.entry(app).or_default() += count;
+                    }
                 }
             }
             close_all(readers).await;

@@ -281,9 +281,10 @@ async fn look_at_writer(
                 .await
                 .map_err(|e| db_err("scanning", e))?;
             while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                let app = codec::parse_count_key(&kv.key)
-                    .ok_or_else(|| corrupt(format!("total key of {} bytes", kv.key.len())))?;
-                apps.push(app);
+                let records = codec::parse_count_key(&kv.key)
+                    .and(codec::records(&kv.value))
+                    .ok_or_else(|| corrupt(format!("totals key of {} bytes", kv.key.len())))?;
+                apps.extend(records.into_iter().map(|(app, _)| app));
             }
         }
         Ok::<_, S3Error>(Some((now, apps)))

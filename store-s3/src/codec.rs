@@ -5,23 +5,30 @@
 //!
 //! | key | value | what |
 //! | --- | --- | --- |
-//! | `a ‖ sha (32) ‖ hi (2)` | [`Chunk`] entries: `lo (2) ‖` [`AddrStats`] (16), sorted by `lo` | the app's addresses `hi.*.*` (one /16) |
-//! | `c ‖ sha (32)` | count (8 bytes, LE) | the app's total, so `list` reads one key per app |
-//! | `i ‖ hi (2) ‖ sha (32)` | `lo (2)` entries, sorted | the address index: the app has had addresses `hi.lo` |
+//! | `a ‖ bucket (2)` | [records](#records) of [`ADDR_ENTRY_BYTES`] entries: `ip (4, BE) ‖` [`AddrStats`] (16), sorted by address | the addresses of the apps of one bucket |
+//! | `c ‖ bucket (2)` | records of one total (8 bytes, LE) | the totals of the apps of one bucket, so `list` reads no address |
+//! | `i ‖ hi (2)` | records of `lo (2)` entries, sorted | the address index: the apps that have had addresses `hi.*.*` (one /16) |
 //! | `m/format` | format (8 bytes, LE) | the key layout the database is written in ([`FORMAT`]) |
 //! | `m/shipped_epoch` | epoch (8 bytes, LE) ‖ instance | the last flush epoch this database holds |
 //! | `m/forgotten_seq` | sequence (8 bytes, LE) | the last forget of the bucket's log applied to it |
 //! | `w ‖ epoch (8, big-endian)` | previous epoch (8 bytes, LE) | a shipped flush, for `watch` |
 //! | `w ‖ epoch (8, big-endian) ‖ part (4, big-endian)` | up to [`CHANGE_PART_APPS`] SHAs | apps that flush changed, for `watch` |
 //!
-//! A flush writes one address key and one index key per app and /16 it touched, not one per
-//! address: an app's traffic mostly stays in one netblock, so that is about one key per app,
-//! and each key costs the database the same whatever its value holds. Address, index and
-//! count keys are written as merge operands; [`StatsMerge`] merges address chunks entry by
-//! entry (counts summed, the earliest first and the latest last arrival kept), unites index
-//! entries and sums counts, so a database holds the same per-address stats as the writer's
-//! local log. Chunks sort by /16 within their app and entries by address within their chunk,
-//! so one prefix scan returns the app's addresses in the order the classifier wants.
+//! An app's bucket is the first two bytes of its SHA ([`bucket`]), so a database holds at most
+//! 65,536 address keys, as many total keys and as many index keys, however many apps and
+//! addresses it holds. Each key costs the database the same work per write whatever its value
+//! holds (batch, memtable, table, compaction), so a write batch of a flush of 100,000 apps
+//! writes about 50,000 address keys and as many totals, and index keys only for /16s with
+//! addresses new to the database, instead of several keys per app.
+//!
+//! # Records
+//!
+//! Address, total and index values are records sorted by SHA, each app once: `sha (32) ‖
+//! length (4, LE) ‖ payload`. They are written as merge operands; [`StatsMerge`] merges two
+//! values record by record, and the payloads of one app entry by entry: address stats as
+//! [`AddrStats::merge`] (counts summed, the earliest first and the latest last arrival kept),
+//! index entries united, totals summed. A database thus holds the same per-address stats as
+//! the writer's local log. A forget reads a value, drops the app's record and puts the rest.
 
 use bytes::Bytes;
 use ipevent_core::{AddrStats, AppSha};
@@ -29,7 +36,7 @@ use slatedb::{MergeOperator, MergeOperatorError};
 
 /// First byte of an address key.
 pub const ADDR_TAG: u8 = b'a';
-/// First byte of an app total key.
+/// First byte of a totals key.
 pub const COUNT_TAG: u8 = b'c';
 /// First byte of a change key (a shipped flush and the apps it changed).
 pub const CHANGE_TAG: u8 = b'w';
@@ -42,16 +49,12 @@ pub const SHIPPED_EPOCH_KEY: &[u8] = b"m/shipped_epoch";
 pub const FORGOTTEN_SEQ_KEY: &[u8] = b"m/forgotten_seq";
 /// The key holding the database's [`FORMAT`], written when the database is created.
 pub const FORMAT_KEY: &[u8] = b"m/format";
-/// The key layout this build writes and reads. Layout 1 (one key per address, before chunks)
-/// had no format key.
-pub const FORMAT: u64 = 2;
+/// The key layout this build writes and reads. Layout 1 (one key per address) had no format
+/// key; layout 2 had one address key per app and /16 and one total key per app.
+pub const FORMAT: u64 = 3;
 
-/// Bytes of an address key.
-pub const ADDR_KEY_BYTES: usize = 1 + 32 + 2;
-/// Bytes of an address index key.
-pub const ADDR_INDEX_KEY_BYTES: usize = 1 + 2 + 32;
-/// Bytes of an app total key.
-pub const COUNT_KEY_BYTES: usize = 1 + 32;
+/// Bytes of an address, totals or index key.
+pub const KEY_BYTES: usize = 3;
 /// Bytes of a flush's change key (the flush itself).
 pub const FLUSH_KEY_BYTES: usize = 1 + 8;
 /// Bytes of a change key naming apps.
@@ -60,134 +63,178 @@ pub const CHANGE_KEY_BYTES: usize = FLUSH_KEY_BYTES + 4;
 pub const CHANGE_PART_APPS: usize = 4096;
 /// Bytes of an address's stats.
 pub const STATS_BYTES: usize = 16;
-/// Bytes of one entry of an address chunk: the address's low 16 bits, then its stats.
-pub const CHUNK_ENTRY_BYTES: usize = 2 + STATS_BYTES;
-/// Bytes of one entry of an index value: an address's low 16 bits.
+/// Bytes of one address entry of a record: the address, then its stats.
+pub const ADDR_ENTRY_BYTES: usize = 4 + STATS_BYTES;
+/// Bytes of one entry of an index record: an address's low 16 bits.
 pub const INDEX_ENTRY_BYTES: usize = 2;
+/// Bytes of a total record's payload.
+pub const TOTAL_BYTES: usize = 8;
+/// Bytes of a record's head: the SHA and the payload's length.
+pub const RECORD_HEAD_BYTES: usize = 32 + 4;
 
-/// The /16 of an address: the part of it in the key.
+/// The /16 of an address: the part of it in an index key.
 pub fn high(ip: u32) -> u16 {
     (ip >> 16) as u16
 }
 
-/// The key of `app`'s addresses in the /16 `hi`.
-pub fn addr_key(app: &AppSha, hi: u16) -> [u8; ADDR_KEY_BYTES] {
-    let mut key = [0u8; ADDR_KEY_BYTES];
-    key[0] = ADDR_TAG;
-    key[1..33].copy_from_slice(&app.0);
-    key[33..].copy_from_slice(&hi.to_be_bytes());
-    key
+/// The bucket of `app`: the first two bytes of its SHA.
+pub fn bucket(app: &AppSha) -> u16 {
+    u16::from_be_bytes([app.0[0], app.0[1]])
 }
 
-/// The prefix of every address key of `app`.
-pub fn addr_prefix(app: &AppSha) -> [u8; 33] {
-    let mut key = [0u8; 33];
-    key[0] = ADDR_TAG;
-    key[1..].copy_from_slice(&app.0);
-    key
+fn tagged(tag: u8, n: u16) -> [u8; KEY_BYTES] {
+    let [hi, lo] = n.to_be_bytes();
+    [tag, hi, lo]
 }
 
-/// Splits an address key into app and /16; `None` for any other key.
-pub fn parse_addr_key(key: &[u8]) -> Option<(AppSha, u16)> {
-    if key.len() != ADDR_KEY_BYTES || key[0] != ADDR_TAG {
-        return None;
+fn parse_tagged(tag: u8, key: &[u8]) -> Option<u16> {
+    match key {
+        [t, hi, lo] if *t == tag => Some(u16::from_be_bytes([*hi, *lo])),
+        _ => None,
     }
-    let mut sha = [0u8; 32];
-    sha.copy_from_slice(&key[1..33]);
-    Some((AppSha(sha), u16::from_be_bytes([key[33], key[34]])))
 }
 
-/// The index key saying `app` has had addresses in the /16 `hi`: the keys of one /16 (or of
-/// a wider block) are one contiguous range.
-pub fn addr_index_key(hi: u16, app: &AppSha) -> [u8; ADDR_INDEX_KEY_BYTES] {
-    let mut key = [0u8; ADDR_INDEX_KEY_BYTES];
-    key[0] = ADDR_INDEX_TAG;
-    key[1..3].copy_from_slice(&hi.to_be_bytes());
-    key[3..].copy_from_slice(&app.0);
-    key
+/// The key of the addresses of the apps of `bucket`.
+pub fn addr_key(bucket: u16) -> [u8; KEY_BYTES] {
+    tagged(ADDR_TAG, bucket)
 }
 
-/// The /16 and app of an address index key; `None` for any other key.
-pub fn parse_addr_index_key(key: &[u8]) -> Option<(u16, AppSha)> {
-    if key.len() != ADDR_INDEX_KEY_BYTES || key[0] != ADDR_INDEX_TAG {
-        return None;
-    }
-    let hi = u16::from_be_bytes([key[1], key[2]]);
-    Some((hi, AppSha(key[3..].try_into().ok()?)))
+/// The key of the totals of the apps of `bucket`.
+pub fn count_key(bucket: u16) -> [u8; KEY_BYTES] {
+    tagged(COUNT_TAG, bucket)
 }
 
-/// The key of `app`'s total.
-pub fn count_key(app: &AppSha) -> [u8; COUNT_KEY_BYTES] {
-    let mut key = [0u8; COUNT_KEY_BYTES];
-    key[0] = COUNT_TAG;
-    key[1..].copy_from_slice(&app.0);
-    key
+/// The index key of the /16 `hi`: the keys of a wider block are one contiguous range.
+pub fn addr_index_key(hi: u16) -> [u8; KEY_BYTES] {
+    tagged(ADDR_INDEX_TAG, hi)
 }
 
-/// The app of a total key; `None` for any other key.
-pub fn parse_count_key(key: &[u8]) -> Option<AppSha> {
-    if key.len() != COUNT_KEY_BYTES || key[0] != COUNT_TAG {
-        return None;
-    }
-    let mut sha = [0u8; 32];
-    sha.copy_from_slice(&key[1..]);
-    Some(AppSha(sha))
+/// The bucket of an address key; `None` for any other key.
+pub fn parse_addr_key(key: &[u8]) -> Option<u16> {
+    parse_tagged(ADDR_TAG, key)
+}
+
+/// The bucket of a totals key; `None` for any other key.
+pub fn parse_count_key(key: &[u8]) -> Option<u16> {
+    parse_tagged(COUNT_TAG, key)
+}
+
+/// The /16 of an index key; `None` for any other key.
+pub fn parse_addr_index_key(key: &[u8]) -> Option<u16> {
+    parse_tagged(ADDR_INDEX_TAG, key)
 }
 
 /// Splits `records` (sorted by address, each address once) into runs of one /16 each, in
-/// order: the records of one address key.
+/// order: the addresses of one index record each.
 pub fn chunks(records: &[(u32, AddrStats)]) -> impl Iterator<Item = (u16, &[(u32, AddrStats)])> {
     records
         .chunk_by(|a, b| high(a.0) == high(b.0))
         .map(|run| (high(run[0].0), run))
 }
 
-/// The value of an address key holding `records` (one /16's, sorted by address).
-pub fn encode_chunk(records: &[(u32, AddrStats)]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(records.len() * CHUNK_ENTRY_BYTES);
+/// Appends to `value` the record of `app` whose payload `payload` writes. Records go in SHA
+/// order, each app once.
+pub fn push_record(value: &mut Vec<u8>, app: &AppSha, payload: impl FnOnce(&mut Vec<u8>)) {
+    value.extend_from_slice(&app.0);
+    let at = value.len();
+    value.extend_from_slice(&[0; 4]);
+    payload(value);
+    let len = (value.len() - at - 4) as u32;
+    value[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Appends the address entries of `records` (sorted by address) to a payload.
+pub fn encode_addrs(out: &mut Vec<u8>, records: &[(u32, AddrStats)]) {
     for (ip, stats) in records {
-        value.extend_from_slice(&(*ip as u16).to_be_bytes());
-        value.extend_from_slice(&encode_stats(stats));
+        out.extend_from_slice(&ip.to_be_bytes());
+        out.extend_from_slice(&encode_stats(stats));
     }
-    value
 }
 
-/// The value of an index key naming `ips` (of one /16, in order).
-pub fn encode_lows(ips: impl Iterator<Item = u32>) -> Vec<u8> {
-    ips.flat_map(|ip| (ip as u16).to_be_bytes()).collect()
+/// Appends the index entries of `ips` (of one /16, in order) to a payload.
+pub fn encode_lows(out: &mut Vec<u8>, ips: impl Iterator<Item = u32>) {
+    for ip in ips {
+        out.extend_from_slice(&(ip as u16).to_be_bytes());
+    }
 }
 
-/// The addresses of an address chunk of the /16 `hi`, in order; `None` when the value is not
-/// a whole number of entries.
-pub fn decode_chunk(hi: u16, value: &[u8]) -> Option<impl Iterator<Item = (u32, AddrStats)> + '_> {
-    if !value.len().is_multiple_of(CHUNK_ENTRY_BYTES) {
+/// Records taken apart: each app's SHA and payload.
+pub type Records<'a> = Vec<(AppSha, &'a [u8])>;
+
+/// The records of a value, in order: each app's SHA and payload; `None` when the value is
+/// not a whole number of records in SHA order.
+pub fn records(value: &[u8]) -> Option<Records<'_>> {
+    let mut out: Vec<(AppSha, &[u8])> = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_at_checked(RECORD_HEAD_BYTES)?;
+        let app = AppSha(head[..32].try_into().ok()?);
+        let len = u32::from_le_bytes(head[32..].try_into().ok()?) as usize;
+        let (payload, tail) = tail.split_at_checked(len)?;
+        if out.last().is_some_and(|(last, _)| *last >= app) {
+            return None;
+        }
+        out.push((app, payload));
+        rest = tail;
+    }
+    Some(out)
+}
+
+/// The payload of `app`'s record in a value: `Some(None)` when the value holds no record of
+/// it, `None` when the value is not a whole number of records.
+pub fn find_record<'a>(value: &'a [u8], app: &AppSha) -> Option<Option<&'a [u8]>> {
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_at_checked(RECORD_HEAD_BYTES)?;
+        let len = u32::from_le_bytes(head[32..].try_into().ok()?) as usize;
+        let (payload, tail) = tail.split_at_checked(len)?;
+        match head[..32].cmp(&app.0[..]) {
+            std::cmp::Ordering::Less => rest = tail,
+            std::cmp::Ordering::Equal => return Some(Some(payload)),
+            std::cmp::Ordering::Greater => return Some(None),
+        }
+    }
+    Some(None)
+}
+
+/// A value without the records of the apps `gone` names: the value kept (empty when nothing
+/// is left) and the records dropped; `None` when the value is not a whole number of records.
+pub fn without_apps(
+    value: &[u8],
+    gone: impl Fn(&AppSha) -> bool,
+) -> Option<(Vec<u8>, Records<'_>)> {
+    let mut kept = Vec::with_capacity(value.len());
+    let mut dropped = Vec::new();
+    for (app, payload) in records(value)? {
+        if gone(&app) {
+            dropped.push((app, payload));
+        } else {
+            push_record(&mut kept, &app, |out| out.extend_from_slice(payload));
+        }
+    }
+    Some((kept, dropped))
+}
+
+/// The addresses of an address record's payload, in order; `None` when it is not a whole
+/// number of entries.
+pub fn decode_addrs(payload: &[u8]) -> Option<impl Iterator<Item = (u32, AddrStats)> + '_> {
+    if !payload.len().is_multiple_of(ADDR_ENTRY_BYTES) {
         return None;
     }
-    Some(value.chunks_exact(CHUNK_ENTRY_BYTES).map(move |entry| {
-        let lo = u16::from_be_bytes([entry[0], entry[1]]);
-        let stats = decode_stats(&entry[2..]).unwrap_or_default();
-        ((u32::from(hi) << 16) | u32::from(lo), stats)
+    Some(payload.chunks_exact(ADDR_ENTRY_BYTES).map(|entry| {
+        let ip = u32::from_be_bytes([entry[0], entry[1], entry[2], entry[3]]);
+        (ip, decode_stats(&entry[4..]).unwrap_or_default())
     }))
 }
 
-/// An address key and its value taken apart: the app and its addresses in that /16, in
-/// order; `None` for any other key or a value that is not a whole number of entries.
-pub fn decode_addr_entry<'a>(
-    key: &[u8],
-    value: &'a [u8],
-) -> Option<(AppSha, impl Iterator<Item = (u32, AddrStats)> + 'a)> {
-    let (app, hi) = parse_addr_key(key)?;
-    Some((app, decode_chunk(hi, value)?))
-}
-
-/// The addresses an index value of the /16 `hi` names, in order; `None` when the value is
-/// not a whole number of entries.
-pub fn decode_lows(hi: u16, value: &[u8]) -> Option<impl Iterator<Item = u32> + '_> {
-    if !value.len().is_multiple_of(INDEX_ENTRY_BYTES) {
+/// The addresses an index record of the /16 `hi` names, in order; `None` when the payload
+/// is not a whole number of entries.
+pub fn decode_lows(hi: u16, payload: &[u8]) -> Option<impl Iterator<Item = u32> + '_> {
+    if !payload.len().is_multiple_of(INDEX_ENTRY_BYTES) {
         return None;
     }
     Some(
-        value
+        payload
             .chunks_exact(INDEX_ENTRY_BYTES)
             .map(move |lo| (u32::from(hi) << 16) | u32::from(u16::from_be_bytes([lo[0], lo[1]]))),
     )
@@ -272,85 +319,153 @@ pub fn decode_u64(value: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(value.try_into().ok()?))
 }
 
-/// The merge operator of every database: address chunks merge entry by entry as
-/// [`AddrStats::merge`] (sum of counts, earliest first, latest last), index values unite,
-/// totals sum. It is associative, as SlateDB requires, and never fails on what this crate
-/// writes; a value of an unexpected length is an error, never a guess.
+/// The merge operator of every database: merges two values record by record, and one app's
+/// payloads as their key's kind wants: address entries as [`AddrStats::merge`] (sum of
+/// counts, earliest first, latest last), index entries united, totals summed. It is
+/// associative, as SlateDB requires, and never fails on what this crate writes; a value it
+/// cannot read is an error, never a guess.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StatsMerge;
 
-/// Merges two runs of fixed-width entries sorted by their first two bytes; `both` combines
-/// the entries of one address found in each.
-fn merge_sorted(
-    older: &[u8],
-    newer: &[u8],
-    width: usize,
-    both: impl Fn(&[u8], &[u8], &mut Vec<u8>),
-) -> Vec<u8> {
+/// How the payloads of one app merge under a kind of key.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Entries of `width` bytes sorted by their first `order` bytes; entries of the same
+    /// address merge their stats when `stats`.
+    Entries {
+        width: usize,
+        order: usize,
+        stats: bool,
+    },
+    /// A total.
+    Total,
+}
+
+impl Kind {
+    fn of(key: &[u8]) -> Option<Kind> {
+        match key.first() {
+            Some(&ADDR_TAG) => Some(Kind::Entries {
+                width: ADDR_ENTRY_BYTES,
+                order: 4,
+                stats: true,
+            }),
+            Some(&ADDR_INDEX_TAG) => Some(Kind::Entries {
+                width: INDEX_ENTRY_BYTES,
+                order: 2,
+                stats: false,
+            }),
+            Some(&COUNT_TAG) => Some(Kind::Total),
+            _ => None,
+        }
+    }
+
+    fn valid(self, payload: &[u8]) -> bool {
+        match self {
+            Kind::Entries { width, .. } => payload.len().is_multiple_of(width),
+            Kind::Total => payload.len() == TOTAL_BYTES,
+        }
+    }
+
+    /// Appends the merge of one app's payloads, the older first.
+    fn merge(self, older: &[u8], newer: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Kind::Total => {
+                let total = decode_u64(older).unwrap_or(0) + decode_u64(newer).unwrap_or(0);
+                out.extend_from_slice(&total.to_le_bytes());
+            }
+            Kind::Entries {
+                width,
+                order,
+                stats,
+            } => {
+                let (mut a, mut b) = (older.chunks_exact(width), newer.chunks_exact(width));
+                let (mut x, mut y) = (a.next(), b.next());
+                while let (Some(l), Some(r)) = (x, y) {
+                    match l[..order].cmp(&r[..order]) {
+                        std::cmp::Ordering::Less => {
+                            out.extend_from_slice(l);
+                            x = a.next();
+                        }
+                        std::cmp::Ordering::Greater => {
+                            out.extend_from_slice(r);
+                            y = b.next();
+                        }
+                        std::cmp::Ordering::Equal => {
+                            out.extend_from_slice(&l[..order]);
+                            if stats {
+                                let mut merged = decode_stats(&l[order..]).unwrap_or_default();
+                                merged.merge(&decode_stats(&r[order..]).unwrap_or_default());
+                                out.extend_from_slice(&encode_stats(&merged));
+                            }
+                            x = a.next();
+                            y = b.next();
+                        }
+                    }
+                }
+                for rest in x.into_iter().chain(a).chain(y).chain(b) {
+                    out.extend_from_slice(rest);
+                }
+            }
+        }
+    }
+}
+
+/// Merges two values record by record; `None` when either is not one this crate wrote.
+fn merge_values(kind: Kind, older: &[u8], newer: &[u8]) -> Option<Vec<u8>> {
+    let (old, new) = (records(older)?, records(newer)?);
+    if !old
+        .iter()
+        .chain(&new)
+        .all(|(_, payload)| kind.valid(payload))
+    {
+        return None;
+    }
     let mut out = Vec::with_capacity(older.len() + newer.len());
-    let (mut a, mut b) = (older.chunks_exact(width), newer.chunks_exact(width));
+    let (mut a, mut b) = (old.into_iter(), new.into_iter());
     let (mut x, mut y) = (a.next(), b.next());
-    while let (Some(l), Some(r)) = (x, y) {
-        match l[..2].cmp(&r[..2]) {
+    while let (Some((la, lp)), Some((ra, rp))) = (x, y) {
+        match la.cmp(&ra) {
             std::cmp::Ordering::Less => {
-                out.extend_from_slice(l);
+                push_record(&mut out, &la, |o| o.extend_from_slice(lp));
                 x = a.next();
             }
             std::cmp::Ordering::Greater => {
-                out.extend_from_slice(r);
+                push_record(&mut out, &ra, |o| o.extend_from_slice(rp));
                 y = b.next();
             }
             std::cmp::Ordering::Equal => {
-                both(l, r, &mut out);
+                push_record(&mut out, &la, |o| kind.merge(lp, rp, o));
                 x = a.next();
                 y = b.next();
             }
         }
     }
-    for rest in x.into_iter().chain(a).chain(y).chain(b) {
-        out.extend_from_slice(rest);
+    for (app, payload) in x.into_iter().chain(a).chain(y).chain(b) {
+        push_record(&mut out, &app, |o| o.extend_from_slice(payload));
     }
-    out
+    Some(out)
 }
 
 impl StatsMerge {
     fn fold<'a>(
         key: &Bytes,
-        values: impl Iterator<Item = &'a [u8]>,
+        mut values: impl Iterator<Item = &'a [u8]>,
     ) -> Result<Bytes, MergeOperatorError> {
         let bad = |what: &str| MergeOperatorError::Callback {
             message: format!("{what} under key of {} bytes", key.len()),
         };
-        let width = match key.first() {
-            Some(&ADDR_TAG) => CHUNK_ENTRY_BYTES,
-            Some(&ADDR_INDEX_TAG) => INDEX_ENTRY_BYTES,
-            Some(&COUNT_TAG) => {
-                let mut total = 0u64;
-                for value in values {
-                    total += decode_u64(value).ok_or_else(|| bad("bad total value"))?;
-                }
-                return Ok(Bytes::copy_from_slice(&total.to_le_bytes()));
-            }
-            _ => return Err(bad("merge")),
-        };
-        let mut acc: Option<Vec<u8>> = None;
-        for value in values {
-            if !value.len().is_multiple_of(width) {
-                return Err(bad("bad address value"));
-            }
-            acc = Some(match acc {
-                None => value.to_vec(),
-                Some(older) => merge_sorted(&older, value, width, |l, r, out| {
-                    out.extend_from_slice(&l[..2]);
-                    if width == CHUNK_ENTRY_BYTES {
-                        let mut stats = decode_stats(&l[2..]).unwrap_or_default();
-                        stats.merge(&decode_stats(&r[2..]).unwrap_or_default());
-                        out.extend_from_slice(&encode_stats(&stats));
-                    }
-                }),
-            });
+        let kind = Kind::of(key).ok_or_else(|| bad("merge"))?;
+        let first = values.next().ok_or(MergeOperatorError::EmptyBatch)?;
+        let mut acc = match values.next() {
+            // One value: checked as a merge of it with nothing.
+            None => merge_values(kind, first, &[]),
+            Some(second) => merge_values(kind, first, second),
         }
-        acc.map(Bytes::from).ok_or(MergeOperatorError::EmptyBatch)
+        .ok_or_else(|| bad("unreadable value"))?;
+        for value in values {
+            acc = merge_values(kind, &acc, value).ok_or_else(|| bad("unreadable value"))?;
+        }
+        Ok(Bytes::from(acc))
     }
 }
 
@@ -398,56 +513,77 @@ mod tests {
     }
 
     #[test]
-    fn keys_round_trip_and_sort_by_address() {
-        let a = app(7);
-        assert_eq!(parse_addr_key(&addr_key(&a, 0x0a00)), Some((a, 0x0a00)));
-        assert_eq!(parse_count_key(&count_key(&a)), Some(a));
-        assert!(addr_key(&a, 1) < addr_key(&a, 256));
-        assert!(addr_key(&a, u16::MAX) < addr_key(&app(8), 0));
-        assert!(addr_key(&a, 5).starts_with(&addr_prefix(&a)));
+    fn keys_round_trip_and_sort_by_bucket() {
+        let mut sha = [7u8; 32];
+        sha[0] = 0x0a;
+        sha[1] = 0x01;
+        assert_eq!(bucket(&AppSha(sha)), 0x0a01);
+        assert_eq!(parse_addr_key(&addr_key(0x0a01)), Some(0x0a01));
+        assert_eq!(parse_count_key(&count_key(0x0a01)), Some(0x0a01));
+        assert_eq!(parse_addr_index_key(&addr_index_key(0xc0a8)), Some(0xc0a8));
+        assert!(addr_key(1) < addr_key(256));
         assert_eq!(parse_addr_key(SHIPPED_EPOCH_KEY), None);
-        assert_eq!(parse_count_key(&addr_key(&a, 1)), None);
-        assert_eq!(
-            parse_addr_index_key(&addr_index_key(0x0a00, &a)),
-            Some((0x0a00, a))
-        );
-        assert!(addr_index_key(1, &app(9)) < addr_index_key(2, &app(0)));
-        assert_eq!(parse_addr_index_key(&addr_key(&a, 1)), None);
+        assert_eq!(parse_count_key(&addr_key(1)), None);
+        assert_eq!(parse_addr_index_key(&addr_key(1)), None);
+        assert_eq!(parse_addr_key(&[ADDR_TAG, 1]), None);
+    }
+
+    fn addr_value(apps: &[(AppSha, &[(u32, AddrStats)])]) -> Bytes {
+        let mut value = Vec::new();
+        for (app, records) in apps {
+            push_record(&mut value, app, |out| encode_addrs(out, records));
+        }
+        Bytes::from(value)
+    }
+
+    fn decoded(value: &[u8]) -> Vec<(AppSha, Vec<(u32, AddrStats)>)> {
+        records(value)
+            .unwrap()
+            .into_iter()
+            .map(|(app, payload)| (app, decode_addrs(payload).unwrap().collect()))
+            .collect()
     }
 
     #[test]
-    fn chunks_split_by_slash_16_and_decode_back() {
-        let records = [
-            (0x0a00_0001, stats(2, 5, 6)),
-            (0x0a00_ff00, stats(1, 7, 7)),
-            (0x0a01_0000, stats(4, 1, 9)),
-            (0xc0a8_0001, stats(1, 3, 3)),
-        ];
-        let runs: Vec<(u16, &[(u32, AddrStats)])> = chunks(&records).collect();
+    fn records_round_trip_and_are_found_and_dropped_by_app() {
+        let records_a = [(0x0a00_0001, stats(2, 5, 6)), (0xc0a8_0001, stats(1, 3, 3))];
+        let records_c = [(0x0a01_0000, stats(4, 1, 9))];
+        let value = addr_value(&[(app(1), &records_a), (app(3), &records_c)]);
         assert_eq!(
-            runs.iter()
-                .map(|(hi, run)| (*hi, run.len()))
-                .collect::<Vec<_>>(),
-            [(0x0a00, 2), (0x0a01, 1), (0xc0a8, 1)]
+            decoded(&value),
+            [(app(1), records_a.to_vec()), (app(3), records_c.to_vec())]
         );
-        let back: Vec<(u32, AddrStats)> = runs
-            .iter()
-            .flat_map(|(hi, run)| {
-                decode_chunk(*hi, &encode_chunk(run))
-                    .unwrap()
-                    .collect::<Vec<_>>()
-            })
+        let found = find_record(&value, &app(3)).unwrap().unwrap();
+        assert_eq!(decode_addrs(found).unwrap().collect::<Vec<_>>(), records_c);
+        assert_eq!(find_record(&value, &app(2)), Some(None));
+        assert_eq!(find_record(&value, &app(9)), Some(None));
+        assert_eq!(find_record(&value[..value.len() - 1], &app(3)), None);
+
+        let (kept, dropped) = without_apps(&value, |a| *a == app(1)).unwrap();
+        assert_eq!(decoded(&kept), [(app(3), records_c.to_vec())]);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].0, app(1));
+        let (kept, _) = without_apps(&value, |_| true).unwrap();
+        assert!(kept.is_empty());
+
+        // Truncated, out of order, or an app twice: not a value this crate wrote.
+        assert!(records(&value[..value.len() - 1]).is_none());
+        let swapped = addr_value(&[(app(3), &records_c), (app(1), &records_a)]);
+        assert!(records(&swapped).is_none());
+        let twice = addr_value(&[(app(1), &records_a), (app(1), &records_a)]);
+        assert!(records(&twice).is_none());
+
+        let runs: Vec<(u16, usize)> = chunks(&records_a)
+            .map(|(hi, run)| (hi, run.len()))
             .collect();
-        assert_eq!(back, records);
-        let lows: Vec<u32> = runs
-            .iter()
-            .flat_map(|(hi, run)| {
-                let value = encode_lows(run.iter().map(|(ip, _)| *ip));
-                decode_lows(*hi, &value).unwrap().collect::<Vec<_>>()
-            })
-            .collect();
-        assert_eq!(lows, records.map(|(ip, _)| ip));
-        assert!(decode_chunk(1, &[0; 17]).is_none());
+        assert_eq!(runs, [(0x0a00, 1), (0xc0a8, 1)]);
+        let mut lows = Vec::new();
+        encode_lows(&mut lows, [0x0a00_0001u32, 0x0a00_ff00].into_iter());
+        assert_eq!(
+            decode_lows(0x0a00, &lows).unwrap().collect::<Vec<_>>(),
+            [0x0a00_0001, 0x0a00_ff00]
+        );
+        assert!(decode_addrs(&[0; 19]).is_none());
         assert!(decode_lows(1, &[0; 3]).is_none());
     }
 
@@ -458,7 +594,7 @@ mod tests {
         assert!(flush_key(7)[..] < change_key(7, 0)[..]);
         assert!(change_key(7, u32::MAX)[..] < flush_key(8)[..]);
         assert!(change_key(255, 9)[..] < flush_key(256)[..]);
-        assert_eq!(parse_change_key(&count_key(&app(1))), None);
+        assert_eq!(parse_change_key(&count_key(1)), None);
         assert_eq!(parse_change_key(SHIPPED_EPOCH_KEY), None);
         assert_eq!(parse_change_key(&change_key(1, 1)[..11]), None);
         let names: Vec<u8> = [app(1), app(2)].iter().flat_map(|a| a.0).collect();
@@ -469,31 +605,46 @@ mod tests {
         assert!(decode_changed(&names[1..]).is_none());
     }
 
-    fn chunk_value(records: &[(u32, AddrStats)]) -> Bytes {
-        Bytes::from(encode_chunk(records))
-    }
-
     #[test]
-    fn merge_unites_chunks_summing_counts_and_keeping_earliest_and_latest() {
-        let key = Bytes::copy_from_slice(&addr_key(&app(1), 0x0a00));
-        let older = chunk_value(&[
-            (0x0a00_0001, stats(2, 100, 150)),
-            (0x0a00_0009, stats(1, 5, 5)),
+    fn merge_unites_records_summing_counts_and_keeping_earliest_and_latest() {
+        let key = Bytes::copy_from_slice(&addr_key(0x0101));
+        let older = addr_value(&[
+            (
+                app(1),
+                &[
+                    (0x0a00_0001, stats(2, 100, 150)),
+                    (0x0b00_0009, stats(1, 5, 5)),
+                ],
+            ),
+            (app(4), &[(0x0c00_0001, stats(1, 1, 1))]),
         ]);
-        let mid = chunk_value(&[(0x0a00_0001, stats(3, 90, 120))]);
-        let newer = chunk_value(&[
-            (0x0a00_0002, stats(1, 200, 200)),
-            (0x0a00_0009, stats(2, 1, 300)),
+        let mid = addr_value(&[(app(1), &[(0x0a00_0001, stats(3, 90, 120))])]);
+        let newer = addr_value(&[
+            (
+                app(1),
+                &[
+                    (0x0a00_0002, stats(1, 200, 200)),
+                    (0x0b00_0009, stats(2, 1, 300)),
+                ],
+            ),
+            (app(2), &[(0x0d00_0001, stats(7, 8, 9))]),
         ]);
         let merged = StatsMerge
             .merge_batch(&key, Some(older.clone()), &[mid.clone(), newer.clone()])
             .unwrap();
         assert_eq!(
-            decode_chunk(0x0a00, &merged).unwrap().collect::<Vec<_>>(),
+            decoded(&merged),
             [
-                (0x0a00_0001, stats(5, 90, 150)),
-                (0x0a00_0002, stats(1, 200, 200)),
-                (0x0a00_0009, stats(3, 1, 300)),
+                (
+                    app(1),
+                    vec![
+                        (0x0a00_0001, stats(5, 90, 150)),
+                        (0x0a00_0002, stats(1, 200, 200)),
+                        (0x0b00_0009, stats(3, 1, 300)),
+                    ]
+                ),
+                (app(2), vec![(0x0d00_0001, stats(7, 8, 9))]),
+                (app(4), vec![(0x0c00_0001, stats(1, 1, 1))]),
             ]
         );
         // Associative: pairwise, in either grouping, gives the same.
@@ -507,31 +658,60 @@ mod tests {
         let right = StatsMerge.merge(&key, Some(mid), newer).unwrap();
         assert_eq!(StatsMerge.merge(&key, Some(older), right).unwrap(), merged);
 
-        let index_key = Bytes::copy_from_slice(&addr_index_key(0x0a00, &app(1)));
-        let lows =
-            |l: &[u16]| Bytes::from(l.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>());
+        let index_key = Bytes::copy_from_slice(&addr_index_key(0x0a00));
+        let lows = |apps: &[(u8, &[u16])]| {
+            let mut value = Vec::new();
+            for (a, l) in apps {
+                push_record(&mut value, &app(*a), |out| {
+                    out.extend(l.iter().flat_map(|x| x.to_be_bytes()))
+                });
+            }
+            Bytes::from(value)
+        };
         let united = StatsMerge
             .merge_batch(
                 &index_key,
-                Some(lows(&[1, 9])),
-                &[lows(&[1, 2]), lows(&[0xffff])],
+                Some(lows(&[(1, &[1, 9])])),
+                &[lows(&[(1, &[1, 2]), (5, &[3])]), lows(&[(1, &[0xffff])])],
             )
             .unwrap();
-        assert_eq!(united, lows(&[1, 2, 9, 0xffff]));
+        assert_eq!(united, lows(&[(1, &[1, 2, 9, 0xffff]), (5, &[3])]));
 
-        let total_key = Bytes::copy_from_slice(&count_key(&app(1)));
-        let t = |n: u64| Bytes::copy_from_slice(&n.to_le_bytes());
+        let total_key = Bytes::copy_from_slice(&count_key(0x0101));
+        let totals = |apps: &[(u8, u64)]| {
+            let mut value = Vec::new();
+            for (a, n) in apps {
+                push_record(&mut value, &app(*a), |out| {
+                    out.extend_from_slice(&n.to_le_bytes())
+                });
+            }
+            Bytes::from(value)
+        };
         let total = StatsMerge
-            .merge_batch(&total_key, None, &[t(4), t(5)])
+            .merge_batch(
+                &total_key,
+                None,
+                &[totals(&[(1, 4), (2, 1)]), totals(&[(1, 5)])],
+            )
             .unwrap();
-        assert_eq!(decode_u64(&total), Some(9));
+        assert_eq!(total, totals(&[(1, 9), (2, 1)]));
     }
 
     #[test]
     fn merge_refuses_values_it_did_not_write() {
-        let key = Bytes::copy_from_slice(&addr_key(&app(1), 9));
+        let key = Bytes::copy_from_slice(&addr_key(9));
         assert!(StatsMerge
             .merge(&key, None, Bytes::from_static(b"short"))
+            .is_err());
+        // A whole record whose payload is not whole entries.
+        let mut value = Vec::new();
+        push_record(&mut value, &app(1), |out| out.extend_from_slice(&[0; 19]));
+        assert!(StatsMerge.merge(&key, None, Bytes::from(value)).is_err());
+        let mut total = Vec::new();
+        push_record(&mut total, &app(1), |out| out.extend_from_slice(&[0; 7]));
+        let total_key = Bytes::copy_from_slice(&count_key(9));
+        assert!(StatsMerge
+            .merge(&total_key, None, Bytes::from(total))
             .is_err());
         assert!(StatsMerge
             .merge(&Bytes::from_static(b"zzz"), None, Bytes::from_static(b"x"))

@@ -358,12 +358,16 @@ impl Bucket {
                     .await
                     .map_err(db_err)?;
                 while let Some(kv) = iter.next().await.map_err(db_err)? {
-                    let Some((app, addrs)) = codec::decode_addr_entry(&kv.key, &kv.value) else {
-                        return Err(corrupt_entry(location(), &kv.key, &kv.value));
-                    };
-                    let last = newest.entry(app).or_insert(0);
-                    for (_, stats) in addrs {
-                        *last = (*last).max(stats.last_seen);
+                    let records = codec::parse_addr_key(&kv.key)
+                        .and(codec::records(&kv.value))
+                        .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                    for (app, payload) in records {
+                        let addrs = codec::decode_addrs(payload)
+                            .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                        let last = newest.entry(app).or_insert(0);
+                        for (_, stats) in addrs {
+                            *last = (*last).max(stats.last_seen);
+                        }
                     }
                 }
             }

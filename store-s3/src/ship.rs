@@ -7,9 +7,10 @@ use std::time::Duration;
 use ipevent_core::{AddrStats, AppSha};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use slatedb::config::{FlushOptions, FlushType, PutOptions as KeyOptions, Settings, Ttl};
 use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
+use std::collections::BTreeSet;
 
 use crate::codec::{self, StatsMerge};
 use crate::{Bucket, S3Error};
@@ -25,10 +26,10 @@ pub const FORGET_INSTANCE_PREFIX: &str = "forget-";
 /// taken over. A forget holds it for a few requests.
 pub const FORGET_LEASE_STALE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Most keys one write batch of [`ShipDb::forget`] deletes: an app with millions of addresses
-/// is removed in several batches, so memory stays bounded (the forget is applied again, whole,
-/// if it stops half way: its sequence is recorded only with the last batch).
-const FORGET_BATCH_KEYS: usize = 65_536;
+/// Most keys one write batch of [`ShipDb::forget`] rewrites: a forget of many apps is written
+/// in several batches, so memory stays bounded (the forget is applied again, whole, if it
+/// stops half way: its sequence is recorded only with the last batch).
+const FORGET_BATCH_KEYS: usize = 1024;
 
 /// How long a flush's change keys (the apps it changed, read by `watch`) stay in the
 /// database before they expire: a watch that could not read the bucket for longer than this
@@ -197,11 +198,11 @@ impl ShipDb {
         Ok(epoch)
     }
 
-    /// Applies one flush: every app's addresses (one chunk per /16, and an index key for the
-    /// addresses not indexed yet) and total, the flush's change keys (for `watch`, expiring
-    /// after [`CHANGE_HISTORY`]) and `epoch` as the shipped epoch, in one atomic write batch,
-    /// durable in the bucket and visible to readers with the next [`ShipDb::publish`]. An app
-    /// may come more than once.
+    /// Applies one flush: every app's addresses (a record in its bucket's address key, and
+    /// one in the index key of each /16 with addresses not indexed yet) and total, the
+    /// flush's change keys (for `watch`, expiring after [`CHANGE_HISTORY`]) and `epoch` as
+    /// the shipped epoch, in one atomic write batch, durable in the bucket and visible to
+    /// readers with the next [`ShipDb::publish`]. An app may come more than once.
     pub fn apply(
         &self,
         epoch: u64,
@@ -213,8 +214,10 @@ impl ShipDb {
         };
         let previous = self.previous.load(Relaxed);
         batch.put_with_options(codec::flush_key(epoch), previous.to_le_bytes(), &expiring);
-        let mut changed: Vec<AppSha> = apps.iter().map(|(app, _)| *app).collect();
-        changed.sort_unstable();
+        // Records go into each value in SHA order.
+        let mut order: Vec<usize> = (0..apps.len()).collect();
+        order.sort_unstable_by_key(|&i| apps[i].0);
+        let mut changed: Vec<AppSha> = order.iter().map(|&i| apps[i].0).collect();
         changed.dedup();
         for (part, apps) in changed.chunks(codec::CHANGE_PART_APPS).enumerate() {
             let names: Vec<u8> = apps.iter().flat_map(|app| app.0).collect();
@@ -222,25 +225,53 @@ impl ShipDb {
         }
         let mut indexed = self.indexed.lock().unwrap_or_else(PoisonError::into_inner);
         let mut learned = Vec::new();
+        let mut addr_values: Vec<(u16, Vec<u8>)> = Vec::new();
+        let mut count_values: Vec<(u16, Vec<u8>)> = Vec::new();
+        let mut index_values: FxHashMap<u16, Vec<u8>> = FxHashMap::default();
         let mut sorted = Vec::new();
-        for (app, addrs) in apps {
-            let addrs = if addrs.is_sorted_by(|a, b| a.0 < b.0) {
+        for same in order.chunk_by(|&i, &j| apps[i].0 == apps[j].0) {
+            let app = &apps[same[0]].0;
+            let addrs = if let [one] = same {
+                &apps[*one].1
+            } else {
+                sorted.clear();
+                for &i in same {
+                    sorted.extend_from_slice(&apps[i].1);
+                }
+                &sorted
+            };
+            let addrs: &[(u32, AddrStats)] = if addrs.is_sorted_by(|a, b| a.0 < b.0) {
                 addrs
             } else {
-                sorted.clone_from(addrs);
-                sorted.sort_unstable_by_key(|(ip, _)| *ip);
-                sorted.dedup_by(|later, kept| {
+                let mut merged = addrs.clone();
+                merged.sort_unstable_by_key(|(ip, _)| *ip);
+                merged.dedup_by(|later, kept| {
                     let same = later.0 == kept.0;
                     if same {
                         kept.1.merge(&later.1);
                     }
                     same
                 });
+                sorted = merged;
                 &sorted
             };
-            let mut total = 0u64;
+            let bucket = codec::bucket(app);
+            let value = |values: &mut Vec<(u16, Vec<u8>)>| -> usize {
+                if values.last().is_none_or(|(b, _)| *b != bucket) {
+                    values.push((bucket, Vec::new()));
+                }
+                values.len() - 1
+            };
+            let at = value(&mut addr_values);
+            codec::push_record(&mut addr_values[at].1, app, |out| {
+                codec::encode_addrs(out, addrs)
+            });
+            let total: u64 = addrs.iter().map(|(_, stats)| stats.count).sum();
+            let at = value(&mut count_values);
+            codec::push_record(&mut count_values[at].1, app, |out| {
+                out.extend_from_slice(&total.to_le_bytes())
+            });
             for (hi, run) in codec::chunks(addrs) {
-                batch.merge(codec::addr_key(app, hi), codec::encode_chunk(run));
                 let first_new = learned.len();
                 learned.extend(
                     run.iter()
@@ -249,11 +280,19 @@ impl ShipDb {
                 );
                 if learned.len() > first_new {
                     let new = learned[first_new..].iter().map(|(_, ip)| *ip);
-                    batch.merge(codec::addr_index_key(hi, app), codec::encode_lows(new));
+                    let value = index_values.entry(hi).or_default();
+                    codec::push_record(value, app, |out| codec::encode_lows(out, new));
                 }
-                total += run.iter().map(|(_, stats)| stats.count).sum::<u64>();
             }
-            batch.merge(codec::count_key(app), total.to_le_bytes());
+        }
+        for (bucket, value) in addr_values {
+            batch.merge(codec::addr_key(bucket), value);
+        }
+        for (bucket, value) in count_values {
+            batch.merge(codec::count_key(bucket), value);
+        }
+        for (hi, value) in index_values {
+            batch.merge(codec::addr_index_key(hi), value);
         }
         let mut marker = epoch.to_le_bytes().to_vec();
         marker.extend_from_slice(self.instance.as_bytes());
@@ -278,48 +317,102 @@ impl ShipDb {
         Ok(value.and_then(|v| codec::decode_u64(&v)).unwrap_or(0))
     }
 
-    /// Removes every key of `apps` (each address chunk with its index key, found by a prefix
-    /// scan, and the total) and records `seq` as the last forget applied; returns once that is
-    /// durable and visible (published with whatever was applied before it), with the number
-    /// of addresses removed.
+    /// Removes `apps` (their records in the address and totals keys of their buckets and in
+    /// the index keys of their /16s, each value read, rewritten without them and put back)
+    /// and records `seq` as the last forget applied; returns once that is durable and
+    /// visible (published with whatever was applied before it), with the number of
+    /// addresses removed.
     pub fn forget(&self, seq: u64, apps: &[AppSha]) -> Result<u64, S3Error> {
         let mut indexed = self.indexed.lock().unwrap_or_else(PoisonError::into_inner);
         for app in apps {
             indexed.forget(app);
         }
+        let gone: FxHashSet<AppSha> = apps.iter().copied().collect();
+        let buckets: BTreeSet<u16> = apps.iter().map(codec::bucket).collect();
         let db = &self.db;
-        self.bucket
-            .runtime
-            .block_on(async {
-                let mut removed = 0u64;
-                let mut batch = WriteBatch::new();
-                let mut in_batch = 0usize;
-                for app in apps {
-                    let mut iter = db.scan_prefix(codec::addr_prefix(app), ..).await?;
-                    while let Some(kv) = iter.next().await? {
-                        if let Some((_, hi)) = codec::parse_addr_key(&kv.key) {
-                            batch.delete(codec::addr_index_key(hi, app));
-                        }
-                        removed += (kv.value.len() / codec::CHUNK_ENTRY_BYTES) as u64;
-                        batch.delete(kv.key);
-                        in_batch += 2;
-                        if in_batch >= FORGET_BATCH_KEYS {
-                            let full = std::mem::replace(&mut batch, WriteBatch::new());
-                            db.write(full).await?;
-                            in_batch = 0;
-                        }
-                    }
-                    batch.delete(codec::count_key(app));
+        let location = &self.location;
+        let db_err = |source| db_error("forgetting apps in", location, source);
+        self.bucket.runtime.block_on(async {
+            let mut removed = 0u64;
+            let mut blocks = BTreeSet::new();
+            let mut batch = WriteBatch::new();
+            let mut in_batch = 0usize;
+            // Each value is read after the batches before it are written: a forget of many
+            // apps rewrites every key once, in bounded batches.
+            let rewrite = async |key: [u8; codec::KEY_BYTES],
+                                 batch: &mut WriteBatch,
+                                 in_batch: &mut usize,
+                                 dropped: &mut dyn FnMut(&[u8]) -> Option<()>|
+                   -> Result<(), S3Error> {
+                let Some(value) = db.get(key).await.map_err(db_err)? else {
+                    return Ok(());
+                };
+                let unreadable = || S3Error::Corrupt {
+                    location: location.clone(),
+                    what: format!("unreadable value of {} bytes under {key:?}", value.len()),
+                };
+                let (kept, out) =
+                    codec::without_apps(&value, |app| gone.contains(app)).ok_or_else(unreadable)?;
+                if out.is_empty() {
+                    return Ok(());
                 }
-                batch.put(codec::FORGOTTEN_SEQ_KEY, seq.to_le_bytes());
-                db.write(batch).await?;
-                db.flush_with_options(FlushOptions {
-                    flush_type: FlushType::MemTable,
-                })
+                for (_, payload) in out {
+                    dropped(payload).ok_or_else(unreadable)?;
+                }
+                if kept.is_empty() {
+                    batch.delete(key);
+                } else {
+                    batch.put(key, kept);
+                }
+                *in_batch += 1;
+                if *in_batch >= FORGET_BATCH_KEYS {
+                    db.write(std::mem::replace(batch, WriteBatch::new()))
+                        .await
+                        .map_err(db_err)?;
+                    *in_batch = 0;
+                }
+                Ok(())
+            };
+            for &bucket in &buckets {
+                rewrite(
+                    codec::addr_key(bucket),
+                    &mut batch,
+                    &mut in_batch,
+                    &mut |payload| {
+                        for (ip, _) in codec::decode_addrs(payload)? {
+                            blocks.insert(codec::high(ip));
+                            removed += 1;
+                        }
+                        Some(())
+                    },
+                )
                 .await?;
-                Ok::<u64, slatedb::Error>(removed)
+                rewrite(
+                    codec::count_key(bucket),
+                    &mut batch,
+                    &mut in_batch,
+                    &mut |_| Some(()),
+                )
+                .await?;
+            }
+            for &hi in &blocks {
+                rewrite(
+                    codec::addr_index_key(hi),
+                    &mut batch,
+                    &mut in_batch,
+                    &mut |_| Some(()),
+                )
+                .await?;
+            }
+            batch.put(codec::FORGOTTEN_SEQ_KEY, seq.to_le_bytes());
+            db.write(batch).await.map_err(db_err)?;
+            db.flush_with_options(FlushOptions {
+                flush_type: FlushType::MemTable,
             })
-            .map_err(|source| db_error("forgetting apps in", &self.location, source))
+            .await
+            .map_err(db_err)?;
+            Ok(removed)
+        })
     }
 
     /// Makes everything applied so far durable and visible to readers: freezes the memtable

@@ -197,6 +197,131 @@ fn the_address_index_names_the_apps_of_an_address_or_block() {
     two.close().unwrap();
 }
 
+#[test]
+fn a_forget_keeps_the_other_apps_of_its_bucket_and_of_its_blocks() {
+    let server = S3Server::start();
+    let bucket = bucket(&server, "forget-bucket");
+    // Three apps whose SHAs begin alike share their address and total keys; two of them also
+    // share the index key of 0.0.0.0/16.
+    let sha = |third: u8| {
+        let mut sha = [0x5a; 32];
+        sha[2] = third;
+        AppSha(sha)
+    };
+    let (a, b, c) = (sha(1), sha(2), sha(3));
+    let far = u32::from(std::net::Ipv4Addr::new(10, 1, 2, 3));
+    let one = ShipDb::open(Arc::clone(&bucket), "one", "inst-1", "host-1 /data").unwrap();
+    one.apply(
+        1,
+        &[
+            (b, vec![(10, stats(1, 1, 1)), (20, stats(2, 1, 1))]),
+            (a, vec![(10, stats(3, 1, 2)), (far, stats(1, 2, 2))]),
+        ],
+    )
+    .unwrap();
+    one.apply(2, &[(c, vec![(far, stats(5, 3, 3))])]).unwrap();
+    one.publish().unwrap();
+    let count = |app| AppCount {
+        app,
+        count: match app {
+            x if x == a => 4,
+            x if x == b => 3,
+            _ => 5,
+        },
+        unreadable: None,
+    };
+    let mut listed = bucket.list_apps().unwrap();
+    listed.sort_unstable_by_key(|c| c.app);
+    assert_eq!(listed, [count(a), count(b), count(c)]);
+
+    assert_eq!(one.forget(1, &[a]).unwrap(), 2);
+    one.publish().unwrap();
+    assert!(bucket.read_app(&a).unwrap().is_none());
+    let read = bucket.read_app(&b).unwrap().unwrap();
+    assert_eq!(read.addrs, [(10, stats(1, 1, 1)), (20, stats(2, 1, 1))]);
+    let read = bucket.read_app(&c).unwrap().unwrap();
+    assert_eq!(read.addrs, [(far, stats(5, 3, 3))]);
+    let mut listed = bucket.list_apps().unwrap();
+    listed.sort_unstable_by_key(|c| c.app);
+    assert_eq!(listed, [count(b), count(c)]);
+    let named = |cidr: &str| {
+        let mut apps = bucket
+            .apps_with_address(cidr.parse().unwrap())
+            .unwrap()
+            .unwrap();
+        apps.sort_unstable();
+        apps.dedup();
+        apps
+    };
+    assert_eq!(named("0.0.0.10"), [b]);
+    assert_eq!(named("10.1.2.3"), [c]);
+    // The last apps of a bucket leave no key behind, and the bucket's apps come back whole.
+    assert_eq!(one.forget(2, &[b, c]).unwrap(), 3);
+    one.publish().unwrap();
+    assert!(bucket.list_apps().unwrap().is_empty());
+    assert_eq!(named("0.0.0.0/0"), Vec::<AppSha>::new());
+    one.apply(3, &[(a, vec![(10, stats(1, 4, 4))])]).unwrap();
+    one.publish().unwrap();
+    assert_eq!(
+        bucket.read_app(&a).unwrap().unwrap().addrs,
+        [(10, stats(1, 4, 4))]
+    );
+    assert_eq!(named("0.0.0.10"), [a]);
+    one.close().unwrap();
+}
+
+#[test]
+fn a_database_in_another_key_layout_is_refused_with_a_clear_error() {
+    let server = S3Server::start();
+    let env = server.env();
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let url: StoreUrl = server.store_url("layout").parse().unwrap();
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(url.bucket.clone())
+        .with_endpoint(var("AWS_ENDPOINT_URL"))
+        .with_access_key_id(var("AWS_ACCESS_KEY_ID"))
+        .with_secret_access_key(var("AWS_SECRET_ACCESS_KEY"))
+        .with_region(var("AWS_REGION"))
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    // A database of the same writer id as an older build (layout 2) left it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = slatedb::Db::builder("layout/writers/old", Arc::new(store))
+            .build()
+            .await
+            .unwrap();
+        db.put(b"m/format", 2u64.to_le_bytes()).await.unwrap();
+        db.put(b"c0123456789abcdef0123456789abcdef", 7u64.to_le_bytes())
+            .await
+            .unwrap();
+        db.close().await.unwrap();
+    });
+    let bucket = bucket(&server, "layout");
+    let Err(err) = ShipDb::open(Arc::clone(&bucket), "old", "inst-1", "host-1 /data") else {
+        panic!("a database in layout 2 was opened for writing");
+    };
+    let message = err.to_string();
+    assert!(matches!(err, S3Error::Corrupt { .. }), "{err:?}");
+    assert!(
+        message.contains("key layout 2") && message.contains("not layout 3"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
+    // A new writer id beside it starts its own database in this build's layout.
+    let new = ShipDb::open(Arc::clone(&bucket), "new", "inst-2", "host-2 /data").unwrap();
+    new.close().unwrap();
+}
+
 /// Calls the feed until it has named `expected.len()` apps (it looks at the bucket at most
 /// every `LOOK_INTERVAL`), and returns what it named.
 fn next_changes(feed: &mut dyn ChangeFeed, expected: usize) -> Vec<AppSha> {
