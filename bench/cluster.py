@@ -311,7 +311,9 @@ def case_lag(a, weed, work, url):
     out = {"rate": a.lag_rate, "apps": a.lag_apps, "secs": a.lag_secs,
            "ship_interval_ms": a.lag_ship_ms, "sent": summary["sent"],
            "received": s["datagrams_received"], "kernel_drops": s["kernel_drops"],
-           "flushes": len(lags), "lag_p50_s": percentile(lags, 50),
+           "flushes": len(lags),
+           "epochs": [[e, round(first_seen[e], 2), round(published_at[e], 2)] for e in sorted(published_at)],
+           "lag_p50_s": percentile(lags, 50),
            "lag_p99_s": percentile(lags, 99), "lag_max_s": max(lags) if lags else None,
            "requests_per_s_idle": idle, "requests_per_s_load": under_load,
            "load_before": load_before, "load_after": loadavg()}
@@ -381,8 +383,8 @@ def main():
     p.add_argument("--lag-rate", type=int, default=100_000)
     p.add_argument("--lag-apps", type=int, default=100_000)
     p.add_argument("--lag-secs", type=int, default=60)
-    p.add_argument("--lag-ship-ms", type=int, default=1000,
-                   help="the receiver's --ship-interval-ms in the lag case")
+    p.add_argument("--lag-ship-ms", type=int, default=5000,
+                   help="the receiver's --ship-interval-ms in the lag case (its default)")
     p.add_argument("--query-runs", type=int, default=100)
     p.add_argument("--gc-secs", type=int, default=360)
     p.add_argument("--sender-cpu", type=int, default=0)

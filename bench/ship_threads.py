@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a shipping receiver's CPU goes: per-thread CPU while it ships a burst.
 
-    python3 bench/ship_threads.py [--secs 30] [--rate 100000] [--apps 100000] [--ship-ms 1000]
+    python3 bench/ship_threads.py [--secs 30] [--rate 100000] [--apps 100000] [--ship-ms 5000]
 
 One receiver with `--store` on a fresh SeaweedFS (from .venv-s3), fed --rate datagrams/s over
 --apps apps (random scenario, no corruption) for --secs. Prints the receiver's epochs, what is
@@ -42,7 +42,7 @@ def main():
     p.add_argument("--secs", type=int, default=30)
     p.add_argument("--rate", type=int, default=100_000)
     p.add_argument("--apps", type=int, default=100_000)
-    p.add_argument("--ship-ms", type=int, default=1000)
+    p.add_argument("--ship-ms", type=int, default=5000)
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="ship-threads-", dir=os.path.join(c.ROOT, "target"))
     weed = c.Seaweed(work)
