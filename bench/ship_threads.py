@@ -7,7 +7,8 @@ One receiver with `--store` on a fresh SeaweedFS (from .venv-s3), fed --rate dat
 --apps apps (random scenario, no corruption) for --secs. Prints the receiver's epochs, what is
 shipped and published, once a second, until everything sent is published (or 60 s after the
 sender ends), then the CPU seconds of each of the receiver's threads (`/proc/<pid>/task`,
-summed by thread name: `ipevent-s3` is SlateDB's and the S3 client's runtime, `shipper` the
+summed by thread name: `ipevent-s3` is SlateDB's and the S3 client's runtime, `ipevent-s3-comp`
+SlateDB's compaction, `shipper` the
 thread that applies the outbox, `writer` the local tree) and the shipping CPU per event
 shipped. Needs the release binaries, as bench/cluster.py does.
 """
@@ -75,7 +76,8 @@ def main():
         cpu = thread_cpu(r.proc.pid)
         s = r.stats()
         r.stop()
-        shipping = cpu.get("ipevent-s3", 0) + cpu.get("shipper", 0)
+        shipping = cpu.get("shipper", 0) + sum(
+            v for k, v in cpu.items() if k.startswith("ipevent-s3"))
         print(json.dumps({
             "sent": summary["sent"], "all_published": s["ship_lag_epochs"] == 0,
             "thread_cpu_s": {k: round(v, 2) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])},

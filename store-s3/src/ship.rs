@@ -9,7 +9,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use rustc_hash::{FxHashMap, FxHashSet};
 use slatedb::config::{FlushOptions, FlushType, PutOptions as KeyOptions, Settings, Ttl};
-use slatedb::{CloseReason, Db, ErrorKind, WriteBatch};
+use slatedb::{CloseReason, CompactorBuilder, Db, ErrorKind, WriteBatch};
 use std::collections::BTreeSet;
 
 use crate::codec::{self, StatsMerge};
@@ -57,6 +57,8 @@ pub struct ShipDb {
     previous: AtomicU64,
     /// Addresses whose index entries this instance made durable in the database.
     indexed: Mutex<Indexed>,
+    /// The runtime the database's compaction runs on; dropped after the database.
+    _compaction: tokio::runtime::Runtime,
 }
 
 /// Most (app, address) pairs [`Indexed`] remembers (about 4 bytes each, plus 40 per app)
@@ -148,11 +150,25 @@ impl ShipDb {
             wal_enabled: false,
             ..Settings::default()
         };
+        // Compaction (merging tables in the background) gets a thread of its own, so that a
+        // long compaction never holds up the publish of a round or a request.
+        let compaction = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ipevent-s3-compact")
+            .enable_all()
+            .build()
+            .map_err(|e| S3Error::Config(format!("starting the compaction runtime: {e}")))?;
+        let compactor = {
+            let _runtime = compaction.enter();
+            CompactorBuilder::new(path.clone(), Arc::clone(&bucket.store))
+                .with_runtime(compaction.handle().clone())
+        };
         let db = rt
             .block_on(
                 Db::builder(path.clone(), Arc::clone(&bucket.store))
                     .with_settings(settings)
                     .with_merge_operator(Arc::new(StatsMerge))
+                    .with_compactor_builder(compactor)
                     .build(),
             )
             .map_err(|source| db_error("opening", &location, source))?;
@@ -169,6 +185,7 @@ impl ShipDb {
             location,
             previous: AtomicU64::new(0),
             indexed: Mutex::new(Indexed::default()),
+            _compaction: compaction,
         })
     }
 
