@@ -442,7 +442,7 @@ pub(crate) fn corrupt_entry(location: String, key: &[u8], value: &[u8]) -> S3Err
 /// How a one-shot reader opens a database: it follows the latest manifest without creating a
 /// checkpoint (no writes to the bucket) and skips the WAL, reading only what the writer has
 /// flushed to L0 and below. The writer flushes its memtable after every ship round, so a
-/// reader is at most one ship interval behind, and opening costs a manifest read instead of a
+/// reader is at most about one ship interval and one round behind, and opening costs a manifest read instead of a
 /// WAL replay.
 pub(crate) async fn open_reader(
     path: ObjectPath,

@@ -21,7 +21,7 @@
 //! start.
 //!
 //! Readers skip the WAL, so the feed sees a flush once its shipper published it (at most
-//! one ship interval after the flush, plus the shipping itself) and looks at most every
+//! one ship interval after the flush, plus the round itself) and looks at most every
 //! [`LOOK_INTERVAL`].
 
 use std::collections::BTreeMap;

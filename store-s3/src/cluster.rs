@@ -13,9 +13,10 @@
 //!
 //! A reader ([`Bucket::sync_all`]) lists the live receivers, puts its request and waits until
 //! each of them names the request in its answer, or until its timeout, and then names those
-//! that did not answer. A receiver's shipper lists the requests every ship interval; for ids it
-//! has not served it asks its own writer to drain its sockets and flush (the local sync), ships
-//! and publishes every outbox entry up to that flush, and only then rewrites its answer with
+//! that did not answer. A receiver's shipper lists the requests every second (or every ship
+//! interval, if shorter); for ids it has not served it asks its own writer to drain its
+//! sockets and flush (the local sync), ships and publishes every outbox entry up to that
+//! flush, and only then rewrites its answer with
 //! every id it has served that is still listed. So an answer that names a request vouches for
 //! every datagram that was in that receiver's sockets when the request was put, and an answer
 //! rewritten for a later request still names the earlier ones its writer's reader waits for.
@@ -31,7 +32,7 @@ use crate::{Bucket, S3Error};
 // Resets (`DELETE /events`): a reset creates `generations/<N+1>` with a conditional PUT (create
 // only if absent: of two resets at once one creates it, the other finds it), so from then on
 // readers read the databases of generation N+1, which start empty. Each receiver's shipper
-// looks at the generation every ship interval; when it has moved on, it holds its writer
+// looks at the generation every second; when it has moved on, it holds its writer
 // (drops what is pending, as a local reset does), closes its database, drops its outbox and
 // moves its local tree away, releases the writer, opens a database in the new generation,
 // says so in `following/<writer-id>` and deletes its own old database (never one another
@@ -401,7 +402,7 @@ pub struct ClusterReset {
     /// Live receivers that moved to it.
     pub following: Vec<String>,
     /// Live receivers (with a lease) that had not moved to it when the wait ended: down, or
-    /// slow. They follow when they next look (at start, or within a ship interval), dropping
+    /// slow. They follow when they next look (at start, or within a second), dropping
     /// what they held from before.
     pub not_following: Vec<String>,
 }
