@@ -5,9 +5,10 @@
 //!
 //! Exactly once across crashes: the entries of a round (see `Unpublished`) are applied as
 //! one write batch that also records the last one's epoch as the database's shipped epoch,
-//! and the entries are removed only once that batch is durable. On start the shipper reads the shipped epoch back from the database and drops the
-//! entries it already holds. The outbox's own marker (`outbox/written`) records the last epoch
-//! written into the outbox, so a crash between a flush's local append and its outbox entry is
+//! and the entries are removed only once that batch is durable. On start the shipper reads
+//! the shipped epoch back from the database and drops the entries it already holds. The
+//! outbox's own marker (`outbox/written`) records the last epoch written into the outbox, so
+//! a crash between a flush's local append and its outbox entry is
 //! repaired from the journal (see [`Outbox::note_replayed`]).
 
 use std::collections::hash_map::Entry;
