@@ -361,10 +361,8 @@ impl Bucket {
                     .await
                     .map_err(|e| db_err("scanning", e))?;
                 while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
-                    let records = codec::parse_addr_index_key(&kv.key)
-                        .zip(codec::records(&kv.value))
-                        .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
-                    let (block, records) = records;
+                    let (block, records) =
+                        key_records(location(), &kv.key, &kv.value, codec::parse_addr_index_key)?;
                     for (app, payload) in records {
                         let mut ips = codec::decode_lows(block, payload)
                             .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
@@ -402,9 +400,8 @@ impl Bucket {
                     location: location(),
                     source,
                 })? {
-                    let records = codec::parse_count_key(&kv.key)
-                        .and(codec::records(&kv.value))
-                        .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                    let (_, records) =
+                        key_records(location(), &kv.key, &kv.value, codec::parse_count_key)?;
                     for (app, payload) in records {
                         let count = codec::decode_u64(payload)
                             .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
@@ -437,6 +434,19 @@ pub(crate) fn corrupt_entry(location: String, key: &[u8], value: &[u8]) -> S3Err
             value.len()
         ),
     }
+}
+
+/// The records under a key of the kind `parse` reads (its bucket or /16, then the records),
+/// or an error naming the entry as corrupt.
+pub(crate) fn key_records<'a>(
+    location: String,
+    key: &[u8],
+    value: &'a [u8],
+    parse: fn(&[u8]) -> Option<u16>,
+) -> Result<(u16, codec::Records<'a>), S3Error> {
+    parse(key)
+        .zip(codec::records(value))
+        .ok_or_else(|| corrupt_entry(location, key, value))
 }
 
 /// How a one-shot reader opens a database: it follows the latest manifest without creating a

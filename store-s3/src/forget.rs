@@ -32,7 +32,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use rustc_hash::FxHashMap;
 
-use crate::bucket::{close_all, corrupt_entry, has_manifest};
+use crate::bucket::{close_all, corrupt_entry, has_manifest, key_records};
 use crate::cluster::{new_request_id, os_err, wait_for_writers};
 use crate::codec;
 use crate::ship::FORGET_INSTANCE_PREFIX;
@@ -358,9 +358,8 @@ impl Bucket {
                     .await
                     .map_err(db_err)?;
                 while let Some(kv) = iter.next().await.map_err(db_err)? {
-                    let records = codec::parse_addr_key(&kv.key)
-                        .and(codec::records(&kv.value))
-                        .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;
+                    let (_, records) =
+                        key_records(location(), &kv.key, &kv.value, codec::parse_addr_key)?;
                     for (app, payload) in records {
                         let addrs = codec::decode_addrs(payload)
                             .ok_or_else(|| corrupt_entry(location(), &kv.key, &kv.value))?;

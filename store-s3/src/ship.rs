@@ -245,32 +245,26 @@ impl ShipDb {
         let mut addr_values: Vec<(u16, Vec<u8>)> = Vec::new();
         let mut count_values: Vec<(u16, Vec<u8>)> = Vec::new();
         let mut index_values: FxHashMap<u16, Vec<u8>> = FxHashMap::default();
-        let mut sorted = Vec::new();
+        let mut merged = Vec::new();
         for same in order.chunk_by(|&i, &j| apps[i].0 == apps[j].0) {
             let app = &apps[same[0]].0;
-            let addrs = if let [one] = same {
-                &apps[*one].1
-            } else {
-                sorted.clear();
-                for &i in same {
-                    sorted.extend_from_slice(&apps[i].1);
+            // An app that came more than once, or with its addresses out of order, is merged
+            // into one sorted run first.
+            let addrs: &[(u32, AddrStats)] = match same {
+                [one] if apps[*one].1.is_sorted_by(|a, b| a.0 < b.0) => &apps[*one].1,
+                _ => {
+                    merged.clear();
+                    merged.extend(same.iter().flat_map(|&i| apps[i].1.iter().copied()));
+                    merged.sort_unstable_by_key(|(ip, _)| *ip);
+                    merged.dedup_by(|later, kept| {
+                        let same = later.0 == kept.0;
+                        if same {
+                            kept.1.merge(&later.1);
+                        }
+                        same
+                    });
+                    &merged
                 }
-                &sorted
-            };
-            let addrs: &[(u32, AddrStats)] = if addrs.is_sorted_by(|a, b| a.0 < b.0) {
-                addrs
-            } else {
-                let mut merged = addrs.clone();
-                merged.sort_unstable_by_key(|(ip, _)| *ip);
-                merged.dedup_by(|later, kept| {
-                    let same = later.0 == kept.0;
-                    if same {
-                        kept.1.merge(&later.1);
-                    }
-                    same
-                });
-                sorted = merged;
-                &sorted
             };
             let bucket = codec::bucket(app);
             let value = |values: &mut Vec<(u16, Vec<u8>)>| -> usize {
