@@ -18,6 +18,9 @@ Cases (each reports the load average beside its figures, since the machine may b
          load, and idle before it.
 - query: three receivers on one bucket, traffic spread over them, then `ipevent-query
          --store` on one app (--query-runs times, process start included) and `list`.
+         With --query-apps N the traffic is --query-events datagrams of the random scenario
+         over N apps (a bigger bucket: each bucket value holds about N/4096 apps), else
+         300,000 datagrams of the test client's default scenario.
 - gc:    one receiver with 100 ms flush and ship intervals for --gc-secs (3600 flush and ship
          rounds = an hour at the default 1 s intervals when --gc-secs is 360) at a low rate,
          then the bucket's object count under the prefix (SlateDB compaction and GC working).
@@ -329,8 +332,11 @@ def case_query(a, weed, work, url):
     env = weed.env()
     rs = [Receiver(work, f"q{i}", f"127.0.0.{i + 1}:0", env, a.receiver_cpu,
                    ["--store", f"{url}/query"]) for i in range(3)]
-    summary = client([r.addr for r in rs], ["--count", "300000", "--rate", "100000", "--seed",
-                                             "13", "--batch", "64"], a.sender_cpu, env)
+    traffic = ["--count", str(a.query_events), "--rate", "100000", "--seed", "13", "--batch",
+               "64"]
+    if a.query_apps:
+        traffic += ["--scenario", "random", "--apps", str(a.query_apps), "--corrupt-pct", "0"]
+    summary = client([r.addr for r in rs], traffic, a.sender_cpu, env)
     seen(rs, summary["sent"])
     for r in rs:
         r.sync_shipped(env)
@@ -347,7 +353,8 @@ def case_query(a, weed, work, url):
         r.stop()
     out = {k: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "runs": len(v)}
            for k, v in times.items()}
-    out.update(writers=3, load_before=load_before, load_after=loadavg())
+    out.update(writers=3, datagrams=summary["sent"], apps=a.query_apps or None,
+               load_before=load_before, load_after=loadavg())
     print(f"query over 3 writers: report p50 {out['report']['p50_ms']:.1f} ms p99 "
           f"{out['report']['p99_ms']:.1f} ms; list p50 {out['list']['p50_ms']:.1f} ms "
           f"(load {load_before} -> {out['load_after']})", flush=True)
@@ -386,6 +393,9 @@ def main():
     p.add_argument("--lag-ship-ms", type=int, default=5000,
                    help="the receiver's --ship-interval-ms in the lag case (its default)")
     p.add_argument("--query-runs", type=int, default=100)
+    p.add_argument("--query-apps", type=int, default=0,
+                   help="random scenario over this many apps (0: the client's default)")
+    p.add_argument("--query-events", type=int, default=300_000)
     p.add_argument("--gc-secs", type=int, default=360)
     p.add_argument("--sender-cpu", type=int, default=0)
     p.add_argument("--receiver-cpu", type=int, default=1)

@@ -11,7 +11,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use rustc_hash::FxHashMap;
-use slatedb::config::DbReaderOptions;
+use slatedb::config::{DbReaderOptions, ScanOptions};
 use slatedb::{DbReader, DbReaderMode};
 
 use crate::codec::{self, StatsMerge};
@@ -331,12 +331,13 @@ impl Bucket {
     }
 
     /// The apps that had an address in `cidr`, from every writer's address index keys: one
-    /// range scan per database over the /16s the block touches. `Ok(None)` when some database
-    /// has no [`codec::FORMAT_KEY`] (written by another version): the caller reads every app.
+    /// range scan per database over the index blocks (/12s) the CIDR touches. `Ok(None)` when
+    /// some database has no [`codec::FORMAT_KEY`] (written by another version): the caller
+    /// reads every app.
     pub fn apps_with_address(&self, cidr: Cidr) -> Result<Option<Vec<AppSha>>, S3Error> {
         let (lo, hi) = cidr.range();
-        let start = codec::addr_index_key(codec::high(lo));
-        let end = codec::addr_index_key(codec::high(hi));
+        let start = codec::addr_index_key(codec::block(lo));
+        let end = codec::addr_index_key(codec::block(hi));
         self.runtime.block_on(async {
             let readers = self.open_readers().await?;
             let mut out = Vec::new();
@@ -357,7 +358,7 @@ impl Bucket {
                     break;
                 }
                 let mut iter = reader
-                    .scan(start.as_slice()..=end.as_slice())
+                    .scan_with_options(start.as_slice()..=end.as_slice(), &bulk_scan())
                     .await
                     .map_err(|e| db_err("scanning", e))?;
                 while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {
@@ -386,15 +387,14 @@ impl Bucket {
             let mut totals: FxHashMap<AppSha, u64> = FxHashMap::default();
             for (generation, id, reader) in &readers {
                 let location = || self.writer_path(*generation, id).to_string();
-                let mut iter =
-                    reader
-                        .scan_prefix([codec::COUNT_TAG], ..)
-                        .await
-                        .map_err(|source| S3Error::Db {
-                            action: "scanning",
-                            location: location(),
-                            source,
-                        })?;
+                let mut iter = reader
+                    .scan_prefix_with_options([codec::COUNT_TAG], .., &bulk_scan())
+                    .await
+                    .map_err(|source| S3Error::Db {
+                        action: "scanning",
+                        location: location(),
+                        source,
+                    })?;
                 while let Some(kv) = iter.next().await.map_err(|source| S3Error::Db {
                     action: "scanning",
                     location: location(),
@@ -424,6 +424,20 @@ impl Bucket {
     }
 }
 
+/// Bytes of a table one request of a [`bulk_scan`] fetches at least.
+const SCAN_READ_AHEAD: usize = 512 << 10;
+/// Requests one iterator of a [`bulk_scan`] keeps in flight.
+const SCAN_FETCH_TASKS: usize = 2;
+
+/// Options of a scan that reads many keys (`list`, the address lookup, the retention sweep,
+/// a watch's reads): each request fetches [`SCAN_READ_AHEAD`] of a table, not one 4 KiB block
+/// (SlateDB's default), so a scan costs a few requests per table instead of one per block.
+pub(crate) fn bulk_scan() -> ScanOptions {
+    ScanOptions::default()
+        .with_read_ahead_bytes(SCAN_READ_AHEAD)
+        .with_max_fetch_tasks(SCAN_FETCH_TASKS)
+}
+
 /// The error for an entry this build did not write.
 pub(crate) fn corrupt_entry(location: String, key: &[u8], value: &[u8]) -> S3Error {
     S3Error::Corrupt {
@@ -436,8 +450,8 @@ pub(crate) fn corrupt_entry(location: String, key: &[u8], value: &[u8]) -> S3Err
     }
 }
 
-/// The records under a key of the kind `parse` reads (its bucket or /16, then the records),
-/// or an error naming the entry as corrupt.
+/// The records under a key of the kind `parse` reads (its bucket or index block, then the
+/// records), or an error naming the entry as corrupt.
 pub(crate) fn key_records<'a>(
     location: String,
     key: &[u8],

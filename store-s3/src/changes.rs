@@ -34,7 +34,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use rustc_hash::FxHashSet;
 
-use crate::bucket::{has_manifest, open_reader};
+use crate::bucket::{bulk_scan, has_manifest, open_reader};
 use crate::codec;
 use crate::{Bucket, S3Error};
 
@@ -240,7 +240,10 @@ async fn look_at_writer(
             };
             let last = codec::change_key(shipped, u32::MAX);
             let mut iter = reader
-                .scan(codec::flush_key(from).to_vec()..=last.to_vec())
+                .scan_with_options(
+                    codec::flush_key(from).to_vec()..=last.to_vec(),
+                    &bulk_scan(),
+                )
                 .await
                 .map_err(|e| db_err("scanning", e))?;
             let mut expected = tail.epoch.unwrap_or(0);
@@ -277,7 +280,7 @@ async fn look_at_writer(
             );
             apps.clear();
             let mut iter = reader
-                .scan_prefix([codec::COUNT_TAG], ..)
+                .scan_prefix_with_options([codec::COUNT_TAG], .., &bulk_scan())
                 .await
                 .map_err(|e| db_err("scanning", e))?;
             while let Some(kv) = iter.next().await.map_err(|e| db_err("scanning", e))? {

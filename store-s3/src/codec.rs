@@ -7,19 +7,21 @@
 //! | --- | --- | --- |
 //! | `a ‖ bucket (2)` | [records](#records) of [`ADDR_ENTRY_BYTES`] entries: `ip (4, BE) ‖` [`AddrStats`] (16), sorted by address | the addresses of the apps of one bucket |
 //! | `c ‖ bucket (2)` | records of one total (8 bytes, LE) | the totals of the apps of one bucket, so `list` reads no address |
-//! | `i ‖ hi (2)` | records of `lo (2)` entries, sorted | the address index: the apps that have had addresses `hi.*.*` (one /16) |
+//! | `i ‖ block (2)` | records of `lo (3)` entries (an address's low 20 bits), sorted | the address index: the apps that have had addresses in one /12 ([`block`]) |
 //! | `m/format` | format (8 bytes, LE) | the key layout the database is written in ([`FORMAT`]) |
 //! | `m/shipped_epoch` | epoch (8 bytes, LE) ‖ instance | the last flush epoch this database holds |
 //! | `m/forgotten_seq` | sequence (8 bytes, LE) | the last forget of the bucket's log applied to it |
 //! | `w ‖ epoch (8, big-endian)` | previous epoch (8 bytes, LE) | a shipped flush, for `watch` |
 //! | `w ‖ epoch (8, big-endian) ‖ part (4, big-endian)` | up to [`CHANGE_PART_APPS`] SHAs | apps that flush changed, for `watch` |
 //!
-//! An app's bucket is the first two bytes of its SHA ([`bucket`]), so a database holds at most
-//! 65,536 address keys, as many total keys and as many index keys, however many apps and
-//! addresses it holds. Each key costs the database the same work per write whatever its value
-//! holds (batch, memtable, table, compaction), so a write batch of a flush of 100,000 apps
-//! writes about 50,000 address keys and as many totals, and index keys only for /16s with
-//! addresses new to the database, instead of several keys per app.
+//! An app's bucket is the first 12 bits of its SHA ([`bucket`]) and an address's index block
+//! its /12 ([`block`]), so a database holds at most 4,096 address keys, as many total keys and
+//! as many index keys, however many apps and addresses it holds. Each key costs the database
+//! the same work per write whatever its value holds (batch, memtable, table, compaction), so
+//! a write batch of a round of 100,000 apps writes 4,096 address keys and as many totals, and
+//! index keys only for blocks with addresses new to the database, instead of several keys per
+//! app. A bucket's value holds about one 4,096th of the apps: a few hundred bytes per app,
+//! so about 100 KB at a million apps, read whole to answer for one app.
 //!
 //! # Records
 //!
@@ -50,8 +52,9 @@ pub const FORGOTTEN_SEQ_KEY: &[u8] = b"m/forgotten_seq";
 /// The key holding the database's [`FORMAT`], written when the database is created.
 pub const FORMAT_KEY: &[u8] = b"m/format";
 /// The key layout this build writes and reads. Layout 1 (one key per address) had no format
-/// key; layout 2 had one address key per app and /16 and one total key per app.
-pub const FORMAT: u64 = 3;
+/// key; layout 2 had one address key per app and /16 and one total key per app; layout 3
+/// had 65,536 buckets (two SHA bytes) and index keys per /16.
+pub const FORMAT: u64 = 4;
 
 /// Bytes of an address, totals or index key.
 pub const KEY_BYTES: usize = 3;
@@ -65,21 +68,26 @@ pub const CHANGE_PART_APPS: usize = 4096;
 pub const STATS_BYTES: usize = 16;
 /// Bytes of one address entry of a record: the address, then its stats.
 pub const ADDR_ENTRY_BYTES: usize = 4 + STATS_BYTES;
-/// Bytes of one entry of an index record: an address's low 16 bits.
-pub const INDEX_ENTRY_BYTES: usize = 2;
+/// Bits of a SHA that pick its bucket ([`bucket`]): 4,096 buckets.
+pub const BUCKET_BITS: u32 = 12;
+/// Bits of an address that pick its index block ([`block`]): 4,096 blocks of a /12 each.
+pub const BLOCK_BITS: u32 = 12;
+/// Bytes of one entry of an index record: an address's low 20 bits (the bits below its
+/// block), big-endian.
+pub const INDEX_ENTRY_BYTES: usize = 3;
 /// Bytes of a total record's payload.
 pub const TOTAL_BYTES: usize = 8;
 /// Bytes of a record's head: the SHA and the payload's length.
 pub const RECORD_HEAD_BYTES: usize = 32 + 4;
 
-/// The /16 of an address: the part of it in an index key.
-pub fn high(ip: u32) -> u16 {
-    (ip >> 16) as u16
+/// The index block of an address: its /12, the part of it in an index key.
+pub fn block(ip: u32) -> u16 {
+    (ip >> (32 - BLOCK_BITS)) as u16
 }
 
-/// The bucket of `app`: the first two bytes of its SHA.
+/// The bucket of `app`: the first [`BUCKET_BITS`] bits of its SHA.
 pub fn bucket(app: &AppSha) -> u16 {
-    u16::from_be_bytes([app.0[0], app.0[1]])
+    u16::from_be_bytes([app.0[0], app.0[1]]) >> (16 - BUCKET_BITS)
 }
 
 fn tagged(tag: u8, n: u16) -> [u8; KEY_BYTES] {
@@ -104,9 +112,9 @@ pub fn count_key(bucket: u16) -> [u8; KEY_BYTES] {
     tagged(COUNT_TAG, bucket)
 }
 
-/// The index key of the /16 `hi`: the keys of a wider block are one contiguous range.
-pub fn addr_index_key(hi: u16) -> [u8; KEY_BYTES] {
-    tagged(ADDR_INDEX_TAG, hi)
+/// The index key of the /12 `block`: the keys of a wider block are one contiguous range.
+pub fn addr_index_key(block: u16) -> [u8; KEY_BYTES] {
+    tagged(ADDR_INDEX_TAG, block)
 }
 
 /// The bucket of an address key; `None` for any other key.
@@ -119,17 +127,17 @@ pub fn parse_count_key(key: &[u8]) -> Option<u16> {
     parse_tagged(COUNT_TAG, key)
 }
 
-/// The /16 of an index key; `None` for any other key.
+/// The /12 of an index key; `None` for any other key.
 pub fn parse_addr_index_key(key: &[u8]) -> Option<u16> {
     parse_tagged(ADDR_INDEX_TAG, key)
 }
 
-/// Splits `records` (sorted by address, each address once) into runs of one /16 each, in
-/// order: the addresses of one index record each.
+/// Splits `records` (sorted by address, each address once) into runs of one index block
+/// each, in order: the addresses of one index record each.
 pub fn chunks(records: &[(u32, AddrStats)]) -> impl Iterator<Item = (u16, &[(u32, AddrStats)])> {
     records
-        .chunk_by(|a, b| high(a.0) == high(b.0))
-        .map(|run| (high(run[0].0), run))
+        .chunk_by(|a, b| block(a.0) == block(b.0))
+        .map(|run| (block(run[0].0), run))
 }
 
 /// Appends to `value` the record of `app` whose payload `payload` writes. Records go in SHA
@@ -151,10 +159,10 @@ pub fn encode_addrs(out: &mut Vec<u8>, records: &[(u32, AddrStats)]) {
     }
 }
 
-/// Appends the index entries of `ips` (of one /16, in order) to a payload.
+/// Appends the index entries of `ips` (of one index block, in order) to a payload.
 pub fn encode_lows(out: &mut Vec<u8>, ips: impl Iterator<Item = u32>) {
     for ip in ips {
-        out.extend_from_slice(&(ip as u16).to_be_bytes());
+        out.extend_from_slice(&ip.to_be_bytes()[4 - INDEX_ENTRY_BYTES..]);
     }
 }
 
@@ -227,16 +235,17 @@ pub fn decode_addrs(payload: &[u8]) -> Option<impl Iterator<Item = (u32, AddrSta
     }))
 }
 
-/// The addresses an index record of the /16 `hi` names, in order; `None` when the payload
-/// is not a whole number of entries.
-pub fn decode_lows(hi: u16, payload: &[u8]) -> Option<impl Iterator<Item = u32> + '_> {
+/// The addresses an index record of the block `block` names, in order; `None` when the
+/// payload is not a whole number of entries.
+pub fn decode_lows(block: u16, payload: &[u8]) -> Option<impl Iterator<Item = u32> + '_> {
     if !payload.len().is_multiple_of(INDEX_ENTRY_BYTES) {
         return None;
     }
+    let high = u32::from(block) << (32 - BLOCK_BITS);
     Some(
         payload
             .chunks_exact(INDEX_ENTRY_BYTES)
-            .map(move |lo| (u32::from(hi) << 16) | u32::from(u16::from_be_bytes([lo[0], lo[1]]))),
+            .map(move |lo| high | u32::from_be_bytes([0, lo[0], lo[1], lo[2]])),
     )
 }
 
@@ -351,7 +360,7 @@ impl Kind {
             }),
             Some(&ADDR_INDEX_TAG) => Some(Kind::Entries {
                 width: INDEX_ENTRY_BYTES,
-                order: 2,
+                order: INDEX_ENTRY_BYTES,
                 stats: false,
             }),
             Some(&COUNT_TAG) => Some(Kind::Total),
@@ -517,10 +526,12 @@ mod tests {
         let mut sha = [7u8; 32];
         sha[0] = 0x0a;
         sha[1] = 0x01;
-        assert_eq!(bucket(&AppSha(sha)), 0x0a01);
-        assert_eq!(parse_addr_key(&addr_key(0x0a01)), Some(0x0a01));
-        assert_eq!(parse_count_key(&count_key(0x0a01)), Some(0x0a01));
-        assert_eq!(parse_addr_index_key(&addr_index_key(0xc0a8)), Some(0xc0a8));
+        assert_eq!(bucket(&AppSha(sha)), 0x0a0);
+        sha[1] = 0xf1;
+        assert_eq!(bucket(&AppSha(sha)), 0x0af);
+        assert_eq!(parse_addr_key(&addr_key(0x0a0)), Some(0x0a0));
+        assert_eq!(parse_count_key(&count_key(0x0af)), Some(0x0af));
+        assert_eq!(parse_addr_index_key(&addr_index_key(0xc0a)), Some(0xc0a));
         assert!(addr_key(1) < addr_key(256));
         assert_eq!(parse_addr_key(SHIPPED_EPOCH_KEY), None);
         assert_eq!(parse_count_key(&addr_key(1)), None);
@@ -576,15 +587,18 @@ mod tests {
         let runs: Vec<(u16, usize)> = chunks(&records_a)
             .map(|(hi, run)| (hi, run.len()))
             .collect();
-        assert_eq!(runs, [(0x0a00, 1), (0xc0a8, 1)]);
+        assert_eq!(runs, [(0x0a0, 1), (0xc0a, 1)]);
         let mut lows = Vec::new();
-        encode_lows(&mut lows, [0x0a00_0001u32, 0x0a00_ff00].into_iter());
+        encode_lows(&mut lows, [0x0a00_0001u32, 0x0a0f_ff00].into_iter());
+        assert_eq!(lows, [0x00, 0x00, 0x01, 0x0f, 0xff, 0x00]);
         assert_eq!(
-            decode_lows(0x0a00, &lows).unwrap().collect::<Vec<_>>(),
-            [0x0a00_0001, 0x0a00_ff00]
+            decode_lows(0x0a0, &lows).unwrap().collect::<Vec<_>>(),
+            [0x0a00_0001, 0x0a0f_ff00]
         );
+        assert_eq!(block(0xffff_ffff), 0xfff);
+        assert_eq!(bucket(&AppSha([0xab; 32])), 0xaba);
         assert!(decode_addrs(&[0; 19]).is_none());
-        assert!(decode_lows(1, &[0; 3]).is_none());
+        assert!(decode_lows(1, &[0; 4]).is_none());
     }
 
     #[test]
@@ -658,12 +672,12 @@ mod tests {
         let right = StatsMerge.merge(&key, Some(mid), newer).unwrap();
         assert_eq!(StatsMerge.merge(&key, Some(older), right).unwrap(), merged);
 
-        let index_key = Bytes::copy_from_slice(&addr_index_key(0x0a00));
-        let lows = |apps: &[(u8, &[u16])]| {
+        let index_key = Bytes::copy_from_slice(&addr_index_key(0x0a0));
+        let lows = |apps: &[(u8, &[u32])]| {
             let mut value = Vec::new();
             for (a, l) in apps {
                 push_record(&mut value, &app(*a), |out| {
-                    out.extend(l.iter().flat_map(|x| x.to_be_bytes()))
+                    encode_lows(out, l.iter().copied())
                 });
             }
             Bytes::from(value)
@@ -672,10 +686,10 @@ mod tests {
             .merge_batch(
                 &index_key,
                 Some(lows(&[(1, &[1, 9])])),
-                &[lows(&[(1, &[1, 2]), (5, &[3])]), lows(&[(1, &[0xffff])])],
+                &[lows(&[(1, &[1, 2]), (5, &[3])]), lows(&[(1, &[0xf_ffff])])],
             )
             .unwrap();
-        assert_eq!(united, lows(&[(1, &[1, 2, 9, 0xffff]), (5, &[3])]));
+        assert_eq!(united, lows(&[(1, &[1, 2, 9, 0xf_ffff]), (5, &[3])]));
 
         let total_key = Bytes::copy_from_slice(&count_key(0x0101));
         let totals = |apps: &[(u8, u64)]| {

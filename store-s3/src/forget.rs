@@ -32,7 +32,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use rustc_hash::FxHashMap;
 
-use crate::bucket::{close_all, corrupt_entry, has_manifest, key_records};
+use crate::bucket::{bulk_scan, close_all, corrupt_entry, has_manifest, key_records};
 use crate::cluster::{new_request_id, os_err, wait_for_writers};
 use crate::codec;
 use crate::ship::FORGET_INSTANCE_PREFIX;
@@ -354,7 +354,7 @@ impl Bucket {
                     source,
                 };
                 let mut iter = reader
-                    .scan_prefix([codec::ADDR_TAG], ..)
+                    .scan_prefix_with_options([codec::ADDR_TAG], .., &bulk_scan())
                     .await
                     .map_err(db_err)?;
                 while let Some(kv) = iter.next().await.map_err(db_err)? {

@@ -79,23 +79,24 @@ struct Indexed {
 }
 
 impl Indexed {
-    fn has(&self, app: &AppSha, ip: u32) -> bool {
-        self.apps
-            .get(app)
-            .is_some_and(|ips| ips.binary_search(&ip).is_ok())
+    /// The addresses of `app` indexed so far, in order.
+    fn known(&self, app: &AppSha) -> &[u32] {
+        self.apps.get(app).map_or(&[], Vec::as_slice)
     }
 
-    /// Remembers what a durable batch indexed.
+    /// Remembers what a durable batch indexed: pairs grouped by app, each app's addresses
+    /// in order.
     fn learn(&mut self, learned: &[(AppSha, u32)]) {
         if self.pairs + learned.len() > INDEXED_PAIRS {
             *self = Indexed::default();
         }
-        for (app, ip) in learned {
-            let ips = self.apps.entry(*app).or_default();
-            if let Err(at) = ips.binary_search(ip) {
-                ips.insert(at, *ip);
-                self.pairs += 1;
-            }
+        for run in learned.chunk_by(|a, b| a.0 == b.0) {
+            let ips = self.apps.entry(run[0].0).or_default();
+            let before = ips.len();
+            ips.extend(run.iter().map(|(_, ip)| *ip));
+            ips.sort_unstable();
+            ips.dedup();
+            self.pairs += ips.len() - before;
         }
     }
 
@@ -216,7 +217,7 @@ impl ShipDb {
     }
 
     /// Applies one flush: every app's addresses (a record in its bucket's address key, and
-    /// one in the index key of each /16 with addresses not indexed yet) and total, the
+    /// one in the index key of each /12 with addresses not indexed yet) and total, the
     /// flush's change keys (for `watch`, expiring after [`CHANGE_HISTORY`]) and `epoch` as
     /// the shipped epoch, in one atomic write batch, durable in the bucket and visible to
     /// readers with the next [`ShipDb::publish`]. An app may come more than once.
@@ -282,16 +283,17 @@ impl ShipDb {
             codec::push_record(&mut count_values[at].1, app, |out| {
                 out.extend_from_slice(&total.to_le_bytes())
             });
-            for (hi, run) in codec::chunks(addrs) {
+            let known = indexed.known(app);
+            for (block, run) in codec::chunks(addrs) {
                 let first_new = learned.len();
                 learned.extend(
                     run.iter()
-                        .filter(|(ip, _)| !indexed.has(app, *ip))
+                        .filter(|(ip, _)| known.binary_search(ip).is_err())
                         .map(|(ip, _)| (*app, *ip)),
                 );
                 if learned.len() > first_new {
                     let new = learned[first_new..].iter().map(|(_, ip)| *ip);
-                    let value = index_values.entry(hi).or_default();
+                    let value = index_values.entry(block).or_default();
                     codec::push_record(value, app, |out| codec::encode_lows(out, new));
                 }
             }
@@ -302,8 +304,8 @@ impl ShipDb {
         for (bucket, value) in count_values {
             batch.merge(codec::count_key(bucket), value);
         }
-        for (hi, value) in index_values {
-            batch.merge(codec::addr_index_key(hi), value);
+        for (block, value) in index_values {
+            batch.merge(codec::addr_index_key(block), value);
         }
         let mut marker = epoch.to_le_bytes().to_vec();
         marker.extend_from_slice(self.instance.as_bytes());
@@ -329,7 +331,7 @@ impl ShipDb {
     }
 
     /// Removes `apps` (their records in the address and totals keys of their buckets and in
-    /// the index keys of their /16s, each value read, rewritten without them and put back)
+    /// the index keys of their /12s, each value read, rewritten without them and put back)
     /// and records `seq` as the last forget applied; returns once that is durable and
     /// visible (published with whatever was applied before it), with the number of
     /// addresses removed.
@@ -391,7 +393,7 @@ impl ShipDb {
                     &mut in_batch,
                     &mut |payload| {
                         for (ip, _) in codec::decode_addrs(payload)? {
-                            blocks.insert(codec::high(ip));
+                            blocks.insert(codec::block(ip));
                             removed += 1;
                         }
                         Some(())
@@ -406,9 +408,9 @@ impl ShipDb {
                 )
                 .await?;
             }
-            for &hi in &blocks {
+            for &block in &blocks {
                 rewrite(
-                    codec::addr_index_key(hi),
+                    codec::addr_index_key(block),
                     &mut batch,
                     &mut in_batch,
                     &mut |_| Some(()),
@@ -608,5 +610,31 @@ async fn release_lease(bucket: &Bucket, writer_id: &str, instance: &str) -> Resu
         }
         Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(os_err("reading", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexed_pairs_are_learned_per_app_in_order_once_each() {
+        let (a, b) = (AppSha([1; 32]), AppSha([2; 32]));
+        let mut indexed = Indexed::default();
+        indexed.learn(&[(a, 5), (a, 9), (b, 1)]);
+        indexed.learn(&[(a, 2), (a, 9), (a, 12), (b, 1)]);
+        assert_eq!(indexed.known(&a), [2, 5, 9, 12]);
+        assert_eq!(indexed.known(&b), [1]);
+        assert_eq!(indexed.known(&AppSha([3; 32])), [] as [u32; 0]);
+        assert_eq!(indexed.pairs, 5);
+        indexed.forget(&a);
+        assert_eq!(indexed.known(&a), [] as [u32; 0]);
+        assert_eq!(indexed.pairs, 1);
+        // Full: it starts over with what it learns.
+        indexed.pairs = INDEXED_PAIRS;
+        indexed.learn(&[(a, 7)]);
+        assert_eq!(indexed.known(&a), [7]);
+        assert_eq!(indexed.known(&b), [] as [u32; 0]);
+        assert_eq!(indexed.pairs, 1);
     }
 }

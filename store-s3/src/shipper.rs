@@ -753,14 +753,14 @@ fn ship_round(
         }
         let (round, later) = rest.split_at(taken);
         rest = later;
+        let began = Instant::now();
         let mut apps = Coalesced::default();
-        let mut last = None;
+        let mut read = Vec::with_capacity(round.len());
         for &(epoch, bytes) in round {
             match outbox::read_entry(&s.outbox_dir, epoch) {
                 Ok(entry) => {
                     apps.add(entry);
-                    unpublished.applied.push((epoch, bytes));
-                    last = Some(epoch);
+                    read.push((epoch, bytes));
                 }
                 Err(what) => {
                     log::error!("outbox entry not shipped, kept aside as .bad: {what}");
@@ -771,11 +771,25 @@ fn ship_round(
                 }
             }
         }
-        if let Some(epoch) = last {
-            db.apply(epoch, &apps.into_apps())?;
+        if let Some(&(epoch, _)) = read.last() {
+            let apps = apps.into_apps();
+            let read_in = began.elapsed();
+            db.apply(epoch, &apps)?;
+            // Only now: a round whose apply failed is read and applied again, whole.
+            unpublished.applied.extend(read);
+            let applied_in = began.elapsed() - read_in;
             *shipped = epoch;
             unpublished.pending = true;
             publish_if(s, db, *shipped, unpublished, true)?;
+            log::debug!(
+                "round up to flush {epoch}: {} flushes, {bytes} bytes, {} apps; read in {:?}, \
+                 applied in {:?}, published in {:?}",
+                round.len(),
+                apps.len(),
+                read_in,
+                applied_in,
+                began.elapsed() - read_in - applied_in
+            );
         }
     }
     unpublished.waiting = !rest.is_empty();

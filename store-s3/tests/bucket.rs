@@ -136,7 +136,7 @@ fn the_address_index_names_the_apps_of_an_address_or_block() {
     let one = ShipDb::open(Arc::clone(&bucket), "one", "inst-1", "host-1 /data").unwrap();
     one.apply(1, &[(a, vec![(10, stats(1, 1, 1)), (20, stats(1, 1, 1))])])
         .unwrap();
-    // A second flush merges into the same /16's keys, and adds another /16; an app may come
+    // A second flush merges into the same /12's keys, and adds another /12; an app may come
     // twice, with its addresses out of order.
     let far = u32::from(std::net::Ipv4Addr::new(10, 1, 2, 3));
     one.apply(
@@ -181,6 +181,10 @@ fn the_address_index_names_the_apps_of_an_address_or_block() {
     assert_eq!(named("10.1.2.3"), [a]);
     assert_eq!(named("10.1.2.4"), Vec::<AppSha>::new());
     assert_eq!(named("10.1.0.0/16"), [a]);
+    // Another /16 of the same /12 (one index key): only addresses inside the block count.
+    assert_eq!(named("10.2.0.0/16"), Vec::<AppSha>::new());
+    assert_eq!(named("10.0.0.0/12"), [a]);
+    assert_eq!(named("10.16.0.0/12"), Vec::<AppSha>::new());
     assert_eq!(named("10.0.0.0/8"), [a]);
     assert_eq!(named("0.0.0.0/0"), [a, b]);
 
@@ -202,7 +206,7 @@ fn a_forget_keeps_the_other_apps_of_its_bucket_and_of_its_blocks() {
     let server = S3Server::start();
     let bucket = bucket(&server, "forget-bucket");
     // Three apps whose SHAs begin alike share their address and total keys; two of them also
-    // share the index key of 0.0.0.0/16.
+    // share the index key of 0.0.0.0/12.
     let sha = |third: u8| {
         let mut sha = [0x5a; 32];
         sha[2] = third;
@@ -290,7 +294,7 @@ fn a_database_in_another_key_layout_is_refused_with_a_clear_error() {
         .with_allow_http(true)
         .build()
         .unwrap();
-    // A database of the same writer id as an older build (layout 2) left it.
+    // A database of the same writer id as an older build (layout 3) left it.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -300,20 +304,18 @@ fn a_database_in_another_key_layout_is_refused_with_a_clear_error() {
             .build()
             .await
             .unwrap();
-        db.put(b"m/format", 2u64.to_le_bytes()).await.unwrap();
-        db.put(b"c0123456789abcdef0123456789abcdef", 7u64.to_le_bytes())
-            .await
-            .unwrap();
+        db.put(b"m/format", 3u64.to_le_bytes()).await.unwrap();
+        db.put(b"c\x01\x23", 7u64.to_le_bytes()).await.unwrap();
         db.close().await.unwrap();
     });
     let bucket = bucket(&server, "layout");
     let Err(err) = ShipDb::open(Arc::clone(&bucket), "old", "inst-1", "host-1 /data") else {
-        panic!("a database in layout 2 was opened for writing");
+        panic!("a database in layout 3 was opened for writing");
     };
     let message = err.to_string();
     assert!(matches!(err, S3Error::Corrupt { .. }), "{err:?}");
     assert!(
-        message.contains("key layout 2") && message.contains("not layout 3"),
+        message.contains("key layout 3") && message.contains("not layout 4"),
         "{message}"
     );
     assert!(!message.contains('\n'), "{message}");
