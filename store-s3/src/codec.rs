@@ -529,6 +529,8 @@ mod tests {
         assert_eq!(bucket(&AppSha(sha)), 0x0a0);
         sha[1] = 0xf1;
         assert_eq!(bucket(&AppSha(sha)), 0x0af);
+        assert_eq!(bucket(&AppSha([0xab; 32])), 0xaba);
+        assert_eq!(block(0xffff_ffff), 0xfff);
         assert_eq!(parse_addr_key(&addr_key(0x0a0)), Some(0x0a0));
         assert_eq!(parse_count_key(&count_key(0x0af)), Some(0x0af));
         assert_eq!(parse_addr_index_key(&addr_index_key(0xc0a)), Some(0xc0a));
@@ -595,8 +597,6 @@ mod tests {
             decode_lows(0x0a0, &lows).unwrap().collect::<Vec<_>>(),
             [0x0a00_0001, 0x0a0f_ff00]
         );
-        assert_eq!(block(0xffff_ffff), 0xfff);
-        assert_eq!(bucket(&AppSha([0xab; 32])), 0xaba);
         assert!(decode_addrs(&[0; 19]).is_none());
         assert!(decode_lows(1, &[0; 4]).is_none());
     }

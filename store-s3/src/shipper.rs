@@ -773,11 +773,11 @@ fn ship_round(
         }
         if let Some(&(epoch, _)) = read.last() {
             let apps = apps.into_apps();
-            let read_in = began.elapsed();
+            let read_at = Instant::now();
             db.apply(epoch, &apps)?;
             // Only now: a round whose apply failed is read and applied again, whole.
             unpublished.applied.extend(read);
-            let applied_in = began.elapsed() - read_in;
+            let applied_at = Instant::now();
             *shipped = epoch;
             unpublished.pending = true;
             publish_if(s, db, *shipped, unpublished, true)?;
@@ -786,9 +786,9 @@ fn ship_round(
                  applied in {:?}, published in {:?}",
                 round.len(),
                 apps.len(),
-                read_in,
-                applied_in,
-                began.elapsed() - read_in - applied_in
+                read_at - began,
+                applied_at - read_at,
+                applied_at.elapsed()
             );
         }
     }
